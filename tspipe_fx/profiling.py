@@ -30,7 +30,7 @@ from tspipe_fx.errors import ProfileError
 from tspipe_fx.meta import META_KEY, NodeInfo, info
 from tspipe_fx.passes import annotate_measured, annotate_structure, annotate_symbolic
 from tspipe_fx.passes.measure import Timer
-from tspipe_fx.passes.symbolic import input_sizes
+from tspipe_fx.passes.symbolic import SIZES_KEY, input_sizes
 
 __all__ = ["InputSpec", "NodeProfile", "Profile", "graph_fingerprint", "profile"]
 
@@ -130,6 +130,7 @@ class Profile:
         gm = graph.graph_module if isinstance(graph, CapturedModel) else graph
         for node, rec in zip(gm.graph.nodes, self.nodes, strict=True):
             node.meta[META_KEY] = rec.info
+        gm.meta[SIZES_KEY] = self.sizes
         return gm
 
     # --- JSON ------------------------------------------------------------------------------

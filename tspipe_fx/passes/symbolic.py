@@ -25,12 +25,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tspipe_fx.meta import update
 
-__all__ = ["BATCH", "SEQ", "annotate_symbolic", "evaluate", "input_sizes"]
+__all__ = ["BATCH", "SEQ", "SIZES_KEY", "annotate_symbolic", "evaluate", "input_sizes"]
 
 log = logging.getLogger(__name__)
 
 BATCH = sympy.Symbol("B", positive=True, integer=True)
 SEQ = sympy.Symbol("S", positive=True, integer=True)
+SIZES_KEY = "tspipe_sizes"  # gm.meta: the example's {"B": ..., "S": ...}
 
 
 def input_sizes(inputs: Sequence[torch.Tensor]) -> dict[str, int]:
@@ -78,6 +79,7 @@ def annotate_symbolic(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.
     Falls back to static shapes (constant expressions) if the graph specialises the batch size.
     """
     sizes = input_sizes(inputs)
+    gm.meta[SIZES_KEY] = sizes
     try:
         interp, symbols = _run(gm, inputs, dynamic=True)
     except Exception as e:  # noqa: BLE001 - a graph that bakes in its batch size is still costed

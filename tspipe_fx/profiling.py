@@ -361,23 +361,11 @@ def profile(
     if repeats < 1 or warmup < 0:
         raise ProfileError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     dev = _resolve_device(device)
-    if isinstance(model, CapturedModel):
-        captured = model
-    elif isinstance(model, nn.Module):
-        captured = capture(model, example_inputs, example_kwargs=example_kwargs)
-    else:
-        raise ProfileError(f"profile() needs an nn.Module or a CapturedModel, got {type(model).__name__}")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    flat = captured.flatten_inputs(args, example_kwargs or {})
-    gm = copy.deepcopy(captured.graph_module).to(dev)
-    inputs = [x.to(dev) for x in flat]
-    show = sys.stderr.isatty() if progress is None else progress
     devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
-        fwd_ms, fwd_bwd_ms = _whole_model_ms(gm, inputs, captured.model_name, repeats, max(warmup, 1))
-        annotate_structure(gm)
-        annotate_symbolic(gm, inputs)
-        annotate_measured(gm, inputs, repeats=repeats, warmup=warmup, progress=show)
+        captured, gm, inputs, fwd_ms, fwd_bwd_ms = _profile(
+            model, example_inputs, example_kwargs, dev, repeats, warmup, progress
+        )
     return Profile(
         model_name=captured.model_name,
         graph_hash=graph_fingerprint(captured.graph_module),
@@ -389,6 +377,33 @@ def profile(
         model_fwd_bwd_ms=fwd_bwd_ms,
         nodes=tuple(NodeProfile(n.name, n.op, _target_name(n.target), info(n)) for n in gm.graph.nodes),
     )
+
+
+def _profile(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    example_kwargs: dict[str, Any] | None,
+    dev: torch.device,
+    repeats: int,
+    warmup: int,
+    progress: bool | None,
+) -> tuple[CapturedModel, fx.GraphModule, list[torch.Tensor], float, float]:
+    if isinstance(model, CapturedModel):
+        captured = model
+    elif isinstance(model, nn.Module):
+        captured = capture(model, example_inputs, example_kwargs=example_kwargs)
+    else:
+        raise ProfileError(f"profile() needs an nn.Module or a CapturedModel, got {type(model).__name__}")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    flat = captured.flatten_inputs(args, example_kwargs or {})
+    gm = copy.deepcopy(captured.graph_module).to(dev)
+    inputs = [x.to(dev) for x in flat]
+    show = sys.stderr.isatty() if progress is None else progress
+    fwd_ms, fwd_bwd_ms = _whole_model_ms(gm, inputs, captured.model_name, repeats, max(warmup, 1))
+    annotate_structure(gm)
+    annotate_symbolic(gm, inputs)
+    annotate_measured(gm, inputs, repeats=repeats, warmup=warmup, progress=show)
+    return captured, gm, inputs, fwd_ms, fwd_bwd_ms
 
 
 def _whole_model_ms(

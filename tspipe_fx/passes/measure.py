@@ -124,19 +124,28 @@ class _Measure(fx.Interpreter):
                 f"profiling failed at node {n.name!r} ({n.op} {n.target}): {type(e).__name__}: {e}"
             ) from e
 
-    def _inputs(self, n: fx.Node, clone: bool) -> tuple[Any, Any]:
-        """Detached copies of the node's inputs, requiring grad where training would."""
+    def _inputs(self, n: fx.Node, clone: bool) -> tuple[Any, Any, list[torch.Tensor]]:
+        """Detached copies of the node's inputs, requiring grad where training would.
+
+        Returns ``(args, kwargs, leaves)``: ``leaves`` are the tensors gradients are taken
+        for; with ``clone`` the node gets clones of them, so in-place ops stay legal.
+        """
+        leaves: list[torch.Tensor] = []
 
         def leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
             t = t.detach()
             if grad and (t.is_floating_point() or t.is_complex()):
                 t.requires_grad_()
-            return t.clone() if clone else t
+                leaves.append(t)
+            if not clone:
+                return t
+            with torch.enable_grad():  # the clone must be part of the autograd graph
+                return t.clone()
 
         def prep(p: fx.Node) -> Any:
             return tree_map_only(torch.Tensor, lambda t: leaf(t, p in self.grad_path), self.env[p])
 
-        return fx.node.map_arg(n.args, prep), fx.node.map_arg(n.kwargs, prep)
+        return fx.node.map_arg(n.args, prep), fx.node.map_arg(n.kwargs, prep), leaves
 
     def _call(self, n: fx.Node, args: Any, kwargs: Any) -> Any:
         return getattr(self, n.op)(n.target, args, kwargs)
@@ -149,7 +158,7 @@ class _Measure(fx.Interpreter):
             box["in"] = self._inputs(n, clone=mutates)
 
         def forward() -> None:
-            args, kwargs = box["in"]
+            args, kwargs, _ = box["in"]
             with torch.enable_grad():
                 box["out"] = self._call(n, args, kwargs)
 
@@ -166,13 +175,12 @@ class _Measure(fx.Interpreter):
         setup()
         with saved_tensors_hooks(pack, lambda t: t):
             forward()
-        args, kwargs = box["in"]
         out = box["out"]
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         bwd_ms, bwd_flops = 0.0, 0
         if outs:
             self.grad_path.add(n)
-            wrt = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.requires_grad]
+            wrt = list(box["in"][2])
             if n.op == "call_module":
                 wrt += [p for p in self.module.get_submodule(str(n.target)).parameters() if p.requires_grad]
             if wrt:

@@ -1,0 +1,36 @@
+# One command each: the virtual environment is made and filled on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch wheels that lie on this machine's disk (see DEVELOPERS.md); override on other machines.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: demo test test-slow lint bench-profile clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev,vision,hf,viz]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m tspipe_fx.demo
+
+test: $(STAMP)
+	$(PYTEST) -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PYTEST) -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check tspipe_fx tests benchmarks examples
+	$(BIN)/ruff format --check tspipe_fx
+	$(BIN)/mypy
+
+bench-profile: $(STAMP)
+	$(BIN)/python benchmarks/profile/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

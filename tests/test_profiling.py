@@ -1,0 +1,154 @@
+"""profile(): measures without touching the user's model; Profiles are JSON data that match graphs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from zoo import BY_NAME
+
+import tspipe_fx
+from tspipe_fx import CaptureError, Profile, ProfileError, capture, profile
+
+
+@pytest.fixture(scope="module")
+def resnet_profile() -> Profile:
+    case = BY_NAME["timm_resnet18"]
+    return profile(case.build(), case.inputs(2), repeats=2)
+
+
+def test_profiling_changes_nothing_in_the_users_model() -> None:
+    case = BY_NAME["timm_resnet18"]
+    model = case.build()
+    model.layer2.eval()  # a mixed train/eval state must survive too
+    for p in list(model.parameters())[:3]:
+        p.grad = torch.full_like(p, 7.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    inputs = case.inputs(2)
+    rng = torch.get_rng_state()
+
+    profile(model, inputs, repeats=1)
+
+    assert {k: v for k, v in model.state_dict().items()}.keys() == state.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    for n, p in model.named_parameters():
+        assert (p.grad is None) == (grads[n] is None), n
+        if p.grad is not None:
+            assert torch.equal(p.grad, grads[n]), n
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_profile_records_every_node_and_fidelity(resnet_profile: Profile) -> None:
+    p = resnet_profile
+    assert p.model_name == "ResNet" and p.repeats == 2
+    assert len(p.nodes) == 87 and p.nodes[0].op == "placeholder" and p.nodes[-1].op == "output"
+    assert p.model_fwd_ms > 0 and p.model_fwd_bwd_ms > p.model_fwd_ms
+    assert p.sum_fwd_ms == pytest.approx(sum(n.info.fwd_ms or 0 for n in p.nodes))
+    assert p.fidelity_fwd == pytest.approx(p.sum_fwd_ms / p.model_fwd_ms)
+    assert p.sizes == {"B": 2}
+    assert p.torch_version == torch.__version__
+    assert p.inputs[0].shape == (2, 3, 32, 32) and p.inputs[0].dtype == "float32"
+
+
+def test_profile_round_trips_through_json(resnet_profile: Profile, tmp_path: Path) -> None:
+    assert Profile.from_json(resnet_profile.to_json()) == resnet_profile
+    path = tmp_path / "sub" / "resnet.json"
+    resnet_profile.save(path)
+    assert Profile.load(path) == resnet_profile
+    assert [f.name for f in path.parent.iterdir()] == ["resnet.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    ("mangle", "match"),
+    [
+        (lambda t: t[: len(t) // 2], "not a tspipe_fx profile"),
+        (lambda t: json.dumps({**json.loads(t), "format_version": 99}), "format_version is not 1"),
+        (lambda t: t.replace('"fwd_ms"', '"fwd_sec"', 1), "unknown node fields"),
+        (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "graph_hash"}), "not a tspipe_fx"),
+    ],
+)
+def test_corrupted_profiles_are_clear_errors(resnet_profile: Profile, tmp_path: Path, mangle, match) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "p.json"
+    path.write_text(mangle(resnet_profile.to_json()))
+    with pytest.raises(ProfileError, match=match):
+        Profile.load(path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="cannot read profile"):
+        Profile.load(tmp_path / "nope.json")
+
+
+def test_a_profile_matches_only_its_graph_and_inputs(resnet_profile: Profile) -> None:
+    case = BY_NAME["timm_resnet18"]
+    same = capture(case.build(), case.inputs(2))
+    resnet_profile.check(same, same.flatten_inputs(case.inputs(2), {}))
+    gm = resnet_profile.attach(same)
+    assert gm.graph is same.graph_module.graph
+    assert next(iter(gm.graph.nodes)).meta["tspipe"] == resnet_profile.nodes[0].info
+
+    other = capture(BY_NAME["torchvision_resnet18"].build(), case.inputs(2))
+    with pytest.raises(ProfileError, match=r"does not match this graph .* 71 nodes vs 87 profiled"):
+        resnet_profile.check(other)
+    with pytest.raises(ProfileError, match=r"made for inputs x\[2x3x32x32\]:float32, got x\[4x3x32x32\]"):
+        resnet_profile.check(same, [torch.randn(4, 3, 32, 32)])
+
+
+def test_reports_are_tables(resnet_profile: Profile) -> None:
+    by_module = resnet_profile.report()
+    lines = by_module.splitlines()
+    assert lines[0].split()[:3] == ["module", "type", "nodes"]
+    assert any(line.startswith("layer3.1 ") and "BasicBlock" in line for line in lines)
+    assert "fidelity" in lines[-1]
+    top = resnet_profile.report(by="node", top=3).splitlines()
+    assert top[0].split()[:3] == ["node", "op", "module"]
+    assert len(top) == 2 + 3 + 3  # header, rule, 3 rows, 3 summary lines
+    shallow = resnet_profile.report(depth=1)
+    assert any(line.startswith("layer3 ") for line in shallow.splitlines())
+    with pytest.raises(ProfileError, match="must be 'module' or 'node'"):
+        resnet_profile.report(by="layer")  # type: ignore[arg-type]
+
+
+def test_profile_accepts_a_captured_model_and_hf_kwargs() -> None:
+    case = BY_NAME["hf_distilbert_mlm"]
+    cm = capture(case.build(), (), example_kwargs=case.kwargs(2))
+    p = profile(cm, (), example_kwargs=case.kwargs(2), repeats=1)
+    assert p.model_name == "DistilBertForMaskedLM"
+    assert p.sizes == {"B": 2, "S": 8}
+    assert any(n.info.module_path.startswith("distilbert.transformer.layer.1") for n in p.nodes)
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    with pytest.raises(ProfileError, match=r"do not fit Sequential: RuntimeError.*hint"):
+        profile(capture(model, (torch.randn(1, 3, 8, 8),)), (torch.randn(1, 5, 8, 8),))
+    with pytest.raises(ProfileError, match=r"expected input\[1, 5, 8, 8\] to have 3 channels"):
+        profile(model, (torch.randn(1, 5, 8, 8),))  # fx captures it; the first run names the problem
+    with pytest.raises(CaptureError, match="could not capture"):
+        capture(model, (torch.randn(1, 5, 8, 8),), method="export")  # export runs the model
+    with pytest.raises(ProfileError, match="needs an nn.Module"):
+        profile("resnet", (torch.randn(1, 3, 8, 8),))  # type: ignore[arg-type]
+    with pytest.raises(ProfileError, match="torch.cuda.is_available"):
+        if not torch.cuda.is_available():
+            profile(model, (torch.randn(1, 3, 8, 8),), device="cuda")
+        else:
+            raise ProfileError("torch.cuda.is_available")
+    with pytest.raises(ProfileError, match="not a device"):
+        profile(model, (torch.randn(1, 3, 8, 8),), device="gpu7")
+    with pytest.raises(ProfileError, match="repeats must be >= 1"):
+        profile(model, (torch.randn(1, 3, 8, 8),), repeats=0)
+
+
+def test_public_surface() -> None:
+    assert set(tspipe_fx.__all__) >= {"capture", "profile", "Profile", "CapturedModel", "CaptureError"}
+    import tspipe_fx.passes
+
+    assert tspipe_fx.passes.__name__ == "tspipe_fx.passes"
+    assert Path(tspipe_fx.passes.__file__).parent.parent == Path(tspipe_fx.__file__).parent

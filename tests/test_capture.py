@@ -16,7 +16,11 @@ from tspipe_fx import CaptureError, capture
 
 
 def _loss(out: Any) -> torch.Tensor:
-    return sum(t.float().square().mean() for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point())
+    return sum(
+        t.float().square().mean()
+        for t in tree_leaves(out)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    )
 
 
 def _grads(model: nn.Module) -> dict[str, torch.Tensor]:

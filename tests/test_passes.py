@@ -59,12 +59,17 @@ def test_structure_types_of_fx_modules() -> None:
 def test_symbolic_flops_at_an_unseen_size_equal_the_flop_counter(name: str, unseen: dict[str, int]) -> None:
     gm, inputs = _captured(name)
     annotate_symbolic(gm, inputs)
-    total = sympy.expand(sum(sympy.sympify(info(n).flops_expr, locals={"B": BATCH, "S": SEQ}) for n in gm.graph.nodes))
+    total = sympy.expand(
+        sum(sympy.sympify(info(n).flops_expr, locals={"B": BATCH, "S": SEQ}) for n in gm.graph.nodes)
+    )
     assert total.free_symbols <= {BATCH, SEQ} and BATCH in total.free_symbols
     case = BY_NAME[name]
     b, s = unseen["B"], unseen.get("S", 8)
     args = case.inputs(b)
-    kwargs = {k: (v[:, :1].expand(b, s).contiguous() if isinstance(v, torch.Tensor) else v) for k, v in case.kwargs(b).items()}
+    kwargs = {
+        k: (v[:, :1].expand(b, s).contiguous() if isinstance(v, torch.Tensor) else v)
+        for k, v in case.kwargs(b).items()
+    }
     cm = capture(case.build(), case.inputs(2), example_kwargs=case.kwargs(2))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         cm(*args, **kwargs)

@@ -71,7 +71,10 @@ def test_profile_round_trips_through_json(resnet_profile: Profile, tmp_path: Pat
         (lambda t: t[: len(t) // 2], "not a tspipe_fx profile"),
         (lambda t: json.dumps({**json.loads(t), "format_version": 99}), "format_version is not 1"),
         (lambda t: t.replace('"fwd_ms"', '"fwd_sec"', 1), "unknown node fields"),
-        (lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "graph_hash"}), "not a tspipe_fx"),
+        (
+            lambda t: json.dumps({k: v for k, v in json.loads(t).items() if k != "graph_hash"}),
+            "not a tspipe_fx",
+        ),
     ],
 )
 def test_corrupted_profiles_are_clear_errors(resnet_profile: Profile, tmp_path: Path, mangle, match) -> None:  # type: ignore[no-untyped-def]
@@ -133,9 +136,9 @@ def test_bad_input_is_a_clear_error() -> None:
         profile(model, (torch.randn(1, 5, 8, 8),))  # fx captures it; the first run names the problem
     with pytest.raises(CaptureError, match="could not capture"):
         capture(model, (torch.randn(1, 5, 8, 8),), method="export")  # export runs the model
-    with pytest.raises(ProfileError, match="needs an nn.Module"):
+    with pytest.raises(ProfileError, match=r"needs an nn\.Module"):
         profile("resnet", (torch.randn(1, 3, 8, 8),))  # type: ignore[arg-type]
-    with pytest.raises(ProfileError, match="torch.cuda.is_available"):
+    with pytest.raises(ProfileError, match=r"torch\.cuda\.is_available"):
         if not torch.cuda.is_available():
             profile(model, (torch.randn(1, 3, 8, 8),), device="cuda")
         else:
@@ -148,7 +151,7 @@ def test_bad_input_is_a_clear_error() -> None:
 
 def test_public_surface() -> None:
     assert set(tspipe_fx.__all__) >= {"capture", "profile", "Profile", "CapturedModel", "CaptureError"}
-    import tspipe_fx.passes
+    from tspipe_fx import passes
 
-    assert tspipe_fx.passes.__name__ == "tspipe_fx.passes"
-    assert Path(tspipe_fx.passes.__file__).parent.parent == Path(tspipe_fx.__file__).parent
+    assert passes.__name__ == "tspipe_fx.passes"
+    assert Path(passes.__file__).parent.parent == Path(tspipe_fx.__file__).parent

@@ -197,8 +197,7 @@ def _validate(
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     if not isinstance(args, (tuple, list)):
         raise CaptureError(
-            f"example_inputs must be a tensor or a tuple of arguments, got "
-            f"{type(example_inputs).__name__}"
+            f"example_inputs must be a tensor or a tuple of arguments, got {type(example_inputs).__name__}"
         )
     kwargs = {} if example_kwargs is None else example_kwargs
     if not isinstance(kwargs, dict):
@@ -245,11 +244,7 @@ def _failure_message(name: str, reasons: dict[str, BaseException]) -> str:
 
 def _where(err: BaseException) -> str:
     """The innermost frame of ``err``'s traceback that is user or library model code."""
-    frames = [
-        f
-        for f in _walk_tb(err)
-        if "/torch/" not in f.filename and "tspipe_fx" not in f.filename
-    ]
+    frames = [f for f in _walk_tb(err) if "/torch/" not in f.filename and "tspipe_fx" not in f.filename]
     if not frames:
         return ""
     f = frames[-1]
@@ -300,9 +295,7 @@ def _split_leaves(
     leaves, in_spec = tree_flatten((args, kwargs))
     names = _leaf_names(model, args, kwargs)
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-    constants = [
-        _Constant(i, names[i], x) for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor)
-    ]
+    constants = [_Constant(i, names[i], x) for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor)]
     return leaves, in_spec, tensor_pos, [names[i] for i in tensor_pos], constants
 
 
@@ -412,7 +405,9 @@ def _dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any,
 def _capture_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CapturedModel:
     _, in_spec, _, names, constants = _split_leaves(model, args, kwargs)
     try:
-        ep = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs), strict=False)
+        ep = torch.export.export(
+            model, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs), strict=False
+        )
         dynamic = True
     except Exception as e:  # noqa: BLE001 - fall back to static shapes before giving up
         log.info("dynamic-shape export of %s failed (%s); exporting static", type(model).__name__, e)
@@ -435,9 +430,7 @@ def _capture_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
                 raise CaptureError(f"export kept constant input {n.name} as a graph input")
             graph.erase_node(n)
     if len(tensor_placeholders) != len(names):
-        raise CaptureError(
-            f"export produced {len(tensor_placeholders)} tensor inputs, expected {len(names)}"
-        )
+        raise CaptureError(f"export produced {len(tensor_placeholders)} tensor inputs, expected {len(names)}")
     for n, name in zip(tensor_placeholders, names, strict=True):
         n.target = name
     # Dim.AUTO silently falls back to a static size where the model needs one (Swin's windows).

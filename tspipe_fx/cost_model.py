@@ -56,7 +56,9 @@ class NodeCost:
     memory_bytes: int = 0  # activations kept from forward until backward
 
     def __add__(self, other: NodeCost) -> NodeCost:
-        return NodeCost(self.fwd_ms + other.fwd_ms, self.bwd_ms + other.bwd_ms, self.memory_bytes + other.memory_bytes)
+        return NodeCost(
+            self.fwd_ms + other.fwd_ms, self.bwd_ms + other.bwd_ms, self.memory_bytes + other.memory_bytes
+        )
 
     def scaled(self, fwd: float = 1.0, bwd: float = 1.0, memory: float = 1.0) -> NodeCost:
         return NodeCost(self.fwd_ms * fwd, self.bwd_ms * bwd, round(self.memory_bytes * memory))
@@ -93,7 +95,9 @@ class CostModel(ABC):
                     "it must return a NodeCost"
                 )
             if min(cost.fwd_ms, cost.bwd_ms, cost.memory_bytes) < 0:
-                raise TspipeError(f"cost model {self.name!r} returned a negative cost for {node.name!r}: {cost}")
+                raise TspipeError(
+                    f"cost model {self.name!r} returned a negative cost for {node.name!r}: {cost}"
+                )
             costs.append(cost)
         return costs
 
@@ -122,13 +126,15 @@ def cost_model(fn: Callable[[fx.Node], NodeCost], *, name: str | None = None) ->
     """Adapt a function ``node -> NodeCost`` into a :class:`CostModel` (usable as a decorator)."""
     if not callable(fn):
         raise TspipeError(f"cost_model() needs a function node -> NodeCost, got {type(fn).__name__}")
-    return _FunctionCost(fn, name or getattr(fn, "__name__", "function"))
+    return _FunctionCost(fn, name or str(getattr(fn, "__name__", "function")))
 
 
 class _Scaled(CostModel):
     def __init__(self, inner: CostModel, fwd: float, bwd: float, memory: float):
         self.inner, self.factors = inner, (fwd, bwd, memory)
-        self.name = f"{inner.name}*({fwd},{bwd},{memory})" if len(set(self.factors)) > 1 else f"{inner.name}*{fwd}"
+        self.name = (
+            f"{inner.name}*({fwd},{bwd},{memory})" if len(set(self.factors)) > 1 else f"{inner.name}*{fwd}"
+        )
 
     def prepare(self, gm: fx.GraphModule) -> None:
         self.inner.prepare(gm)
@@ -173,7 +179,7 @@ class _Scaling:
     """Ratios that carry costs measured at one batch size to another, from symbolic expressions."""
 
     def __init__(self, base: dict[str, int], batch_size: int | None, seq_len: int | None):
-        if batch_size is not None and batch_size < 1 or seq_len is not None and seq_len < 1:
+        if (batch_size is not None and batch_size < 1) or (seq_len is not None and seq_len < 1):
             raise TspipeError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
         self.base = base
         self.target = dict(base)
@@ -234,8 +240,15 @@ class RooflineCost(CostModel):
 
     name = "roofline"
 
-    def __init__(self, device: str | DeviceSpec = "cpu", *, dtype: str = "float32", batch_size: int | None = None,
-                 seq_len: int | None = None, bwd_factor: float = 2.0):  # fmt: skip
+    def __init__(
+        self,
+        device: str | DeviceSpec = "cpu",
+        *,
+        dtype: str = "float32",
+        batch_size: int | None = None,
+        seq_len: int | None = None,
+        bwd_factor: float = 2.0,
+    ):
         self.spec = device_spec(device)
         self.dtype = dtype
         self.batch_size, self.seq_len = batch_size, seq_len
@@ -254,7 +267,9 @@ class RooflineCost(CostModel):
         flops = self.scaling.at_target(i.flops_expr)
         out_bytes = self.scaling.at_target(i.output_bytes_expr)
         moved = 2 * out_bytes + i.param_bytes  # read about as much as written, plus the weights
-        seconds = max(flops / self.spec.peak_flops(self.dtype), moved / (self.spec.memory_bandwidth_gbs * 1e9))
+        seconds = max(
+            flops / self.spec.peak_flops(self.dtype), moved / (self.spec.memory_bandwidth_gbs * 1e9)
+        )
         fwd_ms = seconds * 1e3 + self.spec.launch_overhead_us * 1e-3
         trains = i.on_grad_path or i.param_bytes > 0 or flops > 0
         return NodeCost(fwd_ms, fwd_ms * self.bwd_factor if trains else 0.0, out_bytes if trains else 0)
@@ -264,7 +279,9 @@ def _example_sizes(gm: fx.GraphModule) -> dict[str, int]:
     """``B``/``S`` of the example the symbolic pass ran on."""
     sizes = gm.meta.get(SIZES_KEY)
     if sizes is None:
-        raise TspipeError("the graph has no symbolic costs; hint: run tspipe_fx.passes.annotate_symbolic first")
+        raise TspipeError(
+            "the graph has no symbolic costs; hint: run tspipe_fx.passes.annotate_symbolic first"
+        )
     return dict(sizes)
 
 

@@ -22,7 +22,9 @@ __all__: list[str] = []
 def main(argv: list[str] | None = None) -> None:
     import timm
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--teacher", default="vit_base_patch16_224")
     parser.add_argument("--student", default="resnet18")
     parser.add_argument("--batch", type=int, default=2)
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         t1 = time.perf_counter()
         prof = tspipe_fx.profile(captured, (x,), repeats=args.repeats)
         t2 = time.perf_counter()
-        print(f"\n== {role}: {name} (captured with {captured.method} in {t1 - t0:.1f} s, profiled in {t2 - t1:.1f} s)")
+        print(
+            f"\n== {role}: {name} (captured with {captured.method} in {t1 - t0:.1f} s, profiled in {t2 - t1:.1f} s)"
+        )
         print(prof.report(by="module"))
 
         gm = prof.attach(captured)
@@ -51,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
                    RooflineCost("h100", batch_size=1), ParamCountCost()):  # fmt: skip
             costs = cm.graph_costs(gm)
             fwd, bwd = sum(c.fwd_ms for c in costs), sum(c.bwd_ms for c in costs)
-            batch = getattr(cm, "batch_size", None) or getattr(getattr(cm, "scaling", None), "target", {}).get("B")
+            batch = getattr(cm, "batch_size", None) or getattr(
+                getattr(cm, "scaling", None), "target", {}
+            ).get("B")
             print(f"  {cm.name:9s} batch {batch or args.batch}: fwd {fwd:10.3f}  bwd {bwd:10.3f}")
     print("\nms for measured (this CPU) and roofline (an H100), MiB-proportional units for params")
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -82,7 +83,9 @@ class Profile:
     @property
     def sizes(self) -> dict[str, int]:
         """Symbol values of the example: ``{"B": batch, "S": sequence}``."""
-        return input_sizes([torch.empty(i.shape, dtype=getattr(torch, i.dtype), device="meta") for i in self.inputs])
+        return input_sizes(
+            [torch.empty(i.shape, dtype=getattr(torch, i.dtype), device="meta") for i in self.inputs]
+        )
 
     @property
     def sum_fwd_ms(self) -> float:
@@ -105,7 +108,9 @@ class Profile:
 
     # --- matching a graph ------------------------------------------------------------------
 
-    def check(self, graph: fx.GraphModule | CapturedModel, inputs: Sequence[torch.Tensor] | None = None) -> None:
+    def check(
+        self, graph: fx.GraphModule | CapturedModel, inputs: Sequence[torch.Tensor] | None = None
+    ) -> None:
         """Raise :class:`ProfileError` unless this profile was made for ``graph`` (and ``inputs``)."""
         gm = graph.graph_module if isinstance(graph, CapturedModel) else graph
         got = graph_fingerprint(gm)
@@ -180,7 +185,9 @@ class Profile:
 
     # --- report ----------------------------------------------------------------------------
 
-    def report(self, by: Literal["module", "node"] = "module", *, top: int | None = None, depth: int | None = None) -> str:
+    def report(
+        self, by: Literal["module", "node"] = "module", *, top: int | None = None, depth: int | None = None
+    ) -> str:
         """Cost table as a string: per module (at ``depth``, automatic if None) or per node.
 
         ``top`` keeps the N most expensive rows (by forward+backward time); otherwise rows
@@ -321,7 +328,9 @@ def _resolve_device(device: torch.device | str) -> torch.device:
         raise ProfileError(f"not a device: {device!r} ({e})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ProfileError(f"cannot profile on {dev}: torch.cuda.is_available() is False; hint: device='cpu'")
+            raise ProfileError(
+                f"cannot profile on {dev}: torch.cuda.is_available() is False; hint: device='cpu'"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ProfileError(f"cannot profile on {dev}: only {torch.cuda.device_count()} CUDA devices")
     elif dev.type != "cpu":
@@ -433,6 +442,11 @@ def _whole_model_ms(
         for p in gm.parameters():
             p.grad = None
 
-    fwd = timer.median_ms(forward, repeats=repeats, warmup=warmup)
-    fwd_bwd = timer.median_ms(forward_backward, repeats=repeats, warmup=warmup)
-    return fwd, fwd_bwd
+    # Warm up with full steps (the first backward allocates the gradients), then alternate the
+    # two measurements so that drifts in machine load hit both alike.
+    timer.median_ms(forward_backward, repeats=1, warmup=warmup)
+    fwd, fwd_bwd = [], []
+    for _ in range(repeats):
+        fwd.append(timer.median_ms(forward, repeats=1, warmup=0))
+        fwd_bwd.append(timer.median_ms(forward_backward, repeats=1, warmup=0))
+    return statistics.median(fwd), statistics.median(fwd_bwd)

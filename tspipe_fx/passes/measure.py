@@ -65,8 +65,8 @@ class Timer:
 
     def _once(self, fn: Callable[[], Any]) -> float:
         if self.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             torch.cuda.synchronize(self.device)
             start.record()
             fn()
@@ -101,6 +101,7 @@ def _may_mutate(node: fx.Node, gm: fx.GraphModule) -> bool:
 class _Measure(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, timer: Timer, repeats: int, warmup: int, bar: Any):
         super().__init__(gm)
+        self.gm = gm
         self.timer = timer
         self.repeats = repeats
         self.warmup = warmup
@@ -151,7 +152,7 @@ class _Measure(fx.Interpreter):
         return getattr(self, n.op)(n.target, args, kwargs)
 
     def _measure(self, n: fx.Node) -> Any:
-        mutates = _may_mutate(n, self.module)
+        mutates = _may_mutate(n, self.gm)
         box: dict[str, Any] = {}
 
         def setup() -> None:

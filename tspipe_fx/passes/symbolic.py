@@ -114,7 +114,9 @@ def _run(
         fake = mode.from_tensor(x, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
         for d, sym in ((0, BATCH), (1, SEQ)):
             if d < len(dims) and dims[d] is DimDynamic.DYNAMIC:
-                symbols[fake.shape[d].node.expr] = sym
+                size = fake.shape[d]
+                assert isinstance(size, torch.SymInt)
+                symbols[size.node.expr] = sym
         fakes.append(fake)
     # Parameters become fake copies too: nothing below can touch the user's tensors.
     with FakeCopyMode(mode):

@@ -1,0 +1,184 @@
+"""Cost models: the base class, the adapter, combinators and the four built-ins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from tspipe_fx import Profile, TspipeError, capture, profile
+from tspipe_fx.cost_model import (
+    CostModel,
+    MeasuredCost,
+    NodeCost,
+    ParamCountCost,
+    RooflineCost,
+    UniformCost,
+    cost_model,
+    scale,
+    total,
+)
+from tspipe_fx.devices import DEVICE_SPECS, DeviceSpec, device_spec, register_device_spec
+from tspipe_fx.meta import info
+from tspipe_fx.passes import annotate_structure, annotate_symbolic
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.fixture(scope="module")
+def mlp() -> tuple[fx.GraphModule, Profile]:
+    x = torch.randn(8, 64)
+    cm = capture(MLP(), (x,))
+    prof = profile(cm, (x,), repeats=2)
+    gm = prof.attach(cm)
+    return gm, prof
+
+
+def _by_target(gm: fx.GraphModule, target: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.target == target)
+
+
+def test_measured_cost_reads_the_profile(mlp: tuple[fx.GraphModule, Profile]) -> None:
+    gm, prof = mlp
+    costs = MeasuredCost(prof).graph_costs(gm)
+    assert len(costs) == len(gm.graph.nodes)
+    fc1 = list(gm.graph.nodes).index(_by_target(gm, "fc1"))
+    assert costs[fc1].fwd_ms == info(_by_target(gm, "fc1")).fwd_ms
+    assert costs[fc1].memory_bytes == info(_by_target(gm, "fc1")).saved_bytes
+    assert sum(c.fwd_ms for c in costs) == pytest.approx(prof.sum_fwd_ms)
+
+
+def test_measured_cost_scales_with_the_symbolic_flops(mlp: tuple[fx.GraphModule, Profile]) -> None:
+    gm, prof = mlp
+    full = MeasuredCost(prof).graph_costs(gm)
+    half = MeasuredCost(prof, batch_size=4).graph_costs(gm)
+    for a, b in zip(full, half, strict=True):
+        assert b.fwd_ms == pytest.approx(a.fwd_ms / 2)  # every node here is linear in B
+        assert b.bwd_ms == pytest.approx(a.bwd_ms / 2)
+    with pytest.raises(TspipeError, match="seq_len given, but the profiled inputs have no sequence"):
+        MeasuredCost(prof, seq_len=3)
+    with pytest.raises(TspipeError, match="must be >= 1"):
+        MeasuredCost(prof, batch_size=0)
+
+
+def test_measured_cost_refuses_another_graph(mlp: tuple[fx.GraphModule, Profile]) -> None:
+    _, prof = mlp
+    other = capture(nn.Linear(64, 10), (torch.randn(8, 64),)).graph_module
+    with pytest.raises(TspipeError, match="does not match this graph"):
+        MeasuredCost(prof).graph_costs(other)
+
+
+def test_roofline_is_the_max_of_compute_and_memory_time(mlp: tuple[fx.GraphModule, Profile]) -> None:
+    gm, _ = mlp
+    spec = DeviceSpec(
+        "toy", {"float32": 1e-6}, memory_bandwidth_gbs=1.0, memory_bytes=2**30, launch_overhead_us=0
+    )
+    fc1 = _by_target(gm, "fc1")
+    cost = RooflineCost(spec).graph_costs(gm)[list(gm.graph.nodes).index(fc1)]
+    flops = 2 * 8 * 64 * 256
+    assert cost.fwd_ms == pytest.approx(flops / 1e6 * 1e3)  # compute bound at 1 MFLOP/s
+    assert cost.bwd_ms == pytest.approx(2 * cost.fwd_ms)
+    fast = DeviceSpec(
+        "toy2", {"float32": 1e6}, memory_bandwidth_gbs=1e-3, memory_bytes=2**30, launch_overhead_us=0
+    )
+    moved = 2 * 8 * 256 * 4 + (64 * 256 + 256) * 4
+    slow = RooflineCost(fast).graph_costs(gm)[list(gm.graph.nodes).index(fc1)]
+    assert slow.fwd_ms == pytest.approx(moved / 1e6 * 1e3)  # memory bound at 1 MB/s
+    at1 = RooflineCost(spec, batch_size=1).graph_costs(gm)[list(gm.graph.nodes).index(fc1)]
+    assert at1.fwd_ms == pytest.approx(cost.fwd_ms / 8)
+
+
+def test_roofline_needs_the_symbolic_pass() -> None:
+    gm = capture(nn.Linear(4, 4), (torch.randn(2, 4),)).graph_module
+    with pytest.raises(TspipeError, match="annotate_symbolic"):
+        RooflineCost("h100").graph_costs(gm)
+    annotate_structure(gm)
+    annotate_symbolic(gm, [torch.randn(2, 4)])
+    assert sum(c.fwd_ms for c in RooflineCost("h100").graph_costs(gm)) > 0
+
+
+def test_param_count_and_uniform(mlp: tuple[fx.GraphModule, Profile]) -> None:
+    gm, _ = mlp
+    params = ParamCountCost().graph_costs(gm)
+    assert sum(c.fwd_ms for c in params) == pytest.approx(
+        sum(p.numel() * 4 for p in MLP().parameters()) / 2**20
+    )
+    uniform = UniformCost().graph_costs(gm)
+    compute = [n for n in gm.graph.nodes if n.op.startswith("call")]
+    assert sum(c.fwd_ms for c in uniform) == len(compute) == 3
+
+
+def test_function_adapter_and_combinators(mlp: tuple[fx.GraphModule, Profile]) -> None:
+    gm, _ = mlp
+
+    @cost_model
+    def ones(node: fx.Node) -> NodeCost:
+        return NodeCost(1.0, 3.0, 10)
+
+    assert ones.name == "ones" and isinstance(ones, CostModel)
+    n = len(gm.graph.nodes)
+    both = (ones + UniformCost()).graph_costs(gm)
+    assert sum(c.fwd_ms for c in both) == n + 3
+    doubled = (ones * 2).graph_costs(gm)
+    assert doubled[0] == NodeCost(2.0, 6.0, 20)
+    parts = scale(ones, fwd=1, bwd=0, memory=0.5).graph_costs(gm)
+    assert parts[0] == NodeCost(1.0, 0.0, 5)
+    assert total(ones, ones, ones).graph_costs(gm)[0] == NodeCost(3.0, 9.0, 30)
+
+
+class _Subclass(CostModel):
+    name = "flops"
+
+    def node_cost(self, node: fx.Node) -> NodeCost:
+        ms = info(node).fwd_flops / 1e6
+        return NodeCost(ms, 2 * ms)
+
+
+def test_subclass(mlp: tuple[fx.GraphModule, Profile]) -> None:
+    gm, _ = mlp
+    assert sum(c.fwd_ms for c in _Subclass().graph_costs(gm)) == pytest.approx(
+        2 * 8 * (64 * 256 + 256 * 10) / 1e6, rel=0.01
+    )
+
+
+def test_bad_cost_models_are_clear_errors(mlp: tuple[fx.GraphModule, Profile]) -> None:
+    gm, _ = mlp
+    with pytest.raises(TspipeError, match=r"returned tuple for node 'x'; it must return a NodeCost"):
+        cost_model(lambda n: (1.0, 2.0)).graph_costs(gm)  # type: ignore[arg-type, return-value]
+    with pytest.raises(TspipeError, match="negative cost"):
+        cost_model(lambda n: NodeCost(-1.0)).graph_costs(gm)
+    with pytest.raises(TspipeError, match="needs a function"):
+        cost_model(3)  # type: ignore[arg-type]
+    with pytest.raises(TspipeError, match="scale factors must be >= 0"):
+        scale(UniformCost(), -1)
+    with pytest.raises(TspipeError, match="needs CostModel arguments"):
+        total(UniformCost(), 3)  # type: ignore[arg-type]
+    with pytest.raises(TspipeError, match="MeasuredCost needs a Profile"):
+        MeasuredCost("p.json")  # type: ignore[arg-type]
+
+
+def test_device_specs() -> None:
+    assert {"h100", "a100", "v100", "cpu"} <= set(DEVICE_SPECS)
+    assert device_spec("H100").peak_flops("bfloat16") == pytest.approx(989.4e12)
+    assert device_spec("v100").peak_flops("bfloat16") == device_spec("v100").peak_flops("float32")
+    pcie = device_spec("h100").with_link("pcie4")
+    assert pcie.link_bandwidth_gbs == 25.0 and pcie.name == "h100"
+    mine = register_device_spec(
+        DeviceSpec("my-npu", {"float32": 5.0}, memory_bandwidth_gbs=100, memory_bytes=2**34)
+    )
+    assert device_spec("my-npu") is mine
+    with pytest.raises(TspipeError, match=r"unknown device spec 'tpu'; known: .*register_device_spec"):
+        device_spec("tpu")
+    with pytest.raises(TspipeError, match="needs a 'float32' entry"):
+        register_device_spec(DeviceSpec("bad", {"bfloat16": 1.0}, memory_bandwidth_gbs=1, memory_bytes=1))
+    with pytest.raises(TspipeError, match="unknown link"):
+        device_spec("h100").with_link("carrier-pigeon")

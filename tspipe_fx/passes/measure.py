@@ -4,7 +4,7 @@ Each node is run in isolation on the values the graph computed for it (an ``fx.I
 walks the graph once to produce them). Its inputs become detached leaves that require grad
 exactly where the real training graph would, so the timed forward builds the same autograd
 graph and the timed backward (``torch.autograd.grad`` with ``retain_graph``) computes the same
-input and parameter gradients. Warm-up runs first, then the median of ``repeats`` timed runs;
+input and parameter gradients. Warm-up runs first (the first one also counts saved bytes and backward FLOPs), then the median of ``repeats`` timed runs;
 CUDA events on a GPU, ``perf_counter`` elsewhere.
 
 Also recorded: whether the node lies on the gradient path, the FLOPs of its backward
@@ -163,9 +163,7 @@ class _Measure(fx.Interpreter):
             with torch.enable_grad():
                 box["out"] = self._call(n, args, kwargs)
 
-        fwd_ms = self.timer.median_ms(forward, repeats=self.repeats, warmup=self.warmup, setup=setup)
-
-        # One more run, untimed, to count the activations saved for backward.
+        # The first warm-up run also counts the activations saved for backward.
         saved: dict[tuple[int, tuple[int, ...]], int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -176,6 +174,8 @@ class _Measure(fx.Interpreter):
         setup()
         with saved_tensors_hooks(pack, lambda t: t):
             forward()
+        rest = max(self.warmup - 1, 0)
+        fwd_ms = self.timer.median_ms(forward, repeats=self.repeats, warmup=rest, setup=setup)
         out = box["out"]
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         bwd_ms, bwd_flops = 0.0, 0
@@ -190,10 +190,10 @@ class _Measure(fx.Interpreter):
                 def backward() -> None:
                     torch.autograd.grad(outs, wrt, grads, retain_graph=True, allow_unused=True)
 
-                bwd_ms = self.timer.median_ms(backward, repeats=self.repeats, warmup=self.warmup)
-                with FlopCounterMode(display=False) as counter:
+                with FlopCounterMode(display=False) as counter:  # the first warm-up run
                     backward()
                 bwd_flops = counter.get_total_flops()
+                bwd_ms = self.timer.median_ms(backward, repeats=self.repeats, warmup=rest)
         update(
             n,
             on_grad_path=bool(outs),

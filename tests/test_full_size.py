@@ -34,7 +34,9 @@ def _vit_l16() -> nn.Module:
 def _bert_large() -> nn.Module:
     from transformers import BertConfig, BertForMaskedLM
 
-    return BertForMaskedLM(BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096))
+    return BertForMaskedLM(
+        BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+    )
 
 
 def _images(b: int, s: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -51,7 +53,9 @@ def _tokens(b: int, s: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
     [(_resnet50, _images, "fx"), (_vit_l16, _images, "fx"), (_bert_large, _tokens, "export")],
     ids=["resnet50", "vit_l16", "bert_large"],
 )
-def test_full_size_symbolic_flops_match_the_counter(build: Callable[[], nn.Module], make: Any, method: str) -> None:
+def test_full_size_symbolic_flops_match_the_counter(
+    build: Callable[[], nn.Module], make: Any, method: str
+) -> None:
     model = build()
     args, kwargs = make(2, 16)
     cm = capture(model, args, example_kwargs=kwargs)

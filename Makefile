@@ -25,7 +25,7 @@ test-slow: $(STAMP)
 	$(PYTEST) -q -m slow
 
 lint: $(STAMP)
-	$(BIN)/ruff check tspipe_fx tests benchmarks
+	$(BIN)/ruff check tspipe_fx tests benchmarks examples
 	$(BIN)/ruff format --check tspipe_fx
 	$(BIN)/mypy
 

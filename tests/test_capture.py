@@ -131,8 +131,15 @@ def test_untraceable_model_names_both_reasons_and_a_hint() -> None:
     msg = str(err.value)
     assert "could not capture DataDependent" in msg
     assert "fx: TraceError" in msg and "export:" in msg
-    assert "test_capture.py" in msg  # where tracing broke
+    assert "in module (root) (DataDependent)" in msg  # where tracing broke: the module...
+    assert "test_capture.py" in msg  # ... and the line
     assert "hint:" in msg and "leaf_modules" in msg
+
+
+def test_error_names_the_innermost_module() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), DataDependent()))
+    with pytest.raises(CaptureError, match=r"fx: TraceError: .* in module 1\.1 \(DataDependent\)"):
+        capture(model, (torch.randn(2, 4),))
 
 
 def test_method_fx_only_does_not_fall_back() -> None:

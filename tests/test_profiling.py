@@ -63,6 +63,7 @@ def test_profile_round_trips_through_json(resnet_profile: Profile, tmp_path: Pat
     resnet_profile.save(path)
     assert Profile.load(path) == resnet_profile
     assert [f.name for f in path.parent.iterdir()] == ["resnet.json"]  # no temp file left behind
+    assert path.stat().st_mode & 0o044 == 0o044  # readable like any file the user writes
 
 
 @pytest.mark.parametrize(
@@ -155,3 +156,18 @@ def test_public_surface() -> None:
 
     assert passes.__name__ == "tspipe_fx.passes"
     assert Path(passes.__file__).parent.parent == Path(tspipe_fx.__file__).parent
+
+
+def test_shipped_profiles_load_and_match_their_models() -> None:
+    import torchvision
+
+    from tspipe_fx import profiles
+
+    assert {"cpu/resnet50_b8", "cpu/vit_b16_b8", "cpu/bert_base_b8"} <= set(profiles.available())
+    prof = profiles.load("cpu/resnet50_b8")
+    x = torch.randn(8, 3, 224, 224)
+    captured = capture(torchvision.models.resnet50(), (x,))
+    prof.check(captured, captured.flatten_inputs((x,), {}))
+    assert 0.5 < prof.fidelity_fwd_bwd < 2.0
+    with pytest.raises(ProfileError, match=r"no shipped profile 'cpu/resnet9000_b8'; available: \["):
+        profiles.load("cpu/resnet9000_b8")

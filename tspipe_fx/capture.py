@@ -47,6 +47,8 @@ __all__ = ["CapturedModel", "capture"]
 log = logging.getLogger(__name__)
 
 Method = Literal["auto", "fx", "export"]
+_PREFIX = "model."  # the user's model inside the fx wrapper; stripped from every name
+_MODULE_ATTR = "_tspipe_module"  # set on an fx tracing error: the module being traced
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,9 @@ def _failure_message(name: str, reasons: dict[str, BaseException]) -> str:
     lines = [f"could not capture {name}:"]
     for which, err in reasons.items():
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        lines.append(f"  {which}: {type(err).__name__}: {first}{_where(err)}")
+        module = getattr(err, _MODULE_ATTR, None)
+        where = f" in module {module}" if module else ""
+        lines.append(f"  {which}: {type(err).__name__}: {first}{where}{_where(err)}")
     lines.append(
         "hint: mark the module that breaks tracing as a leaf (leaf_modules=[...], fx only), "
         "pass data-dependent Python arguments as constants in example_kwargs, or make "
@@ -336,13 +340,22 @@ class _FlatTracer(fx.Tracer):
     ) -> tuple[Any, list[Any]]:
         return root_fn, [self.root, *(self.create_proxy("placeholder", n, (), {}) for n in self.names)]
 
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            if not hasattr(e, _MODULE_ATTR):  # the innermost module is the one that broke
+                path = self.path_of_module(m)
+                path = "" if path == _PREFIX[:-1] else path.removeprefix(_PREFIX)
+                setattr(e, _MODULE_ATTR, f"{path or '(root)'} ({type(m).__name__})")
+            raise
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
             return True
         return super().is_leaf_module(m, module_qualified_name)
-
-
-_PREFIX = "model."
 
 
 def _capture_fx(

@@ -170,6 +170,9 @@ class Profile:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(self.to_json())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a profile is plain data
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

@@ -3,7 +3,7 @@
     python benchmarks/profile/run.py [--models resnet50 vit_b16 bert_base] [--batch 8] [--repeats 3]
 
 Fidelity: sum of per-node forward+backward times / measured whole-model forward+backward time
-(median of ``--repeats`` runs each). Target (issue 2): capture+profile under 60 s per model on
+(median of ``--repeats`` runs each); ``--save`` ships the profiles in ``tspipe_fx/profiles/cpu/``. Target (issue 2): capture+profile under 60 s per model on
 a 2-core CPU, fidelity between 0.8 and 1.25.
 """
 
@@ -18,6 +18,7 @@ import torch
 from tabulate import tabulate
 
 import tspipe_fx
+from tspipe_fx import profiles
 
 
 def resnet50(batch: int) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--save", action="store_true", help="write each profile to tspipe_fx/profiles/cpu/")
     args = parser.parse_args()
     rows = []
     for name in args.models:
@@ -68,6 +70,8 @@ def main() -> None:
             prof.model_fwd_ms, prof.model_fwd_bwd_ms, prof.fidelity_fwd, prof.fidelity_fwd_bwd,
         ])  # fmt: skip
         print(prof.summary(), flush=True)
+        if args.save:
+            prof.save(profiles.path_of(f"cpu/{name}_b{args.batch}"))
     print()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, repeats {args.repeats}"

@@ -372,6 +372,8 @@ def _capture_fx(
     # Unwrap: every target "model.x.y" becomes "x.y" so the GraphModule owns the user's modules
     # under their own names (GraphModule copies references, not tensors).
     for node in graph.nodes:
+        if node.name.startswith("model_"):
+            node._rename(node.name.removeprefix("model_"))
         if node.op in ("call_module", "get_attr"):
             node.target = node.target.removeprefix(_PREFIX)
         stack = node.meta.get("nn_module_stack")

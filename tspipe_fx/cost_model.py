@@ -218,13 +218,16 @@ class MeasuredCost(CostModel):
             raise TspipeError(f"MeasuredCost needs a Profile, got {type(profile).__name__}")
         self.profile = profile
         self.scaling = _Scaling(profile.sizes, batch_size, seq_len)
-        self.by_name = {n.name: n.info for n in profile.nodes}
+        self.by_node: dict[fx.Node, NodeInfo] = {}
 
     def prepare(self, gm: fx.GraphModule) -> None:
-        self.profile.check(gm)
+        self.profile.check(gm)  # same structure: nodes match the profile's by position
+        self.by_node = {node: rec.info for node, rec in zip(gm.graph.nodes, self.profile.nodes, strict=True)}
 
     def node_cost(self, node: fx.Node) -> NodeCost:
-        i = self.by_name[node.name]
+        if node not in self.by_node:
+            raise TspipeError(f"MeasuredCost: node {node.name!r} is not in the graph it was prepared for")
+        i = self.by_node[node]
         r = self.scaling.node(i)
         mem = self.scaling.ratio(i.output_bytes_expr) or 1.0
         return NodeCost((i.fwd_ms or 0.0) * r, (i.bwd_ms or 0.0) * r, round(i.saved_bytes * mem))

@@ -1,0 +1,496 @@
+"""``tspipe_fx.compile``: capture, cost, partition and split a student and a teacher.
+
+student, teacher, example batch
+  -> capture both                    (tspipe_fx.capture)
+  -> structure + symbolic passes     (tspipe_fx.passes)
+  -> per-node costs                  (a CostModel; by default measured on the first device)
+  -> chains with candidate cuts      (tspipe_fx.chain)
+  -> exact min-max partition         (tspipe_fx.partition)
+  -> stage GraphModules              (tspipe_fx.split)
+  -> Plan + Pipeline                 (tspipe_fx.plan)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from tspipe_fx.capture import CapturedModel, capture
+from tspipe_fx.chain import GraphChain, graph_chain, mirrored_cuts
+from tspipe_fx.cost_model import CostModel, MeasuredCost, NodeCost, ParamCountCost, RooflineCost, UniformCost
+from tspipe_fx.devices import DEVICE_SPECS, DeviceSpec, device_spec
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.meta import info
+from tspipe_fx.partition import Device, PartitionError, Problem, evaluate, solve
+from tspipe_fx.passes import annotate_structure, annotate_symbolic
+from tspipe_fx.passes.symbolic import evaluate as eval_expr
+from tspipe_fx.passes.symbolic import input_sizes
+from tspipe_fx.plan import ModelPlan, Plan, StagePlan
+from tspipe_fx.profiling import Profile, graph_fingerprint, profile
+from tspipe_fx.split import Stage, split, tie_groups
+
+__all__ = ["Pipeline", "compile"]
+
+Mode = Literal["kd", "momentum"]
+Balance = Sequence[int] | Sequence[str]
+
+
+@dataclass
+class Pipeline:
+    """A compiled teacher-student pipeline: the plan and one stage module per device and model."""
+
+    plan: Plan
+    student: CapturedModel
+    teacher: CapturedModel
+    student_io: list[Stage]
+    teacher_io: list[Stage]
+
+    @property
+    def student_stages(self) -> list[fx.GraphModule]:
+        return [s.module for s in self.student_io]
+
+    @property
+    def teacher_stages(self) -> list[fx.GraphModule]:
+        return [s.module for s in self.teacher_io]
+
+    def report(self) -> str:
+        """The partition tables (see :func:`tspipe_fx.report.render_plan`)."""
+        from tspipe_fx.report import render_plan
+
+        return render_plan(self.plan)
+
+
+def compile(
+    student: nn.Module,
+    teacher: nn.Module,
+    n_gpus: int,
+    *,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+    mode: Mode = "kd",
+    micro_batches: int | None = None,
+    cost_model: CostModel | str | tuple[CostModel, CostModel] | None = None,
+    profile: tuple[Profile, Profile] | None = None,
+    devices: Sequence[str | torch.device] | None = None,
+    device_specs: Sequence[str | DeviceSpec] | None = None,
+    memory_limit: int | Sequence[int] | None = None,
+    balance: Balance | tuple[Balance, Balance] | None = None,
+    optimizer_factor: float = 2.0,
+    max_candidates: int = 128,
+    plan: Plan | None = None,
+) -> Pipeline:
+    """Cut ``student`` and ``teacher`` into ``n_gpus`` balanced stage pairs.
+
+    Args:
+        student: the trained network (an ``nn.Module`` or a :class:`CapturedModel`).
+        teacher: the frozen (``mode="kd"``) or EMA (``mode="momentum"``) network.
+        n_gpus: pipeline stages, one student and one teacher stage per device.
+        example_inputs: one training batch (positional arguments), the same for both models.
+        example_kwargs: keyword arguments of that batch.
+        mode: ``"kd"`` cuts both models independently, balanced jointly; ``"momentum"`` mirrors
+            the student's cuts in the teacher (matched by parameter name).
+        micro_batches: micro-batches per batch (default ``n_gpus``); costs are per micro-batch.
+        cost_model: a CostModel for both, a (student, teacher) pair, or "measured",
+            "roofline", "params", "uniform". Default: measured on the first device, or the
+            profiles given.
+        profile: (student, teacher) profiles to cost with, instead of measuring now.
+        devices: where stage ``j`` runs (default ``cuda:0..`` when there are enough GPUs, else
+            ``cpu``).
+        device_specs: per-device specs for heterogeneous devices: relative speed (the costs are
+            taken to be on the first spec's device), memory, links.
+        memory_limit: bytes per device (one number or one per device); overrides the specs.
+        balance: manual partition: nodes per stage (``[30, 55]``) or split points by module
+            name (``["layer3"]``); a ``(student, teacher)`` pair in KD mode.
+        optimizer_factor: optimizer state per parameter byte (Adam 2, SGD with momentum 1).
+        max_candidates: candidate cuts per model (the partitioner's granularity).
+        plan: a saved :class:`Plan` to rebuild instead of partitioning.
+
+    Example:
+        >>> pipe = tspipe_fx.compile(resnet18, vit_b16, 4, example_inputs=(x,))
+        >>> print(pipe.report())
+    """
+    n, mode = _check_args(student, teacher, n_gpus, mode, micro_batches, max_candidates)
+    run_on = _resolve_devices(devices, n)
+    s_cap = _capture(student, example_inputs, example_kwargs, "student")
+    t_cap = _capture(teacher, example_inputs, example_kwargs, "teacher")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    s_flat = s_cap.flatten_inputs(args, example_kwargs or {})
+    t_flat = t_cap.flatten_inputs(args, example_kwargs or {})
+    sizes = input_sizes(s_flat)
+    batch = sizes.get("B", 1)
+    m = micro_batches if micro_batches is not None else n
+    if batch < m:
+        raise TspipeError(
+            f"the example batch has {batch} samples, fewer than micro_batches={m}; hint: a larger "
+            "example batch, or fewer micro-batches"
+        )
+    if mode == "momentum":
+        _check_momentum_names(s_cap, t_cap)
+    micro = {**sizes, "B": math.ceil(batch / m)}
+    for cap, flat in ((s_cap, s_flat), (t_cap, t_flat)):
+        annotate_structure(cap.graph_module)
+        annotate_symbolic(cap.graph_module, flat)
+    s_cm, t_cm, cm_name = _cost_models(
+        cost_model, profile, s_cap, t_cap, s_flat, t_flat, run_on[0], micro["B"]
+    )
+    s_costs = s_cm.graph_costs(s_cap.graph_module)
+    t_costs = t_cm.graph_costs(t_cap.graph_module)
+    s_gc = graph_chain(s_cap.graph_module, micro, max_candidates=max_candidates)
+    t_gc = graph_chain(t_cap.graph_module, micro, max_candidates=max_candidates)
+    hw = _hardware(run_on, device_specs, memory_limit)
+
+    def problem(s_cuts: Sequence[int] | None = None, t_cuts: Sequence[int] | None = None, *, mirror: bool = False,
+                sc: Sequence[NodeCost] = s_costs, tc: Sequence[NodeCost] = t_costs) -> Problem:  # fmt: skip
+        return Problem(
+            student=s_gc.to_partition_chain(sc, s_cuts),
+            teacher=t_gc.to_partition_chain(tc, t_cuts),
+            devices=hw,
+            micro_batches=m,
+            optimizer_factor=optimizer_factor,
+            mirror=mirror,
+        )
+
+    if plan is not None:
+        _check_plan(plan, s_cap, t_cap, n)
+        s_cuts = [s_gc.position_of(name) for name in plan.student.cuts]
+        t_cuts = [t_gc.position_of(name) for name in plan.teacher.cuts]
+        part = evaluate(problem(s_cuts, t_cuts), s_cuts, t_cuts)
+    elif balance is not None:
+        s_cuts, t_cuts = _manual_cuts(balance, s_gc, t_gc, n, mode, s_cap, t_cap)
+        part = evaluate(problem(s_cuts, t_cuts), s_cuts, t_cuts)
+    elif mode == "momentum":
+        pairs = mirrored_cuts(s_gc, t_gc, _shared_names(s_cap, t_cap))
+        if len(pairs) < n - 1:
+            raise TspipeError(
+                f"the momentum pair has {len(pairs)} cut positions that split the student and the "
+                f"teacher alike: too few for {n} stages; hint: use fewer devices"
+            )
+        part = solve(problem([p for p, _ in pairs], [q for _, q in pairs], mirror=True))
+    else:
+        part = solve(problem())
+    shared = _shared_names(s_cap, t_cap) if mode == "momentum" else None
+    baselines = _baselines(problem, s_gc, t_gc, shared) if plan is None and balance is None else ()
+
+    s_stages = split(s_gc, part.student_cuts, name=f"{s_cap.model_name}Stage")
+    t_stages = split(t_gc, part.teacher_cuts, name=f"{t_cap.model_name}Stage")
+    total_work = sum(c.fwd_ms + c.bwd_ms for c in s_costs) + sum(c.fwd_ms for c in t_costs)
+    result = Plan(
+        mode=mode,
+        devices=tuple(str(d) for d in run_on),
+        batch_size=batch,
+        micro_batches=m,
+        cost_model=cm_name,
+        student=_model_plan(s_cap, s_gc, s_stages, part.student_cuts, s_costs, run_on, micro),
+        teacher=_model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, run_on, micro),
+        loads_ms=tuple(float(x) for x in part.loads_ms),
+        memory_bytes=tuple(float(x) for x in part.memory_bytes),
+        lower_bound_ms=m * total_work / sum(d.speed for d in hw),
+        baselines=baselines,
+    )
+    return Pipeline(result, s_cap, t_cap, s_stages, t_stages)
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+
+def _check_args(
+    student: Any, teacher: Any, n_gpus: Any, mode: str, micro_batches: int | None, max_candidates: int
+) -> tuple[int, Mode]:
+    for role, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(model, nn.Module):
+            raise TspipeError(f"the {role} must be an nn.Module, got {type(model).__name__}")
+    if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or n_gpus < 1:
+        raise TspipeError(f"n_gpus must be an integer >= 1, got {n_gpus!r}")
+    if mode not in ("kd", "momentum"):
+        raise TspipeError(f"mode must be 'kd' or 'momentum', got {mode!r}")
+    if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
+        raise TspipeError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+    if max_candidates < 1:
+        raise TspipeError(f"max_candidates must be >= 1, got {max_candidates}")
+    return n_gpus, mode  # type: ignore[return-value]
+
+
+def _capture(model: nn.Module, inputs: Any, kwargs: dict[str, Any] | None, role: str) -> CapturedModel:
+    if isinstance(model, CapturedModel):
+        return model
+    return capture(model, inputs, example_kwargs=kwargs)
+
+
+def _resolve_devices(devices: Sequence[str | torch.device] | None, n: int) -> list[torch.device]:
+    if devices is None:
+        if torch.cuda.is_available() and torch.cuda.device_count() >= n:
+            return [torch.device("cuda", i) for i in range(n)]
+        return [torch.device("cpu")] * n
+    if len(devices) != n:
+        raise TspipeError(f"{n} stages need {n} devices, got {len(devices)}: {[str(d) for d in devices]}")
+    out = []
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except (RuntimeError, TypeError) as e:
+            raise TspipeError(f"not a device: {d!r} ({e})") from None
+        if dev.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if (dev.index or 0) >= count:
+                raise TspipeError(f"device {dev} does not exist: this machine has {count} CUDA devices")
+        elif dev.type != "cpu":
+            raise TspipeError(f"device {dev}: only 'cpu' and 'cuda' devices are supported")
+        out.append(dev)
+    return out
+
+
+def _spec_for(dev: torch.device) -> DeviceSpec:
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev).lower()
+        for key in ("h100", "a100", "v100"):
+            if key in name:
+                return DEVICE_SPECS[key]
+    return DEVICE_SPECS["cpu"]
+
+
+def _hardware(
+    run_on: Sequence[torch.device],
+    specs: Sequence[str | DeviceSpec] | None,
+    memory_limit: int | Sequence[int] | None,
+) -> tuple[Device, ...]:
+    n = len(run_on)
+    if specs is not None and len(specs) != n:
+        raise TspipeError(f"{n} devices need {n} device_specs, got {len(specs)}")
+    resolved = [device_spec(s) for s in specs] if specs is not None else [_spec_for(d) for d in run_on]
+    if isinstance(memory_limit, int):
+        limits: list[float] = [float(memory_limit)] * n
+    elif memory_limit is not None:
+        if len(memory_limit) != n:
+            raise TspipeError(f"{n} devices need {n} memory limits, got {len(memory_limit)}")
+        limits = [float(x) for x in memory_limit]
+    elif specs is not None:
+        limits = [float(s.memory_bytes) for s in resolved]
+    else:
+        limits = [
+            float(torch.cuda.get_device_properties(d).total_memory) if d.type == "cuda" else math.inf
+            for d in run_on
+        ]
+    if any(x <= 0 for x in limits):
+        raise TspipeError(f"memory limits must be positive, got {limits}")
+    ref = resolved[0].peak_flops()
+    return tuple(
+        Device(
+            speed=s.peak_flops() / ref if specs is not None else 1.0,
+            memory_bytes=lim,
+            link_gbs=s.link_bandwidth_gbs,
+            link_latency_ms=s.link_latency_us / 1e3,
+        )
+        for s, lim in zip(resolved, limits, strict=True)
+    )
+
+
+def _cost_models(
+    cost_model: CostModel | str | tuple[CostModel, CostModel] | None,
+    profiles: tuple[Profile, Profile] | None,
+    s_cap: CapturedModel,
+    t_cap: CapturedModel,
+    s_flat: list[torch.Tensor],
+    t_flat: list[torch.Tensor],
+    device: torch.device,
+    micro_batch: int,
+) -> tuple[CostModel, CostModel, str]:
+    if isinstance(cost_model, tuple):
+        if len(cost_model) != 2 or not all(isinstance(c, CostModel) for c in cost_model):
+            raise TspipeError("cost_model as a tuple must be (student CostModel, teacher CostModel)")
+        return cost_model[0], cost_model[1], f"{cost_model[0].name}/{cost_model[1].name}"
+    if isinstance(cost_model, CostModel):
+        return cost_model, cost_model, cost_model.name
+    if cost_model in ("roofline", "params", "uniform"):
+        builtin = {"roofline": lambda: RooflineCost(_spec_for(device), batch_size=micro_batch),
+                   "params": ParamCountCost, "uniform": UniformCost}[cost_model]  # fmt: skip
+        return builtin(), builtin(), str(cost_model)
+    if cost_model not in (None, "measured"):
+        raise TspipeError(
+            f"unknown cost_model {cost_model!r}; use a CostModel, a (student, teacher) pair, or one of "
+            "'measured', 'roofline', 'params', 'uniform'"
+        )
+    if profiles is None:
+        profiles = (
+            profile(s_cap, s_flat, device=device, repeats=3),
+            profile(t_cap, t_flat, device=device, repeats=3),
+        )
+    if len(profiles) != 2 or not all(isinstance(p, Profile) for p in profiles):
+        raise TspipeError("profile must be a (student Profile, teacher Profile) pair")
+    return (
+        MeasuredCost(profiles[0], batch_size=micro_batch),
+        MeasuredCost(profiles[1], batch_size=micro_batch),
+        "measured",
+    )
+
+
+def _shared_names(s_cap: CapturedModel, t_cap: CapturedModel) -> set[str]:
+    return set(dict(t_cap.graph_module.named_parameters())) & set(dict(s_cap.graph_module.named_parameters()))
+
+
+def _check_momentum_names(s_cap: CapturedModel, t_cap: CapturedModel) -> None:
+    s_params = dict(s_cap.graph_module.named_parameters())
+    t_params = dict(t_cap.graph_module.named_parameters())
+    missing = sorted(set(t_params) - set(s_params))
+    if missing:
+        raise TspipeError(
+            f"momentum teacher parameters without a student parameter of the same name: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} of {len(t_params)}); hint: the teacher "
+            "must be a copy of (part of) the student, e.g. copy.deepcopy(student.backbone)"
+        )
+    shapes = [
+        f"{k}: student {tuple(s_params[k].shape)}, teacher {tuple(v.shape)}"
+        for k, v in t_params.items()
+        if s_params[k].shape != v.shape
+    ]
+    if shapes:
+        raise TspipeError(f"momentum teacher parameters whose shapes differ from the student's: {shapes[:5]}")
+
+
+def _manual_cuts(
+    balance: Any,
+    s_gc: GraphChain,
+    t_gc: GraphChain,
+    n: int,
+    mode: str,
+    s_cap: CapturedModel,
+    t_cap: CapturedModel,
+) -> tuple[list[int], list[int]]:
+    is_pair = (
+        isinstance(balance, tuple)
+        and len(balance) == 2
+        and all(isinstance(b, (list, tuple)) for b in balance)
+    )
+    s_bal, t_bal = balance if is_pair else (balance, None)
+    s_cuts = _cuts_from_balance(s_bal, s_gc, n, "student")
+    if t_bal is not None:
+        t_cuts = _cuts_from_balance(t_bal, t_gc, n, "teacher")
+    elif mode == "momentum":
+        pairs = dict(mirrored_cuts(s_gc, t_gc, _shared_names(s_cap, t_cap)))
+        off = [p for p in s_cuts if p not in pairs]
+        if off:
+            raise TspipeError(
+                f"student cuts at {[s_gc.nodes[p].name for p in off]} split parameters the teacher cannot "
+                f"mirror; mirrorable cut nodes: {[s_gc.nodes[p].name for p in sorted(pairs)][:20]}"
+            )
+        t_cuts = [pairs[p] for p in s_cuts]
+    else:
+        raise TspipeError("in KD mode balance must be a (student, teacher) pair of balances")
+    return s_cuts, t_cuts
+
+
+def _cuts_from_balance(bal: Any, gc: GraphChain, n: int, role: str) -> list[int]:
+    if not isinstance(bal, (list, tuple)) or not bal:
+        raise TspipeError(f"{role} balance must be a list of node counts or module names, got {bal!r}")
+    if all(isinstance(b, str) for b in bal):
+        if len(bal) != n - 1:
+            raise TspipeError(f"{role}: {n} stages need {n - 1} split points, got {len(bal)}: {list(bal)}")
+        cuts = [gc.module_position(b) for b in bal]
+    elif all(isinstance(b, int) and not isinstance(b, bool) for b in bal):
+        if len(bal) != n or any(b < 1 for b in bal):
+            raise TspipeError(f"{role}: balance needs {n} positive node counts, got {list(bal)}")
+        if sum(bal) != gc.n:
+            raise TspipeError(
+                f"{role} balance {list(bal)} sums to {sum(bal)}, but the graph has {gc.n} compute nodes; "
+                "hint: counts of call_module/call_function/call_method nodes per stage"
+            )
+        cuts = [sum(bal[: k + 1]) for k in range(n - 1)]
+    else:
+        raise TspipeError(f"{role} balance mixes node counts and module names: {list(bal)}")
+    if any(b <= a for a, b in zip([0, *cuts], [*cuts, gc.n], strict=True)):
+        raise TspipeError(
+            f"{role} split points must be in graph order and leave no stage empty, got {list(bal)}"
+        )
+    return cuts
+
+
+def _check_plan(plan: Plan, s_cap: CapturedModel, t_cap: CapturedModel, n: int) -> None:
+    if not isinstance(plan, Plan):
+        raise TspipeError(f"plan must be a Plan, got {type(plan).__name__}")
+    if plan.n_stages != n:
+        raise TspipeError(f"the plan has {plan.n_stages} stages, n_gpus is {n}")
+    for role, cap, mp in (("student", s_cap, plan.student), ("teacher", t_cap, plan.teacher)):
+        if graph_fingerprint(cap.graph_module) != mp.graph_hash:
+            raise TspipeError(
+                f"the plan's {role} ({mp.model_name}, graph {mp.graph_hash}) is not this {role}'s graph "
+                f"({graph_fingerprint(cap.graph_module)}); hint: compile the plan anew"
+            )
+
+
+# --- plan assembly ---------------------------------------------------------------------------
+
+
+def _baselines(
+    problem: Any, s_gc: GraphChain, t_gc: GraphChain, shared: set[str] | None
+) -> tuple[tuple[str, float], ...]:
+    """The period of simple policies' partitions under our cost model (what the model bought).
+
+    Each policy balances its own proxy cost (node count, parameter bytes) and knows nothing of
+    links or memory, as in the libraries that use it; its cuts are then scored like ours.
+    """
+    out = []
+    for name, policy in (("equal nodes", UniformCost()), ("equal parameters", ParamCountCost())):
+        sc, tc = policy.graph_costs(s_gc.gm), policy.graph_costs(t_gc.gm)
+        if shared is not None:
+            pairs = mirrored_cuts(s_gc, t_gc, shared)
+            base = problem([p for p, _ in pairs], [q for _, q in pairs], mirror=True, sc=sc, tc=tc)
+        else:
+            base = problem(sc=sc, tc=tc)
+        blind = dataclasses.replace(base, devices=tuple(Device() for _ in base.devices))
+        try:
+            cuts = solve(blind)
+        except PartitionError:
+            continue
+        scored = problem(list(cuts.student_cuts), list(cuts.teacher_cuts))
+        out.append((name, float(evaluate(scored, cuts.student_cuts, cuts.teacher_cuts).period_ms)))
+    return tuple(out)
+
+
+def _model_plan(
+    cap: CapturedModel,
+    gc: GraphChain,
+    stages: list[Stage],
+    cuts: Sequence[int],
+    costs: Sequence[NodeCost],
+    run_on: Sequence[torch.device],
+    micro: dict[str, int],
+) -> ModelPlan:
+    chain_costs = gc.costs(costs)
+    params = gc.param_bytes()
+    bounds = [0, *cuts, gc.n]
+    plans = []
+    for k, stage in enumerate(stages):
+        lo, hi = bounds[k], bounds[k + 1]
+        nodes = gc.nodes[lo:hi]
+        plans.append(
+            StagePlan(
+                index=k,
+                device=str(run_on[k]),
+                nodes=stage.nodes,
+                inputs=stage.inputs,
+                outputs=stage.outputs,
+                first_module=info(nodes[0]).module_path,
+                last_module=info(nodes[-1]).module_path,
+                param_bytes=sum(params[lo:hi]),
+                fwd_flops=sum(eval_expr(info(node).flops_expr, micro) for node in nodes),
+                fwd_ms=sum(c.fwd_ms for c in chain_costs[lo:hi]),
+                bwd_ms=sum(c.bwd_ms for c in chain_costs[lo:hi]),
+                activation_bytes=sum(c.memory_bytes for c in chain_costs[lo:hi]),
+                cut_in_bytes=gc.live_bytes[lo] if k > 0 else 0,
+                cut_out_bytes=gc.live_bytes[hi] if k < len(stages) - 1 else 0,
+            )
+        )
+    return ModelPlan(
+        model_name=cap.model_name,
+        method=cap.method,
+        graph_hash=graph_fingerprint(cap.graph_module),
+        cuts=tuple(gc.nodes[p].name for p in cuts),
+        stages=tuple(plans),
+        tie_groups=tuple(tie_groups(stages)),
+    )

@@ -1,0 +1,71 @@
+"""Partition reports: a plan as text tables (renderers return strings; the library never prints)."""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from tspipe_fx.plan import Plan, StagePlan
+
+__all__ = ["render_plan"]
+
+
+def _span(stage: StagePlan) -> str:
+    first, last = stage.first_module or "(top)", stage.last_module or "(top)"
+    return (
+        f"{stage.nodes[0]}..{stage.nodes[-1]} [{first} .. {last}]"
+        if first != last
+        else f"{stage.nodes[0]}..{stage.nodes[-1]} [{first}]"
+    )
+
+
+def _mb(x: float) -> float:
+    return x / 2**20
+
+
+def render_plan(plan: Plan) -> str:
+    """Per-device stages and costs, then the period against the lower bound and simple policies.
+
+    Times per micro-batch in the table; loads and the period per batch of ``micro_batches``.
+    """
+    rows = []
+    for j, (s, t) in enumerate(zip(plan.student.stages, plan.teacher.stages, strict=True)):
+        rows.append(
+            [
+                j,
+                s.device,
+                _span(s),
+                _span(t),
+                f"{_mb(s.param_bytes):.1f}/{_mb(t.param_bytes):.1f}",
+                f"{s.fwd_flops / 1e9:.3f}/{t.fwd_flops / 1e9:.3f}",
+                s.fwd_ms,
+                s.bwd_ms,
+                t.fwd_ms,
+                f"{_mb(s.cut_in_bytes + t.cut_in_bytes):.2f}/{_mb(s.cut_out_bytes + t.cut_out_bytes):.2f}",
+                _mb(plan.memory_bytes[j]),
+                plan.loads_ms[j],
+            ]
+        )
+    headers = [
+        "dev", "device", "student nodes [modules]", "teacher nodes [modules]", "params MB s/t",
+        "GFLOP s/t", "s fwd ms", "s bwd ms", "t fwd ms", "cut MB in/out", "memory MB", "load ms",
+    ]  # fmt: skip
+    table = tabulate(rows, headers=headers, floatfmt=".3f")
+    worst = max(range(plan.n_stages), key=lambda j: plan.loads_ms[j])
+    lines = [
+        f"{plan.student.model_name} (student, {plan.student.method}) and {plan.teacher.model_name} "
+        f"(teacher, {plan.teacher.method}), mode {plan.mode}, {plan.n_stages} stages, batch "
+        f"{plan.batch_size} in {plan.micro_batches} micro-batches, cost model {plan.cost_model}",
+        table,
+        f"period       {plan.period_ms:12.3f} ms per batch (device {worst})",
+        f"lower bound  {plan.lower_bound_ms:12.3f} ms (all work spread evenly, no communication)",
+        f"imbalance    {100 * plan.imbalance:12.1f} %",
+        f"throughput   {plan.samples_per_s:12.1f} samples/s predicted",
+    ]
+    for name, period in plan.baselines:
+        lines.append(f"{name + ':':17s}{period:8.3f} ms per batch ({period / plan.period_ms:.2f}x ours)")
+    for role, mp in (("student", plan.student), ("teacher", plan.teacher)):
+        for names, stages in mp.tie_groups:
+            lines.append(
+                f"tied ({role}): {', '.join(names)} on stages {list(stages)}: gradients summed, copies kept equal"
+            )
+    return "\n".join(lines)

@@ -25,7 +25,9 @@ def _chain(name: str) -> tuple[nn.Module, GraphChain, list[torch.Tensor]]:
 
 
 def _loss(outs: tuple[object, ...]) -> torch.Tensor:
-    return sum(o.float().square().mean() for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point())  # type: ignore[return-value]
+    return sum(
+        o.float().square().mean() for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()
+    )  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize(
@@ -87,11 +89,13 @@ def test_tie_groups_name_the_tied_weights() -> None:
     cands = gc.candidates
     stages = split(gc, [cands[len(cands) // 2]])
     assert tie_groups(stages) == [(("lm_head.weight", "transformer.wte.weight"), (0, 1))]
-    assert stages[0].module.get_parameter("lm_head.weight") is stages[1].module.get_parameter("lm_head.weight")
+    assert stages[0].module.get_parameter("lm_head.weight") is stages[1].module.get_parameter(
+        "lm_head.weight"
+    )
 
 
 def test_stage_io_is_the_live_set() -> None:
-    _, gc, flat = _chain("timm_resnet18")
+    _, gc, _ = _chain("timm_resnet18")
     inside = next(p for p in gc.candidates if len(gc.live[p]) == 2)
     stages = split(gc, [inside])
     assert stages[0].inputs == ("x",)

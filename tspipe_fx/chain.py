@@ -27,7 +27,7 @@ from tspipe_fx.meta import info
 from tspipe_fx.partition import Chain
 from tspipe_fx.passes.symbolic import evaluate
 
-__all__ = ["GraphChain", "graph_chain", "mirrored_cuts"]
+__all__ = ["GraphChain", "graph_chain", "mirror_map", "mirrored_cuts"]
 
 COMPUTE_OPS = ("call_module", "call_function", "call_method")
 
@@ -185,33 +185,39 @@ def _param_split_keys(gc: GraphChain, shared: set[str]) -> list[str]:
     return keys
 
 
-def mirrored_cuts(student: GraphChain, teacher: GraphChain, shared: set[str]) -> list[tuple[int, int]]:
-    """Pairs ``(student position, teacher position)`` that split the shared parameters alike.
+def mirror_map(
+    student: GraphChain, teacher: GraphChain, shared: set[str], positions: Sequence[int]
+) -> dict[int, int]:
+    """For each student position, the teacher candidate that splits the shared parameters alike.
 
-    For each way of splitting the shared parameters that both graphs allow, the pair with the
-    smallest live bytes is kept; pairs increase in both positions.
+    Among equal teacher candidates the one with the fewest live bytes wins, the later one on
+    ties (module boundaries). Student positions no teacher cut can mirror are left out.
     """
     s_keys = _param_split_keys(student, set(shared))
     t_keys = _param_split_keys(teacher, set(shared))
     best_t: dict[str, int] = {}
     for q in teacher.candidates:
         k = t_keys[q]
-        if k not in best_t or teacher.live_bytes[q] < teacher.live_bytes[best_t[k]]:
+        if k not in best_t or teacher.live_bytes[q] <= teacher.live_bytes[best_t[k]]:
             best_t[k] = q
-    best: dict[str, tuple[int, int]] = {}
-    for p in student.candidates:
-        k = s_keys[p]
-        if k not in best_t:
-            continue
-        q = best_t[k]
+    return {p: best_t[s_keys[p]] for p in positions if s_keys[p] in best_t}
+
+
+def mirrored_cuts(student: GraphChain, teacher: GraphChain, shared: set[str]) -> list[tuple[int, int]]:
+    """Pairs ``(student position, teacher position)`` that split the shared parameters alike.
+
+    One pair per way of splitting the shared parameters (the one with the fewest live bytes,
+    the later one on ties): positions between two parameter users differ only by
+    parameter-free nodes. Pairs increase in both positions.
+    """
+    mapping = mirror_map(student, teacher, shared, student.candidates)
+    best: dict[int, tuple[int, int]] = {}  # keyed by teacher position: one per split
+    for p, q in mapping.items():
         cost = student.live_bytes[p] + teacher.live_bytes[q]
-        if k not in best or cost < student.live_bytes[best[k][0]] + teacher.live_bytes[best[k][1]]:
-            best[k] = (p, q)
-    pairs = sorted(best.values())
-    # Splits happen in the same order in both graphs, so teacher positions increase too; keep
-    # the longest chain that does if a graph reorders its parameters' first uses.
+        if q not in best or cost <= student.live_bytes[best[q][0]] + teacher.live_bytes[q]:
+            best[q] = (p, q)
     out: list[tuple[int, int]] = []
-    for p, q in pairs:
-        if not out or q > out[-1][1]:
+    for p, q in sorted(best.values()):
+        if not out or q > out[-1][1]:  # a graph that reorders first uses: keep the increasing chain
             out.append((p, q))
     return out

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from tspipe_fx.capture import CapturedModel, capture
-from tspipe_fx.chain import GraphChain, graph_chain, mirrored_cuts
+from tspipe_fx.chain import GraphChain, graph_chain, mirror_map, mirrored_cuts
 from tspipe_fx.cost_model import CostModel, MeasuredCost, NodeCost, ParamCountCost, RooflineCost, UniformCost
 from tspipe_fx.devices import DEVICE_SPECS, DeviceSpec, device_spec
 from tspipe_fx.errors import TspipeError
@@ -372,12 +372,13 @@ def _manual_cuts(
     if t_bal is not None:
         t_cuts = _cuts_from_balance(t_bal, t_gc, n, "teacher")
     elif mode == "momentum":
-        pairs = dict(mirrored_cuts(s_gc, t_gc, _shared_names(s_cap, t_cap)))
+        pairs = mirror_map(s_gc, t_gc, _shared_names(s_cap, t_cap), s_cuts)
         off = [p for p in s_cuts if p not in pairs]
         if off:
+            ok = mirrored_cuts(s_gc, t_gc, _shared_names(s_cap, t_cap))
             raise TspipeError(
                 f"student cuts at {[s_gc.nodes[p].name for p in off]} split parameters the teacher cannot "
-                f"mirror; mirrorable cut nodes: {[s_gc.nodes[p].name for p in sorted(pairs)][:20]}"
+                f"mirror; mirrorable cut nodes: {[s_gc.nodes[p].name for p, _ in ok][:20]}"
             )
         t_cuts = [pairs[p] for p in s_cuts]
     else:

@@ -1,0 +1,274 @@
+"""tspipe_fx.compile: plans, stages, reports, manual control and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from zoo import BY_NAME
+
+import tspipe_fx
+from tspipe_fx import PartitionError, Plan, TspipeError
+from tspipe_fx.cost_model import UniformCost
+from tspipe_fx.devices import DeviceSpec
+from tspipe_fx.split import run_stages
+
+
+@pytest.fixture(scope="module")
+def kd() -> tspipe_fx.Pipeline:
+    torch.manual_seed(0)
+    student = BY_NAME["timm_resnet18"].build()
+    teacher = BY_NAME["timm_vit"].build().eval()
+    return tspipe_fx.compile(student, teacher, 3, example_inputs=(torch.randn(6, 3, 32, 32),))
+
+
+def test_kd_plan_and_stages(kd: tspipe_fx.Pipeline) -> None:
+    plan = kd.plan
+    assert plan.mode == "kd" and plan.n_stages == 3 and plan.micro_batches == 3 and plan.batch_size == 6
+    assert plan.cost_model == "measured" and plan.devices == ("cpu",) * 3
+    assert len(kd.student_stages) == len(kd.teacher_stages) == 3
+    assert all(isinstance(m, torch.fx.GraphModule) for m in kd.student_stages + kd.teacher_stages)
+    assert plan.period_ms == max(plan.loads_ms) >= plan.lower_bound_ms > 0
+    # The stages cover every compute node once, in order; their names are the plan's.
+    names = [n for s in plan.student.stages for n in s.nodes]
+    assert len(names) == len(set(names)) and plan.student.cuts == tuple(
+        s.nodes[0] for s in plan.student.stages[1:]
+    )
+    # Explicit named inputs and outputs, chained.
+    for a, b in zip(kd.student_io, kd.student_io[1:], strict=False):
+        assert a.outputs == b.inputs
+    assert [tuple(n.target for n in m.graph.nodes if n.op == "placeholder") for m in kd.student_stages] == [
+        s.inputs for s in plan.student.stages
+    ]
+    # The compiled stages compute the captured models.
+    x = torch.randn(4, 3, 32, 32)
+    kd.teacher.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run_stages(kd.teacher_io, [x])[0], kd.teacher.graph_module(x)[0])
+
+
+def test_plan_round_trips_and_rebuilds_the_same_stages(kd: tspipe_fx.Pipeline, tmp_path: object) -> None:
+    plan = kd.plan
+    assert Plan.from_json(plan.to_json()) == plan
+    again = tspipe_fx.compile(
+        kd.student,
+        kd.teacher,
+        3,
+        example_inputs=(torch.randn(6, 3, 32, 32),),
+        plan=plan,
+        cost_model="uniform",
+    )
+    for a, b in ((kd.student_io, again.student_io), (kd.teacher_io, again.teacher_io)):
+        assert [s.nodes for s in a] == [s.nodes for s in b]
+        assert [s.module.code for s in a] == [s.module.code for s in b]
+    with pytest.raises(TspipeError, match="not a tspipe_fx plan"):
+        Plan.from_json(plan.to_json().replace('"mode"', '"mood"'))
+
+
+def test_report(kd: tspipe_fx.Pipeline) -> None:
+    text = kd.report()
+    lines = text.splitlines()
+    assert lines[0].startswith("ResNet (student, fx) and VisionTransformer (teacher, fx), mode kd, 3 stages")
+    assert "student nodes [modules]" in lines[1] and "load ms" in lines[1]
+    assert sum(1 for line in lines if line.lstrip().startswith(("0 ", "1 ", "2 "))) == 3
+    assert any(line.startswith("period") and "ms per batch (device" in line for line in lines)
+    assert any(line.startswith("imbalance") for line in lines)
+    assert any(line.startswith("throughput") and "samples/s" in line for line in lines)
+    assert any(line.startswith("equal nodes:") and "x ours" in line for line in lines)
+    assert any(line.startswith("equal parameters:") for line in lines)
+    # The cost model's own optimum is never worse than a policy's, under its own costs.
+    assert all(period >= kd.plan.period_ms * (1 - 1e-9) for _, period in kd.plan.baselines)
+
+
+def test_hf_pair_with_tied_weights() -> None:
+    student, teacher = BY_NAME["hf_distilbert_mlm"], BY_NAME["hf_bert_mlm"]
+    kwargs = student.kwargs(4)
+    pipe = tspipe_fx.compile(
+        student.build(), teacher.build(), 2, example_inputs=(), example_kwargs=kwargs, cost_model="roofline"
+    )
+    assert pipe.plan.student.method == pipe.plan.teacher.method == "export"
+    assert [names for names, _ in pipe.plan.student.tie_groups] == [
+        ("distilbert.embeddings.word_embeddings.weight", "vocab_projector.weight")
+    ]
+    assert "tied (student)" in pipe.report()
+
+
+class Byol(nn.Module):
+    """A BYOL-style online network: backbone, projector, and a predictor the target lacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(*(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(6)))
+        self.projector = nn.Linear(16, 8)
+        self.predictor = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.projector(self.backbone(x)))
+
+
+class Target(nn.Module):
+    def __init__(self, online: Byol) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(online.backbone)
+        self.projector = copy.deepcopy(online.projector)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+def test_momentum_cuts_mirror_the_student() -> None:
+    online = Byol()
+    pipe = tspipe_fx.compile(
+        online, Target(online), 3, example_inputs=(torch.randn(6, 16),), mode="momentum", cost_model="uniform"
+    )
+    for s, t in zip(pipe.student_stages, pipe.teacher_stages, strict=True):
+        teacher_params = set(dict(t.named_parameters()))
+        student_params = set(dict(s.named_parameters()))
+        assert teacher_params == {p for p in student_params if not p.startswith("predictor")}
+    assert all(p.startswith("predictor") is False for p in dict(pipe.student_stages[0].named_parameters()))
+    assert any(p.startswith("predictor") for p in dict(pipe.student_stages[-1].named_parameters()))
+
+
+def test_momentum_name_mismatch_is_an_error() -> None:
+    online = Byol()
+    target = Target(online)
+    target.extra = nn.Linear(8, 8)  # a parameter the student lacks
+
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.t = target
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.t.extra(self.t(x))
+
+    with pytest.raises(
+        TspipeError, match=r"momentum teacher parameters without a student parameter .*t\.backbone"
+    ):
+        tspipe_fx.compile(
+            online, Bad(), 2, example_inputs=(torch.randn(4, 16),), mode="momentum", cost_model="uniform"
+        )
+
+
+def test_manual_balance() -> None:
+    online = Byol()
+    x = (torch.randn(4, 16),)
+    counts = tspipe_fx.compile(
+        online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="uniform", balance=[6, 10]
+    )
+    assert [len(s.nodes) for s in counts.plan.student.stages] == [6, 10]
+    named = tspipe_fx.compile(
+        online,
+        Target(online),
+        2,
+        example_inputs=x,
+        mode="momentum",
+        cost_model="uniform",
+        balance=["backbone.3"],
+    )
+    assert named.plan.student.cuts == ("backbone_3_0",) and named.plan.teacher.cuts == ("backbone_3_0",)
+    assert named.plan.baselines == ()
+    with pytest.raises(TspipeError, match=r"balance \[6, 9\] sums to 15, but the graph has 16 compute nodes"):
+        tspipe_fx.compile(
+            online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="uniform", balance=[6, 9]
+        )
+    with pytest.raises(
+        TspipeError, match=r"no module 'layer9' in the graph; top-level modules: \['backbone'"
+    ):
+        tspipe_fx.compile(
+            online,
+            Target(online),
+            2,
+            example_inputs=x,
+            mode="momentum",
+            cost_model="uniform",
+            balance=["layer9"],
+        )
+    with pytest.raises(TspipeError, match="in KD mode balance must be a"):
+        tspipe_fx.compile(online, Target(online), 2, example_inputs=x, cost_model="uniform", balance=[6, 10])
+
+
+def test_heterogeneous_devices_take_work_by_speed() -> None:
+    online = Byol()
+    x = (torch.randn(4, 16),)
+    fast = DeviceSpec(
+        "fast",
+        {"float32": 3.0},
+        memory_bandwidth_gbs=1e3,
+        memory_bytes=2**30,
+        link_bandwidth_gbs=1e6,
+        link_latency_us=0,
+    )
+    slow = DeviceSpec(
+        "slow",
+        {"float32": 1.0},
+        memory_bandwidth_gbs=1e3,
+        memory_bytes=2**30,
+        link_bandwidth_gbs=1e6,
+        link_latency_us=0,
+    )
+    pipe = tspipe_fx.compile(
+        online,
+        Target(online),
+        2,
+        example_inputs=x,
+        mode="momentum",
+        cost_model=UniformCost(),
+        device_specs=[fast, slow],
+    )
+    s0, s1 = pipe.plan.student.stages
+    assert len(s0.nodes) > len(s1.nodes)
+
+
+def test_memory_limit() -> None:
+    online = Byol()
+    x = (torch.randn(4, 16),)
+    with pytest.raises(
+        PartitionError, match=r"no partition fits .* the smallest memory per device that would work is .*hint"
+    ):
+        tspipe_fx.compile(
+            online,
+            Target(online),
+            2,
+            example_inputs=x,
+            mode="momentum",
+            cost_model="uniform",
+            memory_limit=1000,
+        )
+    ok = tspipe_fx.compile(
+        online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="uniform", memory_limit=10**6
+    )
+    assert max(ok.plan.memory_bytes) <= 10**6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"n_gpus": 0}, TspipeError, r"n_gpus must be an integer >= 1, got 0"),
+        ({"n_gpus": 40, "micro_batches": 1}, PartitionError, r"candidate cuts: too few for 40 stages"),
+        ({"mode": "ema"}, TspipeError, r"mode must be 'kd' or 'momentum', got 'ema'"),
+        ({"micro_batches": 8}, TspipeError, r"the example batch has 4 samples, fewer than micro_batches=8"),
+        (
+            {"devices": ["cuda:3", "cpu"]},
+            TspipeError,
+            r"device cuda:3 does not exist: this machine has \d+ CUDA devices",
+        ),
+        ({"devices": ["cpu"]}, TspipeError, r"2 stages need 2 devices, got 1"),
+        ({"cost_model": "flops"}, TspipeError, r"unknown cost_model 'flops'"),
+        ({"memory_limit": [1, 2, 3]}, TspipeError, r"2 devices need 2 memory limits, got 3"),
+        ({"device_specs": ["tpu", "cpu"]}, TspipeError, r"unknown device spec 'tpu'"),
+    ],
+)
+def test_bad_input(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    online = Byol()
+    args = {"n_gpus": 2, "example_inputs": (torch.randn(4, 16),), "cost_model": "uniform", **kwargs}
+    n = args.pop("n_gpus")
+    with pytest.raises(error, match=match):
+        tspipe_fx.compile(online, Target(online), n, **args)  # type: ignore[arg-type]
+
+
+def test_non_module_is_an_error() -> None:
+    with pytest.raises(TspipeError, match=r"the teacher must be an nn\.Module, got str"):
+        tspipe_fx.compile(Byol(), "vit", 2, example_inputs=(torch.randn(4, 16),))  # type: ignore[arg-type]

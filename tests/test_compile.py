@@ -249,7 +249,7 @@ def test_memory_limit() -> None:
         ({"n_gpus": 0}, TspipeError, r"n_gpus must be an integer >= 1, got 0"),
         ({"n_gpus": 40, "micro_batches": 1}, PartitionError, r"candidate cuts: too few for 40 stages"),
         ({"mode": "ema"}, TspipeError, r"mode must be 'kd' or 'momentum', got 'ema'"),
-        ({"micro_batches": 8}, TspipeError, r"the example batch has 4 samples, fewer than micro_batches=8"),
+        ({"micro_batches": 8}, TspipeError, r"the batch has 4 samples, fewer than micro_batches=8"),
         (
             {"devices": ["cuda:3", "cpu"]},
             TspipeError,
@@ -269,6 +269,29 @@ def test_bad_input(kwargs: dict[str, object], error: type[Exception], match: str
         tspipe_fx.compile(online, Target(online), n, **args)  # type: ignore[arg-type]
 
 
+def test_batch_size_larger_than_the_example() -> None:
+    online = Byol()
+    x = (torch.randn(4, 16),)
+    small = tspipe_fx.compile(
+        online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="roofline"
+    )
+    large = tspipe_fx.compile(
+        online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="roofline", batch_size=4096
+    )
+    assert large.plan.batch_size == 4096 and large.plan.micro_batches == 2
+    assert large.plan.student.stages[0].fwd_flops == 1024 * small.plan.student.stages[0].fwd_flops
+    with pytest.raises(TspipeError, match="batch_size must be an integer >= 1"):
+        tspipe_fx.compile(online, Target(online), 2, example_inputs=x, mode="momentum", batch_size=0)
+
+
 def test_non_module_is_an_error() -> None:
     with pytest.raises(TspipeError, match=r"the teacher must be an nn\.Module, got str"):
         tspipe_fx.compile(Byol(), "vit", 2, example_inputs=(torch.randn(4, 16),))  # type: ignore[arg-type]
+
+
+def test_score_any_cuts(kd: tspipe_fx.Pipeline) -> None:
+    s_cuts = [kd.student_chain.position_of(name) for name in kd.plan.student.cuts]
+    t_cuts = [kd.teacher_chain.position_of(name) for name in kd.plan.teacher.cuts]
+    assert kd.score(s_cuts, t_cuts).loads_ms == kd.plan.loads_ms
+    worse = kd.score([1, 2], [1, 2])  # any positions, candidates or not
+    assert worse.period_ms > kd.plan.period_ms

@@ -28,7 +28,7 @@ from tspipe_fx.cost_model import CostModel, MeasuredCost, NodeCost, ParamCountCo
 from tspipe_fx.devices import DEVICE_SPECS, DeviceSpec, device_spec
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.meta import info
-from tspipe_fx.partition import Device, PartitionError, Problem, evaluate, solve
+from tspipe_fx.partition import Device, Partition, PartitionError, Problem, evaluate, solve
 from tspipe_fx.passes import annotate_structure, annotate_symbolic
 from tspipe_fx.passes.symbolic import evaluate as eval_expr
 from tspipe_fx.passes.symbolic import input_sizes
@@ -51,6 +51,12 @@ class Pipeline:
     teacher: CapturedModel
     student_io: list[Stage]
     teacher_io: list[Stage]
+    student_chain: GraphChain  # the graphs as the partitioner saw them
+    teacher_chain: GraphChain
+    student_costs: list[NodeCost]  # per graph node, per micro-batch
+    teacher_costs: list[NodeCost]
+    hardware: tuple[Device, ...]
+    optimizer_factor: float = 2.0
 
     @property
     def student_stages(self) -> list[fx.GraphModule]:
@@ -59,6 +65,21 @@ class Pipeline:
     @property
     def teacher_stages(self) -> list[fx.GraphModule]:
         return [s.module for s in self.teacher_io]
+
+    def score(self, student_cuts: Sequence[int], teacher_cuts: Sequence[int]) -> Partition:
+        """The plan's cost model applied to any cut positions (chain positions, any node).
+
+        Example:
+            >>> pipe.score([40], [100]).period_ms  # what a hand-written balance would cost
+        """
+        problem = Problem(
+            student=self.student_chain.to_partition_chain(self.student_costs, student_cuts),
+            teacher=self.teacher_chain.to_partition_chain(self.teacher_costs, teacher_cuts),
+            devices=self.hardware,
+            micro_batches=self.plan.micro_batches,
+            optimizer_factor=self.optimizer_factor,
+        )
+        return evaluate(problem, student_cuts, teacher_cuts)
 
     def report(self) -> str:
         """The partition tables (see :func:`tspipe_fx.report.render_plan`)."""
@@ -76,6 +97,7 @@ def compile(
     example_kwargs: dict[str, Any] | None = None,
     mode: Mode = "kd",
     micro_batches: int | None = None,
+    batch_size: int | None = None,
     cost_model: CostModel | str | tuple[CostModel, CostModel] | None = None,
     profile: tuple[Profile, Profile] | None = None,
     devices: Sequence[str | torch.device] | None = None,
@@ -97,6 +119,8 @@ def compile(
         mode: ``"kd"`` cuts both models independently, balanced jointly; ``"momentum"`` mirrors
             the student's cuts in the teacher (matched by parameter name).
         micro_batches: micro-batches per batch (default ``n_gpus``); costs are per micro-batch.
+        batch_size: the training batch, if larger than the example's (capture and profile a small
+            batch, plan for the real one: costs scale through the symbolic FLOPs and bytes).
         cost_model: a CostModel for both, a (student, teacher) pair, or "measured",
             "roofline", "params", "uniform". Default: measured on the first device, or the
             profiles given.
@@ -124,12 +148,14 @@ def compile(
     s_flat = s_cap.flatten_inputs(args, example_kwargs or {})
     t_flat = t_cap.flatten_inputs(args, example_kwargs or {})
     sizes = input_sizes(s_flat)
-    batch = sizes.get("B", 1)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise TspipeError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch = batch_size or sizes.get("B", 1)
     m = micro_batches if micro_batches is not None else n
     if batch < m:
         raise TspipeError(
-            f"the example batch has {batch} samples, fewer than micro_batches={m}; hint: a larger "
-            "example batch, or fewer micro-batches"
+            f"the batch has {batch} samples, fewer than micro_batches={m}; hint: a larger batch "
+            "(batch_size=...), or fewer micro-batches"
         )
     if mode == "momentum":
         _check_momentum_names(s_cap, t_cap)
@@ -194,7 +220,9 @@ def compile(
         lower_bound_ms=m * total_work / sum(d.speed for d in hw),
         baselines=baselines,
     )
-    return Pipeline(result, s_cap, t_cap, s_stages, t_stages)
+    return Pipeline(
+        result, s_cap, t_cap, s_stages, t_stages, s_gc, t_gc, s_costs, t_costs, hw, optimizer_factor
+    )
 
 
 # --- arguments -------------------------------------------------------------------------------

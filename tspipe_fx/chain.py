@@ -10,7 +10,7 @@ from an annotated ``fx.GraphModule``:
   at or after it (the graph's outputs are used at the end). Skip connections make it several
   tensors; they all travel over the link at that cut.
 * *candidate cuts*: positions whose live bytes are a local minimum (block boundaries, where only
-  the residual stream crosses), at most ``max_candidates`` of them, smallest first.
+  the residual stream crosses), at most ``max_candidates`` of them, spread along the chain.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def graph_chain(gm: fx.GraphModule, sizes: dict[str, int], *, max_candidates: in
     Args:
         gm: the captured graph.
         sizes: symbol values of one micro-batch, ``{"B": 4}`` or ``{"B": 4, "S": 128}``.
-        max_candidates: at most this many candidate cuts (smallest live bytes first).
+        max_candidates: at most this many candidate cuts (the cheapest in each of as many windows).
     """
     nodes = tuple(n for n in gm.graph.nodes if n.op in COMPUTE_OPS)
     n = len(nodes)
@@ -145,23 +145,22 @@ def graph_chain(gm: fx.GraphModule, sizes: dict[str, int], *, max_candidates: in
 
 
 def _candidates(nbytes: Sequence[int], max_candidates: int) -> tuple[int, ...]:
-    """Positions 1..n-1 whose live bytes are a local minimum, the smallest first if too many."""
+    """Positions 1..n-1 whose live bytes are a local minimum; at most ``max_candidates``.
+
+    When there are more, the chain is divided into ``max_candidates`` equal windows and each
+    keeps its smallest cut (the later one on ties): cuts stay spread along the whole chain,
+    which is what balance needs, and each is the cheapest to send in its neighbourhood.
+    """
     n = len(nbytes) - 1
     minima = [p for p in range(1, n) if nbytes[p] <= nbytes[p - 1] and nbytes[p] <= nbytes[p + 1]]
     if len(minima) <= max_candidates:
         return tuple(minima)
-    # Add whole groups of equal size, smallest first; thin the group that overflows evenly.
-    chosen: list[int] = []
-    for size in sorted({nbytes[p] for p in minima}):
-        group = [p for p in minima if nbytes[p] == size]
-        room = max_candidates - len(chosen)
-        if len(group) > room:
-            step = len(group) / room
-            group = [group[int(i * step)] for i in range(room)]
-        chosen += group
-        if len(chosen) >= max_candidates:
-            break
-    return tuple(sorted(chosen))
+    best: dict[int, int] = {}
+    for p in minima:
+        window = (p - 1) * max_candidates // (n - 1)
+        if window not in best or nbytes[p] <= nbytes[best[window]]:
+            best[window] = p
+    return tuple(sorted(best.values()))
 
 
 # --- momentum: teacher cuts mirroring the student's -----------------------------------------

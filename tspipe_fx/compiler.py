@@ -163,14 +163,17 @@ def compile(
     for cap, flat in ((s_cap, s_flat), (t_cap, t_flat)):
         annotate_structure(cap.graph_module)
         annotate_symbolic(cap.graph_module, flat)
+    specs = (
+        [device_spec(s) for s in device_specs] if device_specs is not None else [_spec_for(d) for d in run_on]
+    )
+    hw = _hardware(run_on, specs, device_specs is not None, memory_limit)
     s_cm, t_cm, cm_name = _cost_models(
-        cost_model, profile, s_cap, t_cap, s_flat, t_flat, run_on[0], micro["B"]
+        cost_model, profile, s_cap, t_cap, s_flat, t_flat, run_on[0], specs[0], micro["B"]
     )
     s_costs = s_cm.graph_costs(s_cap.graph_module)
     t_costs = t_cm.graph_costs(t_cap.graph_module)
     s_gc = graph_chain(s_cap.graph_module, micro, max_candidates=max_candidates)
     t_gc = graph_chain(t_cap.graph_module, micro, max_candidates=max_candidates)
-    hw = _hardware(run_on, device_specs, memory_limit)
 
     def problem(s_cuts: Sequence[int] | None = None, t_cuts: Sequence[int] | None = None, *, mirror: bool = False,
                 sc: Sequence[NodeCost] = s_costs, tc: Sequence[NodeCost] = t_costs) -> Problem:  # fmt: skip
@@ -285,20 +288,21 @@ def _spec_for(dev: torch.device) -> DeviceSpec:
 
 def _hardware(
     run_on: Sequence[torch.device],
-    specs: Sequence[str | DeviceSpec] | None,
+    resolved: Sequence[DeviceSpec],
+    given: bool,
     memory_limit: int | Sequence[int] | None,
 ) -> tuple[Device, ...]:
+    """The partitioner's devices: speeds relative to the first spec, memory, links."""
     n = len(run_on)
-    if specs is not None and len(specs) != n:
-        raise TspipeError(f"{n} devices need {n} device_specs, got {len(specs)}")
-    resolved = [device_spec(s) for s in specs] if specs is not None else [_spec_for(d) for d in run_on]
+    if len(resolved) != n:
+        raise TspipeError(f"{n} devices need {n} device_specs, got {len(resolved)}")
     if isinstance(memory_limit, int):
         limits: list[float] = [float(memory_limit)] * n
     elif memory_limit is not None:
         if len(memory_limit) != n:
             raise TspipeError(f"{n} devices need {n} memory limits, got {len(memory_limit)}")
         limits = [float(x) for x in memory_limit]
-    elif specs is not None:
+    elif given:
         limits = [float(s.memory_bytes) for s in resolved]
     else:
         limits = [
@@ -310,7 +314,7 @@ def _hardware(
     ref = resolved[0].peak_flops()
     return tuple(
         Device(
-            speed=s.peak_flops() / ref if specs is not None else 1.0,
+            speed=s.peak_flops() / ref if given else 1.0,
             memory_bytes=lim,
             link_gbs=s.link_bandwidth_gbs,
             link_latency_ms=s.link_latency_us / 1e3,
@@ -327,6 +331,7 @@ def _cost_models(
     s_flat: list[torch.Tensor],
     t_flat: list[torch.Tensor],
     device: torch.device,
+    spec: DeviceSpec,
     micro_batch: int,
 ) -> tuple[CostModel, CostModel, str]:
     if isinstance(cost_model, tuple):
@@ -336,7 +341,7 @@ def _cost_models(
     if isinstance(cost_model, CostModel):
         return cost_model, cost_model, cost_model.name
     if cost_model in ("roofline", "params", "uniform"):
-        builtin = {"roofline": lambda: RooflineCost(_spec_for(device), batch_size=micro_batch),
+        builtin = {"roofline": lambda: RooflineCost(spec, batch_size=micro_batch),
                    "params": ParamCountCost, "uniform": UniformCost}[cost_model]  # fmt: skip
         return builtin(), builtin(), str(cost_model)
     if cost_model not in (None, "measured"):

@@ -117,7 +117,7 @@ def main() -> None:
             ours = plan.period_ms
             ratios = []
             for s_cuts, t_cuts in peers.values():
-                ratios.append(f"{pipe.score(s_cuts, t_cuts).period_ms / ours:.2f}")
+                ratios.append(f"{pipe.score(s_cuts, t_cuts).period_ms / ours:.2f}x")
             grain = max(c for c in s_costs) * plan.micro_batches / plan.lower_bound_ms
             rows.append(
                 [
@@ -135,7 +135,7 @@ def main() -> None:
     print()
     print(tabulate(rows, headers=["pair", "gpus", "period ms", "lower bound ms", "over bound", "largest node",
                                   *(f"{p} / ours" for p in ("torchgpipe", "PiPPy equal size", "DS parameters", "DS uniform")),
-                                  "compile s"], floatfmt=".1f", tablefmt="github"))  # fmt: skip
+                                  "compile s"], tablefmt="github", disable_numparse=True))  # fmt: skip
     print()
     print(
         tabulate(

@@ -123,8 +123,8 @@ def main() -> None:
                 [
                     pair,
                     n,
-                    ours,
-                    plan.lower_bound_ms,
+                    f"{ours:.0f}",
+                    f"{plan.lower_bound_ms:.0f}",
                     f"{100 * plan.imbalance:.1f}%",
                     f"{100 * grain:.1f}%",
                     *ratios,

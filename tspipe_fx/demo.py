@@ -1,8 +1,9 @@
-"""``make demo``: capture and profile a real teacher-student pair on this machine's CPU.
+"""``make demo``: capture, profile and compile a real teacher-student pair on this machine's CPU.
 
 The pair of the TSPipe paper's KD setting, scaled to a CPU: a timm ViT-B/16 teacher and a
 ResNet-18 student, both from their configs (no weights are downloaded), batch 2 at 224x224.
-Prints each model's per-module cost table and what three cost models make of the pair.
+Prints each model's per-module cost table, what three cost models make of it, and the plan
+that cuts the pair into 2 pipeline stages for a batch of 64 in 4 micro-batches.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)
+    measured = {}
     for role, name in (("teacher", args.teacher), ("student", args.student)):
         model = timm.create_model(name, pretrained=False)
         if role == "teacher":
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         t1 = time.perf_counter()
         prof = tspipe_fx.profile(captured, (x,), repeats=args.repeats)
         t2 = time.perf_counter()
+        measured[role] = (captured, prof)
         print(
             f"\n== {role}: {name} (captured with {captured.method} in {t1 - t0:.1f} s, profiled in {t2 - t1:.1f} s)"
         )
@@ -60,6 +63,14 @@ def main(argv: list[str] | None = None) -> None:
             ).get("B")
             print(f"  {cm.name:9s} batch {batch or args.batch}: fwd {fwd:10.3f}  bwd {bwd:10.3f}")
     print("\nms for measured (this CPU) and roofline (an H100), MiB-proportional units for params")
+
+    (s_cap, s_prof), (t_cap, t_prof) = measured["student"], measured["teacher"]
+    t0 = time.perf_counter()
+    pipe = tspipe_fx.compile(
+        s_cap, t_cap, 2, example_inputs=(x,), profile=(s_prof, t_prof), batch_size=64, micro_batches=4
+    )
+    print(f"\n== plan: 2 stages on this CPU, compiled in {time.perf_counter() - t0:.1f} s")
+    print(pipe.report())
 
 
 if __name__ == "__main__":

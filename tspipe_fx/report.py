@@ -56,13 +56,13 @@ def render_plan(plan: Plan) -> str:
         f"(teacher, {plan.teacher.method}), mode {plan.mode}, {plan.n_stages} stages, batch "
         f"{plan.batch_size} in {plan.micro_batches} micro-batches, cost model {plan.cost_model}",
         table,
-        f"period       {plan.period_ms:12.3f} ms per batch (device {worst})",
-        f"lower bound  {plan.lower_bound_ms:12.3f} ms (all work spread evenly, no communication)",
-        f"imbalance    {100 * plan.imbalance:12.1f} %",
-        f"throughput   {plan.samples_per_s:12.1f} samples/s predicted",
+        f"{'period':18s} {plan.period_ms:12.3f} ms per batch (device {worst})",
+        f"{'lower bound':18s} {plan.lower_bound_ms:12.3f} ms (all work spread evenly, no communication)",
+        f"{'imbalance':18s} {100 * plan.imbalance:12.1f} %",
+        f"{'throughput':18s} {plan.samples_per_s:12.1f} samples/s predicted",
     ]
     for name, period in plan.baselines:
-        lines.append(f"{name + ':':17s}{period:8.3f} ms per batch ({period / plan.period_ms:.2f}x ours)")
+        lines.append(f"{name + ':':18s} {period:12.3f} ms per batch ({period / plan.period_ms:.2f}x ours)")
     for role, mp in (("student", plan.student), ("teacher", plan.teacher)):
         for names, stages in mp.tie_groups:
             lines.append(

@@ -295,3 +295,18 @@ def test_score_any_cuts(kd: tspipe_fx.Pipeline) -> None:
     assert kd.score(s_cuts, t_cuts).loads_ms == kd.plan.loads_ms
     worse = kd.score([1, 2], [1, 2])  # any positions, candidates or not
     assert worse.period_ms > kd.plan.period_ms
+
+
+def test_graph_errors_come_before_any_profiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tspipe_fx.compiler
+
+    def no_profiling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("profiled before checking the request")
+
+    monkeypatch.setattr(tspipe_fx.compiler, "profile", no_profiling)
+    online = Byol()
+    x = (torch.randn(4, 16),)
+    with pytest.raises(TspipeError, match="sums to 3"):
+        tspipe_fx.compile(online, Target(online), 2, example_inputs=x, mode="momentum", balance=[1, 2])
+    with pytest.raises(PartitionError, match="too few for 40 stages"):
+        tspipe_fx.compile(online, Target(online), 40, example_inputs=x, micro_batches=1)

@@ -167,13 +167,40 @@ def compile(
         [device_spec(s) for s in device_specs] if device_specs is not None else [_spec_for(d) for d in run_on]
     )
     hw = _hardware(run_on, specs, device_specs is not None, memory_limit)
+    s_gc = graph_chain(s_cap.graph_module, micro, max_candidates=max_candidates)
+    t_gc = graph_chain(t_cap.graph_module, micro, max_candidates=max_candidates)
+
+    # Every check that needs only the graphs comes before the costs (which may mean profiling).
+    fixed: tuple[list[int], list[int]] | None = None
+    pairs: list[tuple[int, int]] = []
+    if plan is not None:
+        _check_plan(plan, s_cap, t_cap, n)
+        fixed = (
+            [s_gc.position_of(name) for name in plan.student.cuts],
+            [t_gc.position_of(name) for name in plan.teacher.cuts],
+        )
+    elif balance is not None:
+        fixed = _manual_cuts(balance, s_gc, t_gc, n, mode, s_cap, t_cap)
+    elif mode == "momentum":
+        pairs = mirrored_cuts(s_gc, t_gc, _shared_names(s_cap, t_cap))
+        if len(pairs) < n - 1:
+            raise PartitionError(
+                f"the momentum pair has {len(pairs)} cut positions that split the student and the "
+                f"teacher alike: too few for {n} stages; hint: use fewer devices"
+            )
+    else:
+        for role, gc in (("student", s_gc), ("teacher", t_gc)):
+            if len(gc.candidates) < n - 1:
+                raise PartitionError(
+                    f"the {role} graph has {len(gc.candidates)} candidate cuts: too few for {n} stages; "
+                    "hint: use fewer devices, or allow more cut positions (max_candidates)"
+                )
+
     s_cm, t_cm, cm_name = _cost_models(
         cost_model, profile, s_cap, t_cap, s_flat, t_flat, run_on[0], specs[0], micro["B"]
     )
     s_costs = s_cm.graph_costs(s_cap.graph_module)
     t_costs = t_cm.graph_costs(t_cap.graph_module)
-    s_gc = graph_chain(s_cap.graph_module, micro, max_candidates=max_candidates)
-    t_gc = graph_chain(t_cap.graph_module, micro, max_candidates=max_candidates)
 
     def problem(s_cuts: Sequence[int] | None = None, t_cuts: Sequence[int] | None = None, *, mirror: bool = False,
                 sc: Sequence[NodeCost] = s_costs, tc: Sequence[NodeCost] = t_costs) -> Problem:  # fmt: skip
@@ -186,21 +213,9 @@ def compile(
             mirror=mirror,
         )
 
-    if plan is not None:
-        _check_plan(plan, s_cap, t_cap, n)
-        s_cuts = [s_gc.position_of(name) for name in plan.student.cuts]
-        t_cuts = [t_gc.position_of(name) for name in plan.teacher.cuts]
-        part = evaluate(problem(s_cuts, t_cuts), s_cuts, t_cuts)
-    elif balance is not None:
-        s_cuts, t_cuts = _manual_cuts(balance, s_gc, t_gc, n, mode, s_cap, t_cap)
-        part = evaluate(problem(s_cuts, t_cuts), s_cuts, t_cuts)
+    if fixed is not None:
+        part = evaluate(problem(*fixed), *fixed)
     elif mode == "momentum":
-        pairs = mirrored_cuts(s_gc, t_gc, _shared_names(s_cap, t_cap))
-        if len(pairs) < n - 1:
-            raise TspipeError(
-                f"the momentum pair has {len(pairs)} cut positions that split the student and the "
-                f"teacher alike: too few for {n} stages; hint: use fewer devices"
-            )
         part = solve(problem([p for p, _ in pairs], [q for _, q in pairs], mirror=True))
     else:
         part = solve(problem())

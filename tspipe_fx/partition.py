@@ -445,11 +445,23 @@ def _reach_memory(
             out[u2, 0] |= ok
             continue
         # memory: mt[v] >= mt[v2] + ms[u2] - ms[u] - limit  ->  v >= vmin (mt is non-decreasing)
-        thr = mt[None, :] + (ms[u2] - ms[u] - limit * (1 + 1e-12))[:, None]
-        vmin = np.searchsorted(mt, thr, side="left")
-        v2 = np.arange(lt1)[None, :].repeat(len(u2), axis=0)
-        best = _range_max(table, vmin, v2)  # max over v in [vmin, v2)
-        out[u2, :] |= a[u] + best >= need[u2, :] - tol
+        slack = limit * (1 + 1e-12) - (ms[u2] - ms[u])  # memory left for the teacher segment
+        fits = slack >= 0
+        u2, slack = u2[fits], slack[fits]
+        if not len(u2):
+            continue
+        # Rows where even the whole teacher prefix fits need no lower bound: a prefix maximum.
+        free = slack >= mt[-1] - mt[0]
+        prefix = np.concatenate(([-np.inf], np.maximum.accumulate(row)[:-1]))  # max over v < v2
+        if free.any():
+            out[u2[free], :] |= a[u] + prefix[None, :] >= need[u2[free], :] - tol
+        bound = u2[~free]
+        if len(bound):
+            thr = mt[None, :] - slack[~free][:, None]
+            vmin = np.searchsorted(mt, thr, side="left")
+            v2 = np.arange(lt1)[None, :].repeat(len(bound), axis=0)
+            best = _range_max(table, vmin, v2)  # max over v in [vmin, v2)
+            out[bound, :] |= a[u] + best >= need[bound, :] - tol
     return out
 
 

@@ -1,0 +1,137 @@
+"""A discrete-event simulator: a schedule plus task costs -> a timeline.
+
+Each device runs its list in order; a task starts when its device is free and every task it
+depends on has finished (plus the link time when that task ran on another device). The result
+gives the steady-state period per batch, per-device utilisation and the bubble fraction, and
+renders as ASCII (one row per device, like TSPipe's figure) or, with matplotlib, as a PNG.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tspipe_fx.schedule import Schedule, ScheduleError, Task, dependencies
+
+__all__ = ["Timeline", "simulate", "unit_costs"]
+
+CostFn = Callable[[Task], float]
+
+
+def unit_costs(task: Task) -> float:
+    """TSPipe's unit model: forward 1, backward 2, optimizer step 1, loss free."""
+    return {"tf": 1.0, "sf": 1.0, "sb": 2.0, "opt": 1.0, "loss": 0.0}[task.kind]
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """When every task ran: ``spans[device]`` is a list of ``(start, end, task)``."""
+
+    schedule: Schedule
+    spans: tuple[tuple[tuple[float, float, Task], ...], ...]
+
+    @property
+    def makespan(self) -> float:
+        return max((s[-1][1] for s in self.spans if s), default=0.0)
+
+    def batch_end(self, b: int) -> float:
+        """When the last optimizer step of batch ``b`` finished."""
+        return max(end for spans in self.spans for _, end, t in spans if t.kind == "opt" and t.batch == b)
+
+    @property
+    def period(self) -> float:
+        """Steady-state time per batch: the median gap between consecutive batches' last steps,
+        leaving out the first and last batch (pipeline fill and drain)."""
+        n = self.schedule.n_batches
+        if n < 3:
+            return self.batch_end(n - 1) / n
+        gaps = [self.batch_end(b) - self.batch_end(b - 1) for b in range(2, n - 1)] or [
+            self.batch_end(n - 1) - self.batch_end(n - 2)
+        ]
+        return statistics.median(gaps)
+
+    def utilisation(self) -> list[float]:
+        """Busy fraction of each device between the start and the end of the whole run."""
+        total = self.makespan
+        return [sum(e - s for s, e, _ in spans) / total if total else 0.0 for spans in self.spans]
+
+    def steady_utilisation(self) -> list[float]:
+        """Busy fraction of each device within the steady-state window (batches 1..n-2)."""
+        n = self.schedule.n_batches
+        lo, hi = (self.batch_end(0), self.batch_end(n - 2)) if n >= 3 else (0.0, self.makespan)
+        out = []
+        for spans in self.spans:
+            busy = sum(max(0.0, min(e, hi) - max(s, lo)) for s, e, _ in spans)
+            out.append(busy / (hi - lo) if hi > lo else 0.0)
+        return out
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of the devices in steady state."""
+        u = self.steady_utilisation()
+        return 1.0 - sum(u) / len(u)
+
+    def ascii(self, *, scale: float = 1.0, width: int | None = None) -> str:
+        """One row per device; each character is ``scale`` time units. Student forward digits
+        are micro-batch numbers, teacher forwards lower-case letters, backwards upper-case
+        letters, ``L`` the loss, ``#`` the optimizer step, ``.`` idle."""
+        end = self.makespan
+        cols = round(end / scale)
+        if width is not None:
+            cols = min(cols, width)
+        rows = []
+        for d, spans in enumerate(self.spans):
+            line = ["."] * cols
+            for s, e, t in spans:
+                mark = _mark(t)
+                for c in range(round(s / scale), min(round(e / scale), cols)):
+                    line[c] = mark
+            rows.append(f"dev{d} |{''.join(line)}|")
+        return "\n".join(rows)
+
+
+def _mark(t: Task) -> str:
+    if t.kind == "sf":
+        return str(t.micro % 10)
+    if t.kind == "tf":
+        return "abcdefghij"[t.micro % 10]
+    if t.kind == "sb":
+        return "ABCDEFGHIJ"[t.micro % 10]
+    return "L" if t.kind == "loss" else "#"
+
+
+def simulate(
+    s: Schedule, cost: CostFn = unit_costs, *, link: Callable[[Task, Task], float] | None = None
+) -> Timeline:
+    """Run the schedule's lists against ``cost(task)``; ``link(dep, task)`` is the transfer time
+    when ``dep`` ran on another device (default 0)."""
+    device_of = {t: d for d, t in s.tasks()}
+    finish: dict[Task, float] = {}
+    free = [0.0] * len(s.devices)
+    heads = [0] * len(s.devices)
+    spans: list[list[tuple[float, float, Task]]] = [[] for _ in s.devices]
+    remaining = sum(len(d) for d in s.devices)
+    while remaining:
+        progressed = False
+        for d, tasks in enumerate(s.devices):
+            while heads[d] < len(tasks):
+                t = tasks[heads[d]]
+                deps = dependencies(s, t)
+                if any(dep not in finish for dep in deps):
+                    break
+                ready = max(
+                    (finish[dep] + (link(dep, t) if link and device_of[dep] != d else 0.0) for dep in deps),
+                    default=0.0,
+                )
+                start = max(free[d], ready)
+                end = start + cost(t)
+                finish[t] = end
+                free[d] = end
+                spans[d].append((start, end, t))
+                heads[d] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ScheduleError(f"{s.name}: deadlock in simulation; run schedule.validate() for details")
+    return Timeline(s, tuple(tuple(x) for x in spans))

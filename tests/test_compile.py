@@ -152,95 +152,46 @@ def test_momentum_name_mismatch_is_an_error() -> None:
         )
 
 
-def test_manual_balance() -> None:
+def _byol(n: int = 2, **kwargs: object) -> tspipe_fx.Pipeline:
+    """Compile a fresh BYOL pair (momentum mode, uniform costs unless overridden)."""
     online = Byol()
-    x = (torch.randn(4, 16),)
-    counts = tspipe_fx.compile(
-        online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="uniform", balance=[6, 10]
-    )
+    options: dict[str, object] = {"mode": "momentum", "cost_model": "uniform", **kwargs}
+    return tspipe_fx.compile(online, Target(online), n, example_inputs=(torch.randn(4, 16),), **options)  # type: ignore[arg-type]
+
+
+def test_manual_balance() -> None:
+    counts = _byol(balance=[6, 10])
     assert [len(s.nodes) for s in counts.plan.student.stages] == [6, 10]
-    named = tspipe_fx.compile(
-        online,
-        Target(online),
-        2,
-        example_inputs=x,
-        mode="momentum",
-        cost_model="uniform",
-        balance=["backbone.3"],
-    )
+    named = _byol(balance=["backbone.3"])
     assert named.plan.student.cuts == ("backbone_3_0",) and named.plan.teacher.cuts == ("backbone_3_0",)
     assert named.plan.baselines == ()
     with pytest.raises(TspipeError, match=r"balance \[6, 9\] sums to 15, but the graph has 16 compute nodes"):
-        tspipe_fx.compile(
-            online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="uniform", balance=[6, 9]
-        )
+        _byol(balance=[6, 9])
     with pytest.raises(
         TspipeError, match=r"no module 'layer9' in the graph; top-level modules: \['backbone'"
     ):
-        tspipe_fx.compile(
-            online,
-            Target(online),
-            2,
-            example_inputs=x,
-            mode="momentum",
-            cost_model="uniform",
-            balance=["layer9"],
-        )
+        _byol(balance=["layer9"])
     with pytest.raises(TspipeError, match="in KD mode balance must be a"):
-        tspipe_fx.compile(online, Target(online), 2, example_inputs=x, cost_model="uniform", balance=[6, 10])
+        _byol(balance=[6, 10], mode="kd")
 
 
 def test_heterogeneous_devices_take_work_by_speed() -> None:
-    online = Byol()
-    x = (torch.randn(4, 16),)
-    fast = DeviceSpec(
-        "fast",
-        {"float32": 3.0},
-        memory_bandwidth_gbs=1e3,
-        memory_bytes=2**30,
-        link_bandwidth_gbs=1e6,
-        link_latency_us=0,
-    )
-    slow = DeviceSpec(
-        "slow",
-        {"float32": 1.0},
-        memory_bandwidth_gbs=1e3,
-        memory_bytes=2**30,
-        link_bandwidth_gbs=1e6,
-        link_latency_us=0,
-    )
-    pipe = tspipe_fx.compile(
-        online,
-        Target(online),
-        2,
-        example_inputs=x,
-        mode="momentum",
-        cost_model=UniformCost(),
-        device_specs=[fast, slow],
-    )
-    s0, s1 = pipe.plan.student.stages
+    def spec(name: str, tflops: float) -> DeviceSpec:
+        return DeviceSpec(name, {"float32": tflops}, memory_bandwidth_gbs=1e3, memory_bytes=2**30,
+                          link_bandwidth_gbs=1e6, link_latency_us=0)  # fmt: skip
+
+    s0, s1 = _byol(
+        cost_model=UniformCost(), device_specs=[spec("fast", 3.0), spec("slow", 1.0)]
+    ).plan.student.stages
     assert len(s0.nodes) > len(s1.nodes)
 
 
 def test_memory_limit() -> None:
-    online = Byol()
-    x = (torch.randn(4, 16),)
     with pytest.raises(
-        PartitionError, match=r"no partition fits .* the smallest memory per device that would work is .*hint"
+        PartitionError, match=r"no partition fits .* smallest memory per device that would work is .*hint"
     ):
-        tspipe_fx.compile(
-            online,
-            Target(online),
-            2,
-            example_inputs=x,
-            mode="momentum",
-            cost_model="uniform",
-            memory_limit=1000,
-        )
-    ok = tspipe_fx.compile(
-        online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="uniform", memory_limit=10**6
-    )
-    assert max(ok.plan.memory_bytes) <= 10**6
+        _byol(memory_limit=1000)
+    assert max(_byol(memory_limit=10**6).plan.memory_bytes) <= 10**6
 
 
 @pytest.mark.parametrize(
@@ -270,18 +221,12 @@ def test_bad_input(kwargs: dict[str, object], error: type[Exception], match: str
 
 
 def test_batch_size_larger_than_the_example() -> None:
-    online = Byol()
-    x = (torch.randn(4, 16),)
-    small = tspipe_fx.compile(
-        online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="roofline"
-    )
-    large = tspipe_fx.compile(
-        online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="roofline", batch_size=4096
-    )
+    small = _byol(cost_model="roofline")
+    large = _byol(cost_model="roofline", batch_size=4096)
     assert large.plan.batch_size == 4096 and large.plan.micro_batches == 2
     assert large.plan.student.stages[0].fwd_flops == 1024 * small.plan.student.stages[0].fwd_flops
     with pytest.raises(TspipeError, match="batch_size must be an integer >= 1"):
-        tspipe_fx.compile(online, Target(online), 2, example_inputs=x, mode="momentum", batch_size=0)
+        _byol(batch_size=0)
 
 
 def test_non_module_is_an_error() -> None:

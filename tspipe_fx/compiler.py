@@ -81,6 +81,12 @@ class Pipeline:
         )
         return evaluate(problem, student_cuts, teacher_cuts)
 
+    def trainer(self, loss_fn: Any, *, optimizer: Any, **options: Any) -> Any:
+        """A :class:`~tspipe_fx.trainer.Trainer` for this pipeline (see its options)."""
+        from tspipe_fx.trainer import Trainer
+
+        return Trainer(self, loss_fn, optimizer=optimizer, **options)
+
     def report(self) -> str:
         """The partition tables (see :func:`tspipe_fx.report.render_plan`)."""
         from tspipe_fx.report import render_plan

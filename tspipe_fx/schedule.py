@@ -49,6 +49,10 @@ class Task:
     view: int = 0
     micro: int = 0
 
+    def with_batch(self, batch: int) -> Task:
+        """The same task for another batch (windows are cut from short schedules and renumbered)."""
+        return Task(self.kind, self.stage, batch, self.view, self.micro)
+
     def __str__(self) -> str:
         if self.kind in ("loss", "opt"):
             return f"{self.kind}{self.batch}"

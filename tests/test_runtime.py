@@ -1,0 +1,198 @@
+"""The local runtime trains exactly what the reference trainer does, on every schedule."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tspipe_fx
+from tspipe_fx.reference import ReferenceTrainer
+from tspipe_fx.runtime import RuntimeFailure
+
+SCHEDULES = ["tspipe", "gpipe", "1f1b", "sequential"]
+
+
+class Net(nn.Module):
+    """BatchNorm and a skip connection that crosses stages."""
+
+    def __init__(self, width: int = 16, out: int = 4):
+        super().__init__()
+        self.a = nn.Linear(8, width)
+        self.bn = nn.BatchNorm1d(width)
+        self.b = nn.Linear(width, width)
+        self.c = nn.Linear(width, width)
+        self.head = nn.Linear(width, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.a(x)))
+        return self.head(torch.relu(self.c(torch.relu(self.b(h)))) + h)
+
+
+def kd_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
+
+
+def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def _run(trainer: Any, batches: list[tuple[Any, ...]], **kw: Any) -> list[float]:
+    losses = []
+    for inputs in batches:
+        r = (
+            trainer.step(*inputs, **kw)
+            if not isinstance(inputs[-1], dict)
+            else trainer.step(*inputs[:-1], **inputs[-1])
+        )
+        if r is not None:
+            losses.append(r)
+    losses.append(trainer.finish())
+    assert [r.batch for r in losses] == list(range(len(batches)))  # tagged, in order
+    return [r.loss for r in losses]
+
+
+def _assert_same_params(
+    trainer: Any,
+    like: nn.Module,
+    reference: nn.Module,
+    which: str = "student",
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+) -> None:
+    trained = copy.deepcopy(like)
+    trainer.sync_to_modules(**{which: trained})
+    for (name, a), b in zip(trained.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_kd_equals_the_reference(n: int, schedule: str) -> None:
+    torch.manual_seed(0)
+    student, teacher = Net(), Net(32).eval()
+    pipe = tspipe_fx.compile(
+        copy.deepcopy(student),
+        copy.deepcopy(teacher),
+        n,
+        example_inputs=(torch.randn(8, 8),),
+        cost_model="uniform",
+    )
+    trainer = pipe.trainer(kd_loss, optimizer=sgd, schedule=schedule)
+    ref = ReferenceTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), kd_loss, optimizer=sgd, micro_batches=trainer.m
+    )
+    # The last batch has another size, as at the end of an epoch (uneven micro-batches too).
+    batches = [(torch.randn(b, 8),) for b in (8, 8, 8, 8, 8, 8, 8, 8, 8, 10)]
+    targets = [torch.randint(0, 4, (x[0].shape[0],)) for x in batches]
+    got = _run(trainer, [(x[0], {"target": y}) for x, y in zip(batches, targets, strict=True)])
+    want = [ref.step(x[0], target=y) for x, y in zip(batches, targets, strict=True)]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # 1f1b takes one loss per micro-batch and sums their gradients: the same sum in another
+    # order, so after 10 momentum-SGD steps its weights agree to fp32 rounding, not bit for bit.
+    tol = {"rtol": 1e-4, "atol": 1e-5} if schedule == "1f1b" else {}
+    _assert_same_params(trainer, student, ref.student, **tol)
+
+
+class Online(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Net(16, 8)
+        self.projector = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.predictor = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.projector(self.backbone(x)))
+
+
+class Target(nn.Module):
+    def __init__(self, online: Online) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(online.backbone)
+        self.projector = copy.deepcopy(online.projector)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    def one(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1).mean()
+
+    return one(p1, z2) + one(p2, z1)
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+@pytest.mark.parametrize("schedule", ["tspipe", "gpipe"])
+def test_momentum_byol_equals_the_reference(staleness: int, schedule: str) -> None:
+    torch.manual_seed(0)
+    online = Online()
+    target = Target(online)
+    pipe = tspipe_fx.compile(copy.deepcopy(online), copy.deepcopy(target), 2, example_inputs=(torch.randn(8, 8),),
+                             mode="momentum", cost_model="uniform")  # fmt: skip
+    trainer = pipe.trainer(
+        byol_loss, optimizer=sgd, schedule=schedule, views=2, staleness=staleness, momentum=0.9
+    )
+    ref = ReferenceTrainer(copy.deepcopy(online), copy.deepcopy(target), byol_loss, optimizer=sgd, mode="momentum",
+                           micro_batches=trainer.m, views=2, staleness=staleness, momentum=0.9)  # fmt: skip
+    batches = [(torch.randn(8, 8), torch.randn(8, 8)) for _ in range(10)]
+    got = _run(trainer, batches)
+    want = [ref.step(*b) for b in batches]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    _assert_same_params(trainer, online, ref.student)
+    _assert_same_params(trainer, target, ref.teacher, which="teacher")
+
+
+def test_staleness_changes_the_result() -> None:
+    """The one-step-late teacher is a different computation: the test above can tell them apart."""
+    torch.manual_seed(0)
+    online = Online()
+    batches = [(torch.randn(8, 8), torch.randn(8, 8)) for _ in range(4)]
+    results = []
+    for staleness in (0, 1):
+        ref = ReferenceTrainer(copy.deepcopy(online), Target(copy.deepcopy(online)), byol_loss, optimizer=sgd,
+                               mode="momentum", micro_batches=2, views=2, staleness=staleness, momentum=0.5)  # fmt: skip
+        results.append([ref.step(*b) for b in batches])
+    # Batch 0 sees the initial teacher either way; from batch 1 on, staleness 1 sees one step less.
+    assert results[0][0] == results[1][0] and all(
+        a != b for a, b in zip(results[0][1:], results[1][1:], strict=True)
+    )
+
+
+def test_a_failing_task_surfaces_quickly_with_its_device_and_task() -> None:
+    torch.manual_seed(0)
+    pipe = tspipe_fx.compile(
+        Net(), Net(32).eval(), 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform"
+    )
+
+    def broken(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("injected fault")
+
+    trainer = pipe.trainer(broken, optimizer=sgd, timeout_s=30)
+    trainer.step(torch.randn(8, 8), target=torch.randint(0, 4, (8,)))
+    start = time.monotonic()
+    with pytest.raises(
+        RuntimeFailure, match=r"device 1 failed at task loss0: RuntimeError: injected fault"
+    ) as err:
+        trainer.step(torch.randn(8, 8), target=torch.randint(0, 4, (8,)))
+    assert time.monotonic() - start < 10
+    assert isinstance(err.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeFailure, match="failed earlier"):
+        trainer.step(torch.randn(8, 8), target=torch.randint(0, 4, (8,)))
+
+
+def test_a_failing_stage_names_the_node() -> None:
+    torch.manual_seed(0)
+    pipe = tspipe_fx.compile(
+        Net(), Net(32).eval(), 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform"
+    )
+    trainer = pipe.trainer(kd_loss, optimizer=sgd)
+    trainer.step(torch.randn(8, 8), target=torch.randint(0, 4, (8,)))
+    with pytest.raises(RuntimeFailure, match=r"device 0 failed at task tf1\.0\.0 .*While executing"):
+        trainer.step(torch.randn(8, 5), target=torch.randint(0, 4, (8,)))  # wrong feature size

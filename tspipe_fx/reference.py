@@ -1,0 +1,133 @@
+"""The reference trainer: plain, sequential PyTorch with the pipeline's exact semantics.
+
+It is the oracle of every runtime test and a check users can run themselves: same micro-batch
+split (BatchNorm sees the same micro-batches in the same order), one loss per batch over the
+whole batch, the same teacher staleness, the same EMA. Nothing is pipelined.
+
+Per batch ``b``::
+
+    teacher outputs  = join(teacher(micro) for each view, micro-batch)   # weights: version b-1-s
+    student outputs  = join(student(micro) for each view, micro-batch)
+    loss             = loss_fn(student_out, teacher_out, target)          # KD
+                     | loss_fn(s1, s2, t1, t2)                            # two views
+    loss.backward(); clip; optimizer.step(); scheduler.step(); zero_grad
+    teacher          <- m * teacher + (1 - m) * student                  # momentum: version b
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.training import (
+    OptimizerSpec,
+    build_optimizer,
+    ema_update,
+    join_micro,
+    split_micro,
+    view_inputs,
+)
+
+__all__ = ["ReferenceTrainer"]
+
+
+class ReferenceTrainer:
+    """Train ``student`` (and a momentum ``teacher``) one batch at a time, in place.
+
+    Example:
+        >>> ref = ReferenceTrainer(student, teacher, kd_loss, optimizer=lambda p: SGD(p, lr=0.1),
+        ...                        micro_batches=4)
+        >>> ref.step(x, target=y)
+        2.31
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        optimizer: OptimizerSpec,
+        mode: str = "kd",
+        micro_batches: int = 1,
+        views: int = 1,
+        staleness: int = 1,
+        momentum: float = 0.996,
+        ema_buffers: bool = False,
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        clip_grad_norm: float | None = None,
+    ):
+        if mode not in ("kd", "momentum"):
+            raise TspipeError(f"mode must be 'kd' or 'momentum', got {mode!r}")
+        self.student, self.teacher, self.loss_fn = student, teacher, loss_fn
+        self.mode, self.micro_batches, self.views = mode, micro_batches, views
+        self.staleness = staleness if mode == "momentum" else 0
+        self.momentum, self.ema_buffers, self.clip_grad_norm = momentum, ema_buffers, clip_grad_norm
+        params = dict(student.named_parameters())
+        self.optimizer = build_optimizer(optimizer, params, {id(p): n for n, p in params.items()})
+        self.scheduler = lr_scheduler(self.optimizer) if lr_scheduler else None
+        self.steps = 0
+        # Momentum: the EMA's versions; batch b's teacher reads version b-1-staleness.
+        self.versions: collections.deque[dict[str, torch.Tensor]] = collections.deque(
+            maxlen=self.staleness + 1
+        )
+        if mode == "momentum":
+            self.versions.append(self._teacher_state())
+
+    def update_momentum(self, m: float) -> None:
+        """Set the EMA momentum for the next steps (cosine schedules)."""
+        self.momentum = m
+
+    def _ema_tensors(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        items: list[tuple[str, torch.Tensor]] = list(module.named_parameters())
+        if self.ema_buffers:
+            items += list(module.named_buffers())
+        return items
+
+    def _teacher_state(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().clone() for n, t in self._ema_tensors(self.teacher)}
+
+    @torch.no_grad()
+    def _load_teacher(self, state: dict[str, torch.Tensor]) -> None:
+        for n, t in self._ema_tensors(self.teacher):
+            t.copy_(state[n])
+
+    def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> float:
+        """Train on one batch; returns its loss."""
+        views = view_inputs(self.views, inputs)
+        if self.mode == "momentum":  # the version this batch may see: the oldest one kept
+            self._load_teacher(self.versions[0])
+        teacher_out, student_out = [], []
+        for args in views:
+            micro = split_micro(args, kwargs, self.micro_batches)
+            with torch.no_grad():
+                teacher_out.append(join_micro([self.teacher(*a, **k) for a, k in micro]))
+            student_out.append(join_micro([self.student(*a, **k) for a, k in micro]))
+        if self.views == 1:
+            loss = self.loss_fn(student_out[0], teacher_out[0], target)
+        else:
+            loss = self.loss_fn(*student_out, *teacher_out)
+        loss.backward()  # type: ignore[no-untyped-call]
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.clip_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.mode == "momentum":
+            new = {n: t.clone() for n, t in self.versions[-1].items()}
+            student = dict(self._ema_tensors(self.student))
+            ema_update(new.items(), {n: student[n] for n in new}, self.momentum)
+            self.versions.append(new)
+            self._load_teacher(new)  # the user's teacher holds the newest EMA between steps
+        self.steps += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TspipeError(f"the loss of step {self.steps - 1} is {value}")
+        return value

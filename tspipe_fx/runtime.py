@@ -1,0 +1,429 @@
+"""The local runtime: one process, one worker thread per device, executing schedule task lists.
+
+Each device holds its own copies of one student stage and one teacher stage. Values cross stages
+through a :class:`Board` (a blocking mailbox keyed by task): a stage's forward outputs, detached,
+go to the next stage, which makes them leaves that require grad where they did; its backward
+sends the gradients of those leaves back. The last device computes the loss once per batch over
+the whole batch and hands each micro-batch's output gradients to its backward.
+
+An exception in any task aborts every worker at its next wait; :meth:`LocalRuntime.run` then
+raises a :class:`RuntimeFailure` naming the device, the task and, for a forward, the graph
+node, with the original exception chained.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from tspipe_fx.capture import CapturedModel
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.schedule import Task
+from tspipe_fx.split import Stage, tie_groups
+from tspipe_fx.training import ema_update
+
+__all__ = ["Board", "LocalRuntime", "RuntimeFailure"]
+
+
+class RuntimeFailure(TspipeError):
+    """A task failed on a device; the message names where, the cause is chained."""
+
+
+class _Aborted(Exception):
+    pass
+
+
+class Board:
+    """A blocking mailbox shared by the workers; ``abort`` wakes every waiter."""
+
+    def __init__(self, timeout_s: float):
+        self.cond = threading.Condition()
+        self.items: dict[Any, Any] = {}
+        self.failure: tuple[int, Task, BaseException] | None = None
+        self.timeout_s = timeout_s
+
+    def put(self, key: Any, value: Any) -> None:
+        with self.cond:
+            self.items[key] = value
+            self.cond.notify_all()
+
+    def take(self, key: Any, *, keep: bool = False) -> Any:
+        """Wait for ``key`` and remove it (or leave it, for values several devices read)."""
+        with self.cond:
+            ok = self.cond.wait_for(lambda: key in self.items or self.failure is not None, self.timeout_s)
+            if self.failure is not None:
+                raise _Aborted
+            if not ok:
+                raise TimeoutError(f"waited {self.timeout_s:.0f} s for {key}")
+            return self.items[key] if keep else self.items.pop(key)
+
+    def abort(self, device: int, task: Task, err: BaseException) -> None:
+        with self.cond:
+            if self.failure is None:
+                self.failure = (device, task, err)
+            self.cond.notify_all()
+
+
+@dataclass
+class _Device:
+    """One device's state: its stage copies, optimizer and the activations in flight."""
+
+    index: int
+    device: torch.device
+    student: fx.GraphModule
+    teacher: fx.GraphModule
+    s_io: Stage
+    t_io: Stage
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    saved: dict[tuple[int, int, int], tuple[dict[str, torch.Tensor], tuple[Any, ...]]] = field(
+        default_factory=dict
+    )
+    teacher_out: dict[tuple[int, int, int], tuple[Any, ...]] = field(default_factory=dict)
+    student_out: dict[tuple[int, int, int], tuple[Any, ...]] = field(default_factory=dict)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+class LocalRuntime:
+    """Executes windows of schedule task lists on local devices (CPU or CUDA).
+
+    Args:
+        student_io, teacher_io: the compiled stages.
+        student, teacher: the captured models (for the output structure the loss sees).
+        devices: one per stage.
+        loss_fn: ``(student_out, teacher_out, target)`` or, with two views, ``(s1, s2, t1, t2)``.
+        make_optimizer: builds a stage's optimizer from ``{name: param}`` (or returns None).
+    """
+
+    def __init__(
+        self,
+        student_io: Sequence[Stage],
+        teacher_io: Sequence[Stage],
+        student: CapturedModel,
+        teacher: CapturedModel,
+        devices: Sequence[torch.device],
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        make_optimizer: Callable[[dict[str, nn.Parameter]], torch.optim.Optimizer | None],
+        make_scheduler: Callable[[torch.optim.Optimizer], Any] | None,
+        views: int,
+        mode: str,
+        momentum: float,
+        ema_buffers: bool,
+        clip_grad_norm: float | None,
+        timeout_s: float,
+        loss_per_micro: bool = False,
+    ):
+        self.student_cap, self.teacher_cap = student, teacher
+        self.loss_fn, self.views, self.mode = loss_fn, views, mode
+        self.momentum, self.ema_buffers, self.clip = momentum, ema_buffers, clip_grad_norm
+        self.timeout_s = timeout_s
+        self.loss_per_micro = loss_per_micro
+        self.devices: list[_Device] = []
+        for j, (s, t) in enumerate(zip(student_io, teacher_io, strict=True)):
+            dev = torch.device(devices[j])
+            self.devices.append(
+                _Device(j, dev, copy.deepcopy(s.module).to(dev), copy.deepcopy(t.module).to(dev), s, t)
+            )
+        # Tied student tensors: the first stage holding one owns it; the others hold copies.
+        self.ties = [(names, stages) for names, stages in tie_groups(list(student_io))]
+        not_owned = {(k, n) for names, stages in self.ties for k in stages[1:] for n in names}
+        for d in self.devices:
+            params = {
+                n: p
+                for n, p in d.student.named_parameters()
+                if p.requires_grad and (d.index, n) not in not_owned
+            }
+            d.optimizer = make_optimizer(params) if params else None
+            d.scheduler = make_scheduler(d.optimizer) if make_scheduler and d.optimizer else None
+        self.losses: dict[int, float] = {}
+        self.broken: RuntimeFailure | None = None
+
+    # --- running a window -----------------------------------------------------------------
+
+    def run(
+        self,
+        lists: Sequence[Sequence[Task]],
+        data: dict[int, tuple[list[Any], list[Any], Any]],
+    ) -> None:
+        """Run one window: ``lists[j]`` on device ``j``; ``data[b]`` = (view args, kwargs, target)."""
+        if self.broken is not None:
+            raise RuntimeFailure(f"the runtime failed earlier and cannot go on: {self.broken}")
+        board = Board(self.timeout_s)
+        workers = [
+            threading.Thread(
+                target=self._worker,
+                args=(d, lists[d.index], data, board),
+                name=f"tspipe-dev{d.index}",
+                daemon=True,
+            )
+            for d in self.devices
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if board.failure is not None:
+            device, task, err = board.failure
+            where = self._locate(device, task, data, err)
+            self.broken = RuntimeFailure(
+                f"device {device} failed at task {task}{where}: {type(err).__name__}: {err}"
+            )
+            raise self.broken from err
+
+    def _worker(self, d: _Device, tasks: Sequence[Task], data: dict[int, Any], board: Board) -> None:
+        task = tasks[0] if tasks else Task("opt", d.index, -1)
+        try:
+            for task in tasks:
+                getattr(self, f"_{task.kind}")(d, task, data, board)
+        except _Aborted:
+            return
+        except BaseException as e:  # noqa: BLE001 - every failure reaches the caller, named
+            e.__traceback_text__ = traceback.format_exc()  # type: ignore[attr-defined]
+            board.abort(d.index, task, e)
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    def _inputs(
+        self, d: _Device, cap: CapturedModel, io: Stage, t: Task, data: dict[int, Any], board: Board
+    ) -> dict[str, Any]:
+        if d.index == 0:
+            args, kwargs, _ = data[t.batch]
+            flat = cap.flatten_inputs(args[t.view][t.micro], kwargs[t.view][t.micro])
+            return {name: _to(x, d.device) for name, x in zip(io.inputs, flat, strict=True)}
+        received = board.take((t.kind, d.index - 1, t.batch, t.view, t.micro))
+        return {name: received[name] for name in io.inputs}
+
+    def _tf(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
+        received = self._inputs(d, self.teacher_cap, d.t_io, t, data, board)
+        values = received if d.index == 0 else {n: _to(v, d.device) for n, (v, _) in received.items()}
+        with torch.no_grad():
+            out = tuple(d.teacher(*(values[n] for n in d.t_io.inputs)))
+        if d.index == len(self.devices) - 1:
+            d.teacher_out[(t.batch, t.view, t.micro)] = out
+        else:
+            board.put(
+                ("tf", d.index, t.batch, t.view, t.micro),
+                {n: (o, False) for n, o in zip(d.t_io.outputs, out, strict=True)},
+            )
+
+    def _sf(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
+        received = self._inputs(d, self.student_cap, d.s_io, t, data, board)
+        leaves: dict[str, torch.Tensor] = {}
+        values: dict[str, Any] = {}
+        for name, item in received.items():
+            if d.index == 0:
+                values[name] = item
+                continue
+            x, needs_grad = item  # (value, whether it requires grad where it was made)
+            x = _to(x, d.device)
+            if needs_grad:
+                x = leaves[name] = x.detach().requires_grad_()
+            values[name] = x
+        with torch.enable_grad():
+            out = tuple(d.student(*(values[n] for n in d.s_io.inputs)))
+        d.saved[(t.batch, t.view, t.micro)] = (leaves, out)
+        if d.index == len(self.devices) - 1:
+            d.student_out[(t.batch, t.view, t.micro)] = out
+            return
+        sent = {
+            name: (o.detach(), o.requires_grad) if isinstance(o, torch.Tensor) else (o, False)
+            for name, o in zip(d.s_io.outputs, out, strict=True)
+        }
+        board.put(("sf", d.index, t.batch, t.view, t.micro), sent)
+
+    def _loss(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
+        b = t.batch
+        args, _, target = data[b]
+        micro = sorted(
+            {(v, m) for (bb, v, m) in d.student_out if bb == b and (not self.loss_per_micro or m == t.micro)}
+        )
+        weight = 1.0
+        if self.loss_per_micro:  # a mean over samples: micro-batch m weighs its share of the batch
+            sizes = [_batch_size(a) for a in args[0]]
+            weight = sizes[t.micro] / sum(sizes)
+            target = _micro_target(target, len(sizes), t.micro)
+        per_view_s, per_view_t, leaves = [], [], {}
+        for v in range(self.views):
+            s_parts, t_parts = [], []
+            for vv, m in micro:
+                if vv != v:
+                    continue
+                outs = []
+                for i, o in enumerate(d.student_out.pop((b, v, m))):
+                    if isinstance(o, torch.Tensor) and o.requires_grad:
+                        leaf = o.detach().requires_grad_()
+                        leaves[(v, m, i)] = leaf
+                        o = leaf
+                    outs.append(o)
+                s_parts.append(outs)
+                t_parts.append(list(d.teacher_out.pop((b, v, m))))
+            per_view_s.append(self.student_cap.unflatten_outputs(_cat(s_parts)))
+            per_view_t.append(self.teacher_cap.unflatten_outputs(_cat(t_parts)))
+        with torch.enable_grad():
+            if self.views == 1:
+                loss = self.loss_fn(per_view_s[0], per_view_t[0], _to_tree(target, d.device))
+            else:
+                loss = self.loss_fn(*per_view_s, *per_view_t)
+            loss = loss * weight
+            keys = list(leaves)
+            grads = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True) if keys else ()
+        for (v, m, i), g in zip(keys, grads, strict=True):
+            board.put(("grad", b, v, m, i), g)
+        for v, m in micro:  # outputs without a gradient still need a message
+            for i in range(len(d.s_io.outputs)):
+                if (v, m, i) not in leaves:
+                    board.put(("grad", b, v, m, i), None)
+        value = float(loss.detach())
+        self.losses[b] = self.losses.get(b, 0.0) + value
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the loss of batch {b} is {value}")
+
+    def _sb(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
+        leaves, out = d.saved.pop((t.batch, t.view, t.micro))
+        if d.index == len(self.devices) - 1:
+            grads = [board.take(("grad", t.batch, t.view, t.micro, i)) for i in range(len(out))]
+        else:
+            received = board.take(("sb", d.index + 1, t.batch, t.view, t.micro))
+            grads = [received.get(name) for name in d.s_io.outputs]
+        pairs = [
+            (o, _to(g, o.device))
+            for o, g in zip(out, grads, strict=True)
+            if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
+        ]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if d.index > 0:
+            board.put(("sb", d.index, t.batch, t.view, t.micro), {n: leaf.grad for n, leaf in leaves.items()})
+
+    def _opt(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
+        for names, stages in self.ties:  # the owner sums its copies' gradients
+            if stages[0] == d.index:
+                self._sum_tied(d, names, stages)
+        if self.clip is not None:
+            sq = sum(
+                float(p.grad.detach().float().pow(2).sum())
+                for p in _params(d.optimizer)
+                if p.grad is not None
+            )
+            board.put(("norm", d.index, t.batch), sq)  # a barrier: the global norm needs every stage
+            total = math.sqrt(
+                sum(board.take(("norm", k, t.batch), keep=True) for k in range(len(self.devices)))
+            )
+            coef = self.clip / (total + 1e-6)
+            if coef < 1:
+                for p in _params(d.optimizer):
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        if d.optimizer is not None:
+            d.optimizer.step()
+            if d.scheduler is not None:
+                d.scheduler.step()
+            d.optimizer.zero_grad(set_to_none=True)
+        for names, stages in self.ties:  # ... and hands out the new value
+            if stages[0] == d.index:
+                self._copy_tied(d, names, stages)
+        if self.mode == "momentum":
+            student: dict[str, torch.Tensor] = dict(d.student.named_parameters())
+            teacher: list[tuple[str, torch.Tensor]] = list(d.teacher.named_parameters())
+            if self.ema_buffers:
+                student.update(dict(d.student.named_buffers()))
+                teacher += list(d.teacher.named_buffers())
+            ema_update(teacher, student, self.momentum)
+
+    # --- tied tensors -----------------------------------------------------------------------
+
+    def _sum_tied(self, owner: _Device, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
+        mine = _param(owner.student, names)
+        for k in stages[1:]:
+            other = _param(self.devices[k].student, names)
+            if other.grad is not None:
+                mine.grad = (
+                    other.grad.to(mine.device)
+                    if mine.grad is None
+                    else mine.grad + other.grad.to(mine.device)
+                )
+                other.grad = None
+
+    def _copy_tied(self, owner: _Device, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
+        mine = _param(owner.student, names)
+        with torch.no_grad():
+            for k in stages[1:]:
+                _param(self.devices[k].student, names).copy_(mine)
+
+    # --- errors -----------------------------------------------------------------------------
+
+    def _locate(self, device: int, task: Task, data: dict[int, Any], err: BaseException) -> str:
+        """For a failed forward, the node it failed at (found by re-running it node by node)."""
+        if task.kind not in ("sf", "tf"):
+            return ""
+        d = self.devices[device]
+        module, io = (d.student, d.s_io) if task.kind == "sf" else (d.teacher, d.t_io)
+        if device > 0:
+            return f" ({io.module.__class__.__name__}, nodes {io.nodes[0]}..{io.nodes[-1]})"
+        try:
+            cap = self.student_cap if task.kind == "sf" else self.teacher_cap
+            args, kwargs, _ = data[task.batch]
+            flat = cap.flatten_inputs(args[task.view][task.micro], kwargs[task.view][task.micro])
+            fx.Interpreter(module).run(*(_to(x, d.device) for x in flat))
+        except Exception:  # noqa: BLE001 - the interpreter names the node in its traceback notes
+            tb = traceback.format_exc()
+            for line in tb.splitlines():
+                if "While executing" in line:
+                    return f" ({line.strip()})"
+        return ""
+
+
+def _params(opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]] if opt is not None else []
+
+
+def _param(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
+    for n in names:
+        try:
+            return module.get_parameter(n)
+        except AttributeError:
+            continue
+    raise TspipeError(f"tied parameter {names} not found in {module.__class__.__name__}")
+
+
+def _cat(parts: list[list[Any]]) -> list[Any]:
+    out = []
+    for values in zip(*parts, strict=True):
+        first = values[0]
+        out.append(torch.cat(list(values)) if isinstance(first, torch.Tensor) and first.dim() > 0 else first)
+    return out
+
+
+def _batch_size(args: tuple[Any, ...]) -> int:
+    leaves = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor) and x.dim() > 0]
+    return int(leaves[0].shape[0]) if leaves else 1
+
+
+def _micro_target(target: Any, parts: int, index: int) -> Any:
+    leaves, spec = tree_flatten(target)
+    return tree_unflatten(
+        [
+            torch.tensor_split(x, parts)[index] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+            for x in leaves
+        ],
+        spec,
+    )
+
+
+def _to_tree(value: Any, device: torch.device) -> Any:
+    leaves, spec = tree_flatten(value)
+    return tree_unflatten([_to(x, device) for x in leaves], spec)

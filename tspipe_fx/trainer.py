@@ -1,0 +1,205 @@
+"""``pipe.trainer(...)``: train a compiled pipeline under a schedule on a runtime.
+
+Batches are executed in *windows*: window ``b`` is each device's tasks from just after its
+optimizer step of ``b-1`` through its step of ``b``. The ``tspipe`` schedule runs the teacher
+forward of batch ``b+1`` inside window ``b``, so window ``b`` can only run once batch ``b+1`` is
+known: :meth:`Trainer.step` with batch ``b+1`` runs window ``b`` and returns the loss of batch
+``b`` (a :class:`StepLoss` tagged with its batch); :meth:`Trainer.finish` runs the last window.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.runtime import LocalRuntime
+from tspipe_fx.schedule import Schedule, Task, make_schedule, validate
+from tspipe_fx.training import OptimizerSpec, build_optimizer, split_micro, view_inputs
+
+__all__ = ["StepLoss", "Trainer"]
+
+
+class StepLoss(NamedTuple):
+    """The loss of one batch; it comes back one ``step`` call after its batch."""
+
+    batch: int
+    loss: float
+
+
+@dataclass
+class _Pending:
+    index: int
+    data: tuple[list[Any], list[Any], Any]
+
+
+class Trainer:
+    """Train a :class:`~tspipe_fx.Pipeline` (see :meth:`tspipe_fx.Pipeline.trainer`)."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        optimizer: OptimizerSpec,
+        schedule: str = "tspipe",
+        runtime: str = "local",
+        micro_batches: int | None = None,
+        views: int = 1,
+        staleness: int = 1,
+        momentum: float = 0.996,
+        ema_buffers: bool = False,
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        clip_grad_norm: float | None = None,
+        student_module: nn.Module | None = None,
+        teacher_module: nn.Module | None = None,
+        timeout_s: float = 60.0,
+    ):
+        if runtime != "local":
+            raise TspipeError(
+                f"runtime {runtime!r} is not available; use 'local' (the distributed runtime is issue 5)"
+            )
+        self.pipe = pipe
+        plan = pipe.plan
+        self.n = plan.n_stages
+        # sequential is the no-micro-batching baseline: one micro-batch per batch.
+        self.m = 1 if schedule == "sequential" else (micro_batches or plan.micro_batches)
+        self.views = views
+        self.mode = plan.mode
+        self.schedule_name = schedule
+        self.staleness = staleness
+        # Validate once: every window below is cut from this kind of schedule.
+        validate(
+            make_schedule(
+                schedule, self.n, self.m, views=views, mode=self.mode, staleness=staleness, n_batches=3
+            )
+        )
+        originals = {id(p): n for n, p in (student_module or pipe.student).named_parameters()}
+        if student_module is None:
+            originals = {id(p): n for n, p in pipe.student.graph_module.named_parameters()}
+
+        def make_optimizer(params: dict[str, nn.Parameter]) -> torch.optim.Optimizer | None:
+            return build_optimizer(optimizer, params, originals)
+
+        self.runtime = LocalRuntime(
+            pipe.student_io, pipe.teacher_io, pipe.student, pipe.teacher,
+            [torch.device(d) for d in plan.devices], loss_fn,
+            make_optimizer=make_optimizer, make_scheduler=lr_scheduler, views=views, mode=self.mode,
+            momentum=momentum, ema_buffers=ema_buffers, clip_grad_norm=clip_grad_norm, timeout_s=timeout_s,
+            loss_per_micro=schedule == "1f1b",
+        )  # fmt: skip
+        self.student_module, self.teacher_module = student_module, teacher_module
+        self.pending: _Pending | None = None
+        self.next_index = 0
+
+    # --- schedule windows -------------------------------------------------------------------
+
+    def _window(self, b: int, last: bool) -> list[list[Task]]:
+        """Device lists of window ``b``, cut from a short schedule and renumbered."""
+        total = (1 if b == 0 else 2) if last else (2 if b == 0 else 3)
+        s: Schedule = make_schedule(
+            self.schedule_name,
+            self.n,
+            self.m,
+            views=self.views,
+            mode=self.mode,
+            staleness=self.staleness,
+            n_batches=total,
+        )
+        local = min(b, 1)  # window 0 of a short schedule, or its window 1 renumbered
+        shift = b - local
+        out = []
+        for tasks in s.devices:
+            ends = [i for i, t in enumerate(tasks) if t.kind == "opt"]
+            lo = ends[local - 1] + 1 if local > 0 else 0
+            hi = ends[local] + 1
+            out.append([t.with_batch(t.batch + shift) for t in tasks[lo:hi]])
+        return out
+
+    # --- public -----------------------------------------------------------------------------
+
+    def _prepare(
+        self, inputs: tuple[Any, ...], target: Any, kwargs: dict[str, Any]
+    ) -> tuple[list[Any], list[Any], Any]:
+        views = view_inputs(self.views, inputs)
+        args, kws = [], []
+        for v in views:
+            micro = split_micro(v, kwargs, self.m)
+            args.append([a for a, _ in micro])
+            kws.append([k for _, k in micro])
+        return args, kws, target
+
+    def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> StepLoss | None:
+        """Feed one batch; returns the loss of the batch before it (None on the first call)."""
+        data = self._prepare(inputs, target, kwargs)
+        current = _Pending(self.next_index, data)
+        self.next_index += 1
+        previous, self.pending = self.pending, current
+        if previous is None:
+            return None
+        return self._run(previous, current)
+
+    def finish(self) -> StepLoss | None:
+        """Run the last fed batch to the end (its backward and optimizer step)."""
+        previous, self.pending = self.pending, None
+        if previous is None:
+            return None
+        return self._run(previous, None)
+
+    def _run(self, batch: _Pending, nxt: _Pending | None) -> StepLoss:
+        lists = self._window(batch.index, last=nxt is None)
+        data = {batch.index: batch.data}
+        if nxt is not None:
+            data[nxt.index] = nxt.data
+        self.runtime.run(lists, data)
+        return StepLoss(batch.index, self.runtime.losses.pop(batch.index))
+
+    def update_momentum(self, m: float) -> None:
+        """Set the EMA momentum for the next optimizer steps (cosine schedules)."""
+        self.runtime.momentum = m
+
+    @torch.no_grad()
+    def sync_to_modules(self, student: nn.Module | None = None, teacher: nn.Module | None = None) -> None:
+        """Copy the trained weights (parameters and buffers) into the user's modules."""
+        for module, which in (
+            (student or self.student_module, "student"),
+            (teacher or self.teacher_module, "teacher"),
+        ):
+            if module is None:
+                continue
+            target = module.state_dict(keep_vars=True)
+            for d in self.runtime.devices:
+                stage = d.student if which == "student" else d.teacher
+                for name, value in stage.state_dict(keep_vars=True).items():
+                    if name in target:
+                        target[name].copy_(value.to(target[name].device))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume: stage weights, optimizers, schedulers, EMA momentum, step."""
+        if self.pending is not None:
+            raise TspipeError("a batch is still in flight: call finish() before state_dict()")
+        return {
+            "student": [copy.deepcopy(d.student.state_dict()) for d in self.runtime.devices],
+            "teacher": [copy.deepcopy(d.teacher.state_dict()) for d in self.runtime.devices],
+            "optimizers": [d.optimizer.state_dict() if d.optimizer else None for d in self.runtime.devices],
+            "schedulers": [d.scheduler.state_dict() if d.scheduler else None for d in self.runtime.devices],
+            "momentum": self.runtime.momentum,
+            "next_index": self.next_index,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for d, s, t, o, sch in zip(self.runtime.devices, state["student"], state["teacher"], state["optimizers"],
+                                   state["schedulers"], strict=True):  # fmt: skip
+            d.student.load_state_dict(s)
+            d.teacher.load_state_dict(t)
+            if d.optimizer and o:
+                d.optimizer.load_state_dict(o)
+            if d.scheduler and sch:
+                d.scheduler.load_state_dict(sch)
+        self.runtime.momentum = state["momentum"]
+        self.next_index = state["next_index"]

@@ -196,3 +196,93 @@ def test_a_failing_stage_names_the_node() -> None:
     trainer.step(torch.randn(8, 8), target=torch.randint(0, 4, (8,)))
     with pytest.raises(RuntimeFailure, match=r"device 0 failed at task tf1\.0\.0 .*While executing"):
         trainer.step(torch.randn(8, 5), target=torch.randint(0, 4, (8,)))  # wrong feature size
+
+
+def test_tied_weights_through_export_equal_the_reference() -> None:
+    """GPT-2's lm_head is tied to wte: its two copies sum their gradients and stay equal."""
+    from zoo import BY_NAME
+
+    torch.manual_seed(0)
+    case = BY_NAME["hf_gpt2_lm"]
+    student, teacher = case.build(), case.build().eval()
+    kwargs = case.kwargs(4)
+    pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, example_inputs=(), example_kwargs=kwargs,
+                             cost_model="uniform")  # fmt: skip
+    assert pipe.plan.student.method == "export" and pipe.plan.student.tie_groups
+
+    def loss(s: Any, t: Any, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(s.logits.flatten(0, 1), y.flatten()) + F.mse_loss(s.logits, t.logits)
+
+    trainer = pipe.trainer(loss, optimizer=sgd)
+    ref = ReferenceTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), loss, optimizer=sgd, micro_batches=trainer.m
+    )
+    batches = [case.kwargs(4) for _ in range(4)]
+    ys = [torch.randint(0, 97, (4, 8)) for _ in batches]
+    got = _run(trainer, [({**kw, "target": y},) for kw, y in zip(batches, ys, strict=True)])
+    want = [ref.step(**kw, target=y) for kw, y in zip(batches, ys, strict=True)]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    _assert_same_params(trainer, student, ref.student)
+    tied = [d.student.get_parameter("lm_head.weight") for d in trainer.runtime.devices]
+    assert tied[0] is not tied[1] and torch.equal(tied[0], tied[1])  # two copies, kept equal
+
+
+def test_optimizer_instance_param_groups_scheduler_and_clipping() -> None:
+    torch.manual_seed(0)
+    student, teacher = Net(), Net(32).eval()
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        head = [p for n, p in model.named_parameters() if n.startswith("head")]
+        rest = [p for n, p in model.named_parameters() if not n.startswith("head")]
+        return torch.optim.AdamW(
+            [{"params": rest, "lr": 1e-2}, {"params": head, "lr": 1e-3, "weight_decay": 0.5}]
+        )
+
+    def schedule(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    user_student = copy.deepcopy(student)
+    pipe = tspipe_fx.compile(
+        user_student, copy.deepcopy(teacher), 3, example_inputs=(torch.randn(6, 8),), cost_model="uniform"
+    )
+    trainer = pipe.trainer(kd_loss, optimizer=make(user_student), lr_scheduler=schedule, clip_grad_norm=0.5)
+    ref_student = copy.deepcopy(student)
+    ref = ReferenceTrainer(ref_student, copy.deepcopy(teacher), kd_loss, optimizer=make(ref_student), lr_scheduler=schedule,
+                           clip_grad_norm=0.5, micro_batches=trainer.m)  # fmt: skip
+    data = [(torch.randn(6, 8), torch.randint(0, 4, (6,))) for _ in range(6)]
+    got = _run(trainer, [(x, {"target": y}) for x, y in data])
+    want = [ref.step(x, target=y) for x, y in data]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # Weights came home by themselves at finish(): the user's own module holds them.
+    for (name, a), b in zip(
+        user_student.state_dict().items(), ref.student.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_resume_from_a_state_dict_continues_the_same_run() -> None:
+    torch.manual_seed(0)
+    student, teacher = Net(), Net(32).eval()
+    data = [(torch.randn(8, 8), torch.randint(0, 4, (8,))) for _ in range(6)]
+
+    def trainer() -> Any:
+        pipe = tspipe_fx.compile(
+            copy.deepcopy(student),
+            copy.deepcopy(teacher),
+            2,
+            example_inputs=(torch.randn(8, 8),),
+            cost_model="uniform",
+        )
+        return pipe.trainer(kd_loss, optimizer=sgd)
+
+    straight = trainer()
+    all_losses = _run(straight, [(x, {"target": y}) for x, y in data])
+    first = trainer()
+    head = _run(first, [(x, {"target": y}) for x, y in data[:3]])
+    state = first.state_dict()
+    second = trainer()
+    second.load_state_dict(state)
+    tail = [r.loss for r in (second.step(x, target=y) for x, y in data[3:]) if r is not None] + [
+        second.finish().loss
+    ]
+    assert head + tail == pytest.approx(all_losses, rel=1e-6, abs=1e-7)

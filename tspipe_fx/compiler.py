@@ -57,6 +57,8 @@ class Pipeline:
     teacher_costs: list[NodeCost]
     hardware: tuple[Device, ...]
     optimizer_factor: float = 2.0
+    student_module: nn.Module | None = None  # the user's modules: trained weights come home here
+    teacher_module: nn.Module | None = None
 
     @property
     def student_stages(self) -> list[fx.GraphModule]:
@@ -245,8 +247,10 @@ def compile(
         baselines=baselines,
     )
     return Pipeline(
-        result, s_cap, t_cap, s_stages, t_stages, s_gc, t_gc, s_costs, t_costs, hw, optimizer_factor
-    )
+        result, s_cap, t_cap, s_stages, t_stages, s_gc, t_gc, s_costs, t_costs, hw, optimizer_factor,
+        student if not isinstance(student, CapturedModel) else None,
+        teacher if not isinstance(teacher, CapturedModel) else None,
+    )  # fmt: skip
 
 
 # --- arguments -------------------------------------------------------------------------------

@@ -70,7 +70,13 @@ class ReferenceTrainer:
         self.staleness = staleness if mode == "momentum" else 0
         self.momentum, self.ema_buffers, self.clip_grad_norm = momentum, ema_buffers, clip_grad_norm
         params = dict(student.named_parameters())
-        self.optimizer = build_optimizer(optimizer, params, {id(p): n for n, p in params.items()})
+        originals: dict[int, list[str]] = {}
+        for n, p in student.named_parameters(remove_duplicate=False):
+            originals.setdefault(id(p), []).append(n)
+        built = build_optimizer(optimizer, params, originals)
+        if built is None:
+            raise TspipeError("the optimizer holds none of the student's parameters")
+        self.optimizer = built
         self.scheduler = lr_scheduler(self.optimizer) if lr_scheduler else None
         self.steps = 0
         # Momentum: the EMA's versions; batch b's teacher reads version b-1-staleness.

@@ -126,12 +126,14 @@ class LocalRuntime:
         clip_grad_norm: float | None,
         timeout_s: float,
         loss_per_micro: bool = False,
+        param_order: Sequence[str] = (),
     ):
         self.student_cap, self.teacher_cap = student, teacher
         self.loss_fn, self.views, self.mode = loss_fn, views, mode
         self.momentum, self.ema_buffers, self.clip = momentum, ema_buffers, clip_grad_norm
         self.timeout_s = timeout_s
         self.loss_per_micro = loss_per_micro
+        self.param_order = list(param_order)
         self.devices: list[_Device] = []
         for j, (s, t) in enumerate(zip(student_io, teacher_io, strict=True)):
             dev = torch.device(devices[j])
@@ -314,20 +316,26 @@ class LocalRuntime:
             if stages[0] == d.index:
                 self._sum_tied(d, names, stages)
         if self.clip is not None:
-            sq = sum(
-                float(p.grad.detach().float().pow(2).sum())
-                for p in _params(d.optimizer)
-                if p.grad is not None
+            # As torch.nn.utils.clip_grad_norm_ computes it on one device: the norm of every
+            # parameter's gradient norm, stacked in the model's parameter order.
+            grads = {
+                n: p.grad
+                for n, p in d.student.named_parameters()
+                if p.grad is not None and any(p is q for q in _params(d.optimizer))
+            }
+            board.put(
+                ("norm", d.index, t.batch), {n: torch.linalg.vector_norm(g).cpu() for n, g in grads.items()}
             )
-            board.put(("norm", d.index, t.batch), sq)  # a barrier: the global norm needs every stage
-            total = math.sqrt(
-                sum(board.take(("norm", k, t.batch), keep=True) for k in range(len(self.devices)))
-            )
-            coef = self.clip / (total + 1e-6)
-            if coef < 1:
-                for p in _params(d.optimizer):
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+            norms: dict[str, torch.Tensor] = {}
+            for k in range(len(self.devices)):  # a barrier: the global norm needs every stage
+                norms.update(board.take(("norm", k, t.batch), keep=True))
+            ordered = [norms[n] for n in self.param_order if n in norms] + [
+                v for n, v in norms.items() if n not in self.param_order
+            ]
+            total = torch.linalg.vector_norm(torch.stack(ordered)) if ordered else torch.tensor(0.0)
+            coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
+            for g in grads.values():
+                g.mul_(coef.to(g.device))
         if d.optimizer is not None:
             d.optimizer.step()
             if d.scheduler is not None:

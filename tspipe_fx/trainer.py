@@ -56,8 +56,6 @@ class Trainer:
         ema_buffers: bool = False,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         clip_grad_norm: float | None = None,
-        student_module: nn.Module | None = None,
-        teacher_module: nn.Module | None = None,
         timeout_s: float = 60.0,
     ):
         if runtime != "local":
@@ -79,9 +77,11 @@ class Trainer:
                 schedule, self.n, self.m, views=views, mode=self.mode, staleness=staleness, n_batches=3
             )
         )
-        originals = {id(p): n for n, p in (student_module or pipe.student).named_parameters()}
-        if student_module is None:
-            originals = {id(p): n for n, p in pipe.student.graph_module.named_parameters()}
+        # An optimizer instance is over the user's parameters (or the captured graph's: the same).
+        user = pipe.student_module if pipe.student_module is not None else pipe.student.graph_module
+        originals: dict[int, list[str]] = {}
+        for n, p in user.named_parameters(remove_duplicate=False):
+            originals.setdefault(id(p), []).append(n)
 
         def make_optimizer(params: dict[str, nn.Parameter]) -> torch.optim.Optimizer | None:
             return build_optimizer(optimizer, params, originals)
@@ -91,16 +91,22 @@ class Trainer:
             [torch.device(d) for d in plan.devices], loss_fn,
             make_optimizer=make_optimizer, make_scheduler=lr_scheduler, views=views, mode=self.mode,
             momentum=momentum, ema_buffers=ema_buffers, clip_grad_norm=clip_grad_norm, timeout_s=timeout_s,
-            loss_per_micro=schedule == "1f1b",
+            loss_per_micro=schedule == "1f1b", param_order=[n for n, _ in user.named_parameters()],
         )  # fmt: skip
-        self.student_module, self.teacher_module = student_module, teacher_module
+        self.student_module, self.teacher_module = pipe.student_module, pipe.teacher_module
         self.pending: _Pending | None = None
         self.next_index = 0
+        self.segment_start = 0
 
     # --- schedule windows -------------------------------------------------------------------
 
-    def _window(self, b: int, last: bool) -> list[list[Task]]:
-        """Device lists of window ``b``, cut from a short schedule and renumbered."""
+    def _window(self, index: int, last: bool) -> list[list[Task]]:
+        """Device lists of the window of batch ``index``, cut from a short schedule and renumbered.
+
+        Windows count from the start of the current run of batches: the first one (after
+        construction, ``finish`` or a resume) has the prologue, the teacher forward of its batch.
+        """
+        b = index - self.segment_start
         total = (1 if b == 0 else 2) if last else (2 if b == 0 else 3)
         s: Schedule = make_schedule(
             self.schedule_name,
@@ -112,7 +118,7 @@ class Trainer:
             n_batches=total,
         )
         local = min(b, 1)  # window 0 of a short schedule, or its window 1 renumbered
-        shift = b - local
+        shift = index - local
         out = []
         for tasks in s.devices:
             ends = [i for i, t in enumerate(tasks) if t.kind == "opt"]
@@ -138,6 +144,8 @@ class Trainer:
         """Feed one batch; returns the loss of the batch before it (None on the first call)."""
         data = self._prepare(inputs, target, kwargs)
         current = _Pending(self.next_index, data)
+        if self.pending is None:
+            self.segment_start = self.next_index
         self.next_index += 1
         previous, self.pending = self.pending, current
         if previous is None:
@@ -145,11 +153,12 @@ class Trainer:
         return self._run(previous, current)
 
     def finish(self) -> StepLoss | None:
-        """Run the last fed batch to the end (its backward and optimizer step)."""
+        """Run the last fed batch to the end (its backward and optimizer step), then bring the
+        trained weights home to the user's modules (:meth:`sync_to_modules`)."""
         previous, self.pending = self.pending, None
-        if previous is None:
-            return None
-        return self._run(previous, None)
+        result = self._run(previous, None) if previous is not None else None
+        self.sync_to_modules()
+        return result
 
     def _run(self, batch: _Pending, nxt: _Pending | None) -> StepLoss:
         lists = self._window(batch.index, last=nxt is None)
@@ -165,7 +174,8 @@ class Trainer:
 
     @torch.no_grad()
     def sync_to_modules(self, student: nn.Module | None = None, teacher: nn.Module | None = None) -> None:
-        """Copy the trained weights (parameters and buffers) into the user's modules."""
+        """Copy the trained weights (parameters and buffers) into the user's modules (those given
+        to ``compile``, or the ones passed here)."""
         for module, which in (
             (student or self.student_module, "student"),
             (teacher or self.teacher_module, "teacher"),

@@ -76,15 +76,17 @@ def ema_update(
 
 
 def build_optimizer(
-    spec: OptimizerSpec, params: dict[str, nn.Parameter], originals: dict[int, str]
-) -> torch.optim.Optimizer:
+    spec: OptimizerSpec, params: dict[str, nn.Parameter], originals: dict[int, list[str]]
+) -> torch.optim.Optimizer | None:
     """An optimizer over ``params`` (name -> tensor): a factory is called on them; an optimizer
     instance is rebuilt with the same class, and each of its param groups keeps its options,
-    restricted to the parameters named here (``originals`` maps id(original) -> name)."""
+    restricted to the parameters here (``originals`` maps id(original) -> its names; a tied
+    weight has several). None where the instance holds none of them."""
     if isinstance(spec, torch.optim.Optimizer):
         groups = []
         for group in spec.param_groups:
-            names = [originals.get(id(p)) for p in group["params"]]
+            names = [next((n for n in originals.get(id(p), []) if n in params), "" if id(p) in originals else None)
+                     for p in group["params"]]  # fmt: skip
             unknown = sum(n is None for n in names)
             if unknown:
                 raise TspipeError(
@@ -95,8 +97,8 @@ def build_optimizer(
             if mine:
                 groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine})
         if not groups:
-            groups = [{"params": [], **spec.defaults}]
-        return type(spec)(groups, **spec.defaults)
+            return None
+        return type(spec)(groups)  # type: ignore[call-arg]  # each group carries every option
     if callable(spec):
         opt = spec(list(params.values()))
         if not isinstance(opt, torch.optim.Optimizer):

@@ -136,3 +136,14 @@ def test_bad_arguments(kwargs: dict[str, object], match: str) -> None:
     args: dict[str, object] = {"name": "tspipe", "n_stages": 2, "micro_batches": 2, **kwargs}
     with pytest.raises(ScheduleError, match=match):
         make_schedule(**args)  # type: ignore[arg-type]
+
+
+def test_png_gantt_chart(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from tspipe_fx.simulate import save_png
+
+    path = Path(str(tmp_path)) / "tspipe.png"
+    save_png(simulate(make_schedule("tspipe", 3, 2, views=2, mode="momentum", n_batches=3)), str(path))
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tspipe_fx.schedule import Schedule, ScheduleError, Task, dependencies
 
-__all__ = ["Timeline", "simulate", "unit_costs"]
+__all__ = ["Timeline", "save_png", "simulate", "unit_costs"]
 
 CostFn = Callable[[Task], float]
 
@@ -89,6 +89,61 @@ class Timeline:
                     line[c] = mark
             rows.append(f"dev{d} |{''.join(line)}|")
         return "\n".join(rows)
+
+
+def save_png(timeline: Timeline, path: str, *, title: str | None = None) -> None:
+    """A Gantt chart of the timeline (needs matplotlib: ``pip install tspipe-fx[viz]``).
+
+    Teacher forwards grey, student forwards blue, backwards orange, loss red, optimizer steps
+    green; one row per device, device 0 on top.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ScheduleError("save_png needs matplotlib; hint: pip install tspipe-fx[viz]") from e
+    colours = {"tf": "#9e9e9e", "sf": "#1f77b4", "sb": "#ff7f0e", "loss": "#d62728", "opt": "#2ca02c"}
+    n = len(timeline.spans)
+    fig, ax = plt.subplots(figsize=(12, 0.6 * n + 1.6))
+    for d, spans in enumerate(timeline.spans):
+        for start, end, t in spans:
+            ax.broken_barh(
+                [(start, end - start)],
+                (n - 1 - d - 0.4, 0.8),
+                facecolors=colours[t.kind],
+                edgecolor="white",
+                linewidth=0.5,
+            )
+            if end - start >= timeline.makespan / 80 and t.kind != "loss":
+                ax.text(
+                    (start + end) / 2,
+                    n - 1 - d,
+                    str(t.batch),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white",
+                )
+    ax.set_yticks(range(n), [f"dev{d}" for d in reversed(range(n))])
+    ax.set_xlabel("time")
+    s = timeline.schedule
+    ax.set_title(title or f"{s.name}: {s.n_stages} stages, {s.micro_batches} micro-batches, {s.views} view(s), {s.mode}; "
+                 f"period {timeline.period:.3g}, bubbles {100 * timeline.bubble_fraction:.0f}%", fontsize=9)  # fmt: skip
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(
+        handles,
+        ["teacher fwd", "student fwd", "student bwd", "loss", "optimizer"],
+        ncol=5,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        frameon=False,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _mark(t: Task) -> str:

@@ -131,7 +131,9 @@ def save_png(timeline: Timeline, path: str, *, title: str | None = None) -> None
     s = timeline.schedule
     ax.set_title(title or f"{s.name}: {s.n_stages} stages, {s.micro_batches} micro-batches, {s.views} view(s), {s.mode}; "
                  f"period {timeline.period:.3g}, bubbles {100 * timeline.bubble_fraction:.0f}%", fontsize=9)  # fmt: skip
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    from matplotlib.patches import Rectangle
+
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(
         handles,
         ["teacher fwd", "student fwd", "student bwd", "loss", "optimizer"],

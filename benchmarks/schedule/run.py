@@ -1,0 +1,154 @@
+"""Schedules simulated on profiled costs, and the local runtime's overhead against plain PyTorch.
+
+    python benchmarks/schedule/run.py simulate [--pairs ...] [--gpus 2 4 8]
+    python benchmarks/schedule/run.py overhead [--repeats 15]
+
+``simulate``: for each paper pair (CPU profiles of ``benchmarks/partition``, scaled to the
+paper's batch sizes) and device count, compile, take the plan's per-stage costs per micro-batch
+and simulate ``tspipe``, ``gpipe``, ``1f1b`` (M micro-batches) and ``sequential`` (one
+micro-batch: inter-layer model parallelism, the paper's baseline, compiled at full batch).
+Transfers cost cut bytes / 10 GB/s. Prints periods and tspipe's speed-up over each.
+
+``overhead``: one device, the same KD pair, a tspipe_fx trainer step against a plain eager step
+(teacher forward under no_grad, student forward, loss, backward, SGD step), alternated, medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from pairs import PAIRS, example
+
+import tspipe_fx
+from tspipe_fx import profiles
+from tspipe_fx.schedule import Task, make_schedule
+from tspipe_fx.simulate import simulate
+
+BATCH = {"kd_vitl_r152": 256, "kd_bertl_distilbertl": 128, "byol_r18": 256, "mocov3_vitb": 256}
+PAPER = {"kd_vitl_r152": "4.68x over sequential (8 V100, KD ViT-L -> ResNet-152)",
+         "mocov3_vitb": "12.15x over sequential (16 V100, MoCo v3 ViT)"}  # fmt: skip
+
+
+def costs_of(pipe: tspipe_fx.Pipeline) -> tuple[dict[tuple[str, int], float], dict[tuple[int, str], float]]:
+    plan = pipe.plan
+    cost = {}
+    sent = {}
+    for j, (s, t) in enumerate(zip(plan.student.stages, plan.teacher.stages, strict=True)):
+        cost[("sf", j)], cost[("sb", j)], cost[("tf", j)] = s.fwd_ms, s.bwd_ms, t.fwd_ms
+        cost[("opt", j)], cost[("loss", j)] = 0.0, 0.0
+        sent[(j, "sf")] = s.cut_out_bytes / 10e6  # ms at 10 GB/s
+        sent[(j, "tf")] = t.cut_out_bytes / 10e6
+    return cost, sent
+
+
+def period(pipe: tspipe_fx.Pipeline, name: str, views: int, mode: str) -> float:
+    cost, sent = costs_of(pipe)
+    s = make_schedule(name, pipe.plan.n_stages, pipe.plan.micro_batches, views=views, mode=mode, n_batches=6)
+
+    def link(dep: Task, task: Task) -> float:
+        if dep.kind in ("sf", "tf"):
+            return sent[(dep.stage, dep.kind)]
+        if dep.kind == "sb":
+            return sent[(task.stage, "sf")]  # a gradient is as large as the activation it belongs to
+        return 0.0
+
+    return simulate(s, lambda t: cost[(t.kind, t.stage)], link=link).period
+
+
+def simulate_pairs(args: argparse.Namespace) -> None:
+    rows = []
+    for pair in args.pairs:
+        student, teacher, mode = PAIRS[pair]()
+        inputs, kwargs = example(pair, 2)
+        prof = (profiles.load(f"cpu/{pair}_student_b2"), profiles.load(f"cpu/{pair}_teacher_b2"))
+        s_cap = tspipe_fx.capture(student, inputs, example_kwargs=kwargs)
+        t_cap = tspipe_fx.capture(teacher, inputs, example_kwargs=kwargs)
+        views = 2 if mode == "momentum" else 1
+        for n in args.gpus:
+            common = dict(
+                example_inputs=inputs, example_kwargs=kwargs, mode=mode, profile=prof, batch_size=BATCH[pair]
+            )
+            pipe = tspipe_fx.compile(s_cap, t_cap, n, micro_batches=n, **common)  # type: ignore[arg-type]
+            whole = tspipe_fx.compile(s_cap, t_cap, n, micro_batches=1, **common)  # type: ignore[arg-type]
+            p = {name: period(pipe, name, views, mode) for name in ("tspipe", "gpipe", "1f1b")}
+            p["sequential"] = period(whole, "sequential", views, mode)
+            rows.append([pair, n, *(f"{p[k] / 1e3:.1f}" for k in ("tspipe", "gpipe", "1f1b", "sequential")),
+                         *(f"{p[k] / p['tspipe']:.2f}x" for k in ("gpipe", "1f1b", "sequential")), PAPER.get(pair, "")])  # fmt: skip
+            print(rows[-1], flush=True)
+    print(tabulate(rows, headers=["pair", "gpus", "tspipe s", "gpipe s", "1f1b s", "sequential s", "vs gpipe", "vs 1f1b",
+                                  "vs sequential", "paper"], tablefmt="github", disable_numparse=True))  # fmt: skip
+
+
+def overhead(args: argparse.Namespace) -> None:
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    student = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    teacher = timm.create_model("resnet34", pretrained=False, num_classes=10).eval()
+    x, y = torch.randn(32, 3, 64, 64), torch.randint(0, 10, (32,))
+
+    def loss_fn(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(s, target) + F.kl_div(
+            F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean"
+        )
+
+    eager_s, eager_t = copy.deepcopy(student), copy.deepcopy(teacher)
+    opt = torch.optim.SGD(eager_s.parameters(), lr=0.01)
+    pipe = tspipe_fx.compile(student, teacher, 1, example_inputs=(x,), cost_model="uniform")
+    trainer = pipe.trainer(loss_fn, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.01))
+
+    def eager_step() -> None:
+        with torch.no_grad():
+            t = eager_t(x)
+        loss_fn(eager_s(x), t, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def ours_step() -> None:
+        trainer.step(x, target=y)
+
+    for _ in range(3):
+        eager_step()
+        ours_step()
+    e, o = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        eager_step()
+        e.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ours_step()
+        o.append(time.perf_counter() - t0)
+    trainer.finish()
+    em, om = statistics.median(e), statistics.median(o)
+    print(tabulate([["eager PyTorch", f"{em * 1e3:.1f}"], ["tspipe_fx, 1 device", f"{om * 1e3:.1f}"], ["ratio", f"{om / em:.3f}"]],
+                   headers=["step (ResNet-34 -> ResNet-18, batch 32, 64x64, 1 thread)", "median ms"], tablefmt="github"))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="part", required=True)
+    sim = sub.add_parser("simulate")
+    sim.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    sim.add_argument("--gpus", nargs="+", type=int, default=[2, 4, 8])
+    ovh = sub.add_parser("overhead")
+    ovh.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    simulate_pairs(args) if args.part == "simulate" else overhead(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: demo test test-slow lint bench-profile bench-partition clean
+.PHONY: demo test test-slow lint bench-profile bench-partition bench-schedule clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 bench-profile: $(STAMP)
 	$(BIN)/python benchmarks/profile/run.py
+
+bench-schedule: $(STAMP)
+	$(BIN)/python benchmarks/schedule/run.py simulate
+	$(BIN)/python benchmarks/schedule/run.py overhead
 
 bench-partition: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"

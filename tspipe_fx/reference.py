@@ -62,6 +62,7 @@ class ReferenceTrainer:
         ema_buffers: bool = False,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         clip_grad_norm: float | None = None,
+        micro_major: bool = False,
     ):
         if mode not in ("kd", "momentum"):
             raise TspipeError(f"mode must be 'kd' or 'momentum', got {mode!r}")
@@ -69,6 +70,9 @@ class ReferenceTrainer:
         self.mode, self.micro_batches, self.views = mode, micro_batches, views
         self.staleness = staleness if mode == "momentum" else 0
         self.momentum, self.ema_buffers, self.clip_grad_norm = momentum, ema_buffers, clip_grad_norm
+        # BatchNorm statistics depend on the order micro-batches pass: views first (tspipe, gpipe)
+        # or micro-batches first (1f1b, which needs both views of a micro-batch for its loss).
+        self.micro_major = micro_major
         params = dict(student.named_parameters())
         originals: dict[int, list[str]] = {}
         for n, p in student.named_parameters(remove_duplicate=False):
@@ -109,12 +113,23 @@ class ReferenceTrainer:
         views = view_inputs(self.views, inputs)
         if self.mode == "momentum":  # the version this batch may see: the oldest one kept
             self._load_teacher(self.versions[0])
-        teacher_out, student_out = [], []
-        for args in views:
-            micro = split_micro(args, kwargs, self.micro_batches)
+        micro = [split_micro(args, kwargs, self.micro_batches) for args in views]
+        order = [(v, m) for v in range(len(views)) for m in range(self.micro_batches)]
+        if self.micro_major:
+            order.sort(key=lambda vm: (vm[1], vm[0]))
+        t_parts: dict[tuple[int, int], Any] = {}
+        s_parts: dict[tuple[int, int], Any] = {}
+        for v, m in order:
+            a, k = micro[v][m]
             with torch.no_grad():
-                teacher_out.append(join_micro([self.teacher(*a, **k) for a, k in micro]))
-            student_out.append(join_micro([self.student(*a, **k) for a, k in micro]))
+                t_parts[(v, m)] = self.teacher(*a, **k)
+            s_parts[(v, m)] = self.student(*a, **k)
+        teacher_out = [
+            join_micro([t_parts[(v, m)] for m in range(self.micro_batches)]) for v in range(len(views))
+        ]
+        student_out = [
+            join_micro([s_parts[(v, m)] for m in range(self.micro_batches)]) for v in range(len(views))
+        ]
         if self.views == 1:
             loss = self.loss_fn(student_out[0], teacher_out[0], target)
         else:

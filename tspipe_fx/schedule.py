@@ -188,6 +188,10 @@ def _gpipe(n: int, m: int, views: int, mode: str, staleness: int, batches: int) 
     return devices
 
 
+def _micro_major(t: Task) -> tuple[int, int]:
+    return (t.micro, t.view)
+
+
 def _1f1b(n: int, m: int, views: int, mode: str, staleness: int, batches: int) -> list[list[Task]]:
     """One forward, one backward (PipeDream-flush / Megatron): stage ``j`` runs ``N - j`` warm-up
     forwards, then alternates. Backward of a micro-batch starts as soon as its own loss is
@@ -198,6 +202,8 @@ def _1f1b(n: int, m: int, views: int, mode: str, staleness: int, batches: int) -
         for b in range(batches):
             micro = [[Task("sf", j, b, v, i) for v in range(views)] for i in range(m)]
             first, last = _teacher_slots(j, b, views, m, mode, staleness, batches)
+            # Micro-batch-major, like the student's forwards (BatchNorm sees one order per model).
+            first, last = sorted(first, key=_micro_major), sorted(last, key=_micro_major)
             seq = devices[j]
             seq += first
             warm = min(m, n - j)

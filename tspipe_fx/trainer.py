@@ -94,6 +94,9 @@ class Trainer:
             loss_per_micro=schedule == "1f1b", param_order=[n for n, _ in user.named_parameters()],
         )  # fmt: skip
         self.student_module, self.teacher_module = pipe.student_module, pipe.teacher_module
+        # The order micro-batches pass each stage (BatchNorm statistics depend on it); a
+        # ReferenceTrainer with micro_major=... reproduces it.
+        self.micro_major = schedule == "1f1b"
         self.pending: _Pending | None = None
         self.next_index = 0
         self.segment_start = 0

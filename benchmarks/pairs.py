@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,3 +94,36 @@ def example(pair: str, batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         ids = torch.randint(0, 30522, (batch, 128))
         return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     return (torch.randn(batch, 3, 224, 224),), {}
+
+
+@dataclass
+class ProfiledPair:
+    """A pair captured at batch 2 with its shipped CPU profiles: what the planners need."""
+
+    student: Any  # CapturedModel
+    teacher: Any
+    mode: str
+    inputs: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    profiles: tuple[Any, Any]  # (student Profile, teacher Profile)
+
+    def compile(self, n: int, **options: Any) -> Any:
+        import tspipe_fx
+
+        return tspipe_fx.compile(self.student, self.teacher, n, example_inputs=self.inputs, example_kwargs=self.kwargs,
+                                 mode=self.mode, profile=self.profiles, **options)  # type: ignore[arg-type]  # fmt: skip
+
+
+def profiled(pair: str) -> ProfiledPair:
+    """Build, capture and attach the CPU profiles of ``benchmarks/partition/profile_pairs.py``."""
+    import tspipe_fx
+    from tspipe_fx import profiles
+
+    student, teacher, mode = PAIRS[pair]()
+    inputs, kwargs = example(pair, 2)
+    return ProfiledPair(
+        tspipe_fx.capture(student, inputs, example_kwargs=kwargs),
+        tspipe_fx.capture(teacher, inputs, example_kwargs=kwargs),
+        mode, inputs, kwargs,
+        (profiles.load(f"cpu/{pair}_student_b2"), profiles.load(f"cpu/{pair}_teacher_b2")),
+    )  # fmt: skip

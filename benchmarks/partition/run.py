@@ -33,10 +33,9 @@ from pathlib import Path
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from pairs import PAIRS, example
+from pairs import PAIRS, profiled
 
 import tspipe_fx
-from tspipe_fx import profiles
 from tspipe_fx.partition import Chain, Device, Problem, solve
 
 BATCH = {"kd_vitl_r152": 256, "kd_bertl_distilbertl": 128, "byol_r18": 256, "mocov3_vitb": 256}
@@ -90,15 +89,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for pair in args.pairs:
-        student, teacher, mode = PAIRS[pair]()
-        inputs, kwargs = example(pair, 2)
-        prof = (profiles.load(f"cpu/{pair}_student_b2"), profiles.load(f"cpu/{pair}_teacher_b2"))
-        s_cap = tspipe_fx.capture(student, inputs, example_kwargs=kwargs)
-        t_cap = tspipe_fx.capture(teacher, inputs, example_kwargs=kwargs)
+        pp = profiled(pair)
         for n in args.gpus:
             t0 = time.perf_counter()
-            pipe = tspipe_fx.compile(s_cap, t_cap, n, example_inputs=inputs, example_kwargs=kwargs, mode=mode,  # type: ignore[arg-type]
-                                     profile=prof, batch_size=BATCH[pair], micro_batches=n)  # fmt: skip
+            pipe = pp.compile(n, batch_size=BATCH[pair], micro_batches=n)
             compile_s = time.perf_counter() - t0
             plan = pipe.plan
             s_costs, t_costs, s_params, t_params = _per_node(pipe)

@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from pairs import PAIRS, example
+from pairs import PAIRS, profiled
 
 import tspipe_fx
-from tspipe_fx import profiles
 from tspipe_fx.schedule import Task, make_schedule
 from tspipe_fx.simulate import simulate
 
@@ -67,18 +66,12 @@ def period(pipe: tspipe_fx.Pipeline, name: str, views: int, mode: str) -> float:
 def simulate_pairs(args: argparse.Namespace) -> None:
     rows = []
     for pair in args.pairs:
-        student, teacher, mode = PAIRS[pair]()
-        inputs, kwargs = example(pair, 2)
-        prof = (profiles.load(f"cpu/{pair}_student_b2"), profiles.load(f"cpu/{pair}_teacher_b2"))
-        s_cap = tspipe_fx.capture(student, inputs, example_kwargs=kwargs)
-        t_cap = tspipe_fx.capture(teacher, inputs, example_kwargs=kwargs)
+        pp = profiled(pair)
+        mode = pp.mode
         views = 2 if mode == "momentum" else 1
         for n in args.gpus:
-            common = dict(
-                example_inputs=inputs, example_kwargs=kwargs, mode=mode, profile=prof, batch_size=BATCH[pair]
-            )
-            pipe = tspipe_fx.compile(s_cap, t_cap, n, micro_batches=n, **common)  # type: ignore[arg-type]
-            whole = tspipe_fx.compile(s_cap, t_cap, n, micro_batches=1, **common)  # type: ignore[arg-type]
+            pipe = pp.compile(n, micro_batches=n, batch_size=BATCH[pair])
+            whole = pp.compile(n, micro_batches=1, batch_size=BATCH[pair])
             p = {name: period(pipe, name, views, mode) for name in ("tspipe", "gpipe", "1f1b")}
             p["sequential"] = period(whole, "sequential", views, mode)
             rows.append([pair, n, *(f"{p[k] / 1e3:.1f}" for k in ("tspipe", "gpipe", "1f1b", "sequential")),

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tspipe_fx.capture import CapturedModel
 from tspipe_fx.errors import TspipeError
+from tspipe_fx.passes.measure import may_mutate
 from tspipe_fx.schedule import Task
 from tspipe_fx.split import Stage, tie_groups
 from tspipe_fx.training import ema_update
@@ -151,6 +152,9 @@ class LocalRuntime:
             }
             d.optimizer = make_optimizer(params) if params else None
             d.scheduler = make_scheduler(d.optimizer) if make_scheduler and d.optimizer else None
+        # Stage inputs an in-place op writes to (timm's ReLU(inplace=True) right after a cut):
+        # their gradient leaves are cloned first, as autograd forbids writing to a leaf.
+        self.written: list[set[str]] = [_written_inputs(d.student) for d in self.devices]
         self.losses: dict[int, float] = {}
         self.broken: RuntimeFailure | None = None
 
@@ -234,6 +238,9 @@ class LocalRuntime:
             x = _to(x, d.device)
             if needs_grad:
                 x = leaves[name] = x.detach().requires_grad_()
+                if name in self.written[d.index]:
+                    with torch.enable_grad():
+                        x = x.clone()
             values[name] = x
         with torch.enable_grad():
             out = tuple(d.student(*(values[n] for n in d.s_io.inputs)))
@@ -393,6 +400,14 @@ class LocalRuntime:
                 if "While executing" in line:
                     return f" ({line.strip()})"
         return ""
+
+
+def _written_inputs(gm: fx.GraphModule) -> set[str]:
+    return {
+        str(p.target)
+        for p in gm.graph.nodes
+        if p.op == "placeholder" and any(may_mutate(u, gm) and u.args and u.args[0] is p for u in p.users)
+    }
 
 
 def _params(opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:

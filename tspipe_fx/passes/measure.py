@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from tspipe_fx.errors import ProfileError
 from tspipe_fx.meta import update
 
-__all__ = ["Timer", "annotate_measured"]
+__all__ = ["Timer", "annotate_measured", "may_mutate"]
 
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -78,7 +78,7 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3
 
 
-def _may_mutate(node: fx.Node, gm: fx.GraphModule) -> bool:
+def may_mutate(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether running ``node`` may write to its inputs (then each timed run gets clones)."""
     if node.kwargs.get("inplace") is True:
         return True
@@ -152,7 +152,7 @@ class _Measure(fx.Interpreter):
         return getattr(self, n.op)(n.target, args, kwargs)
 
     def _measure(self, n: fx.Node) -> Any:
-        mutates = _may_mutate(n, self.gm)
+        mutates = may_mutate(n, self.gm)
         box: dict[str, Any] = {}
 
         def setup() -> None:

@@ -1,0 +1,245 @@
+"""The GPU script (issue 7): profiles, cost-model fidelity and runtime equality on one GPU.
+
+    python benchmarks/gpu/run.py --out "$OUT"            # on the GPU machine, under 8 minutes
+    python benchmarks/gpu/run.py --out /tmp/x --smoke    # on a CPU: tiny sizes, checks the script
+
+1. Profiles the paper's models (ViT-L/16, ResNet-152, ResNet-18, ViT-S/16, ViT-B/16,
+   BERT-large, DistilBERT-large) at batch 32 (BERT: 8 x 128 tokens) on the device; writes
+   ``profiles.tar.gz`` holding ``h100/NAME_bB.json`` (unpack into ``tspipe_fx/profiles/``).
+2. Cost-model fidelity: a 4-stage plan of each KD pair from those profiles; each stage
+   GraphModule's measured forward and backward time against the plan's prediction.
+3. The local runtime with every stage on the one device equals the reference trainer there.
+
+Writes ``results.json`` and ``results.md`` beside the archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import tspipe_fx
+from tspipe_fx.passes.measure import Timer
+from tspipe_fx.reference import ReferenceTrainer
+
+
+def models(smoke: bool) -> dict[str, Any]:
+    import timm
+    from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+
+    if smoke:
+        return {
+            "resnet18": lambda: timm.create_model("resnet18", pretrained=False, num_classes=10),
+            "vit_s16": lambda: timm.create_model("vit_small_patch16_224", pretrained=False, depth=2, img_size=64),
+            "distilbert": lambda: DistilBertForMaskedLM(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64)),
+        }  # fmt: skip
+    return {
+        "vit_l16": lambda: timm.create_model("vit_large_patch16_224", pretrained=False),
+        "resnet152": lambda: timm.create_model("resnet152", pretrained=False),
+        "resnet18": lambda: timm.create_model("resnet18", pretrained=False),
+        "vit_s16": lambda: timm.create_model("vit_small_patch16_224", pretrained=False),
+        "vit_b16": lambda: timm.create_model("vit_base_patch16_224", pretrained=False),
+        "bert_large": lambda: BertForMaskedLM(BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)),
+        "distilbert_large": lambda: DistilBertForMaskedLM(DistilBertConfig(dim=1024, n_layers=12, n_heads=16, hidden_dim=4096)),
+    }  # fmt: skip
+
+
+def batch_for(
+    name: str, batch: int, device: torch.device, smoke: bool
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if "bert" in name:
+        ids = torch.randint(
+            0, 100 if smoke else 30522, (max(batch // 4, 2), 16 if smoke else 128), device=device
+        )
+        return (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    size = 64 if smoke else 224
+    return (torch.randn(batch, 3, size, size, device=device),), {}
+
+
+def profile_all(
+    out: Path, device: torch.device, batch: int, smoke: bool, results: dict[str, Any]
+) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    tag = (
+        "smoke"
+        if smoke
+        else torch.cuda.get_device_name(device).split()[-1].lower()
+        if device.type == "cuda"
+        else "cpu"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / tag
+        for name, build in models(smoke).items():
+            t0 = time.perf_counter()
+            model = build().to(device)
+            args, kwargs = batch_for(name, batch, device, smoke)
+            captured = tspipe_fx.capture(model, args, example_kwargs=kwargs)
+            prof = tspipe_fx.profile(
+                captured, args, example_kwargs=kwargs, device=device, repeats=3 if smoke else 5
+            )
+            b = prof.sizes["B"]
+            prof.save(root / f"{name}_b{b}.json")
+            kept[name] = (model, captured, prof, args, kwargs)
+            results["profiles"][name] = {
+                "nodes": len(prof.nodes), "seconds": round(time.perf_counter() - t0, 1),
+                "fwd_ms": prof.model_fwd_ms, "fwd_bwd_ms": prof.model_fwd_bwd_ms,
+                "fidelity_fwd": prof.fidelity_fwd, "fidelity_fwd_bwd": prof.fidelity_fwd_bwd,
+            }  # fmt: skip
+            print(name, results["profiles"][name], flush=True)
+        with tarfile.open(out / "profiles.tar.gz", "w:gz") as tar:
+            tar.add(root, arcname=tag)
+    return kept
+
+
+def stage_fidelity(
+    kept: dict[str, Any], device: torch.device, pairs: list[tuple[str, str]], results: dict[str, Any]
+) -> None:
+    """Each stage of a 4-stage plan: measured fwd/bwd on the device against the plan."""
+    timer = Timer(device)
+    for student, teacher in pairs:
+        if student not in kept or teacher not in kept:
+            continue
+        _, s_cap, s_prof, args, kwargs = kept[student]
+        _, t_cap, t_prof, _, _ = kept[teacher]
+        pipe = tspipe_fx.compile(s_cap, t_cap, 4, example_inputs=args, example_kwargs=kwargs, profile=(s_prof, t_prof),
+                                 micro_batches=1, devices=[device] * 4)  # fmt: skip
+        flat = s_cap.flatten_inputs(args, kwargs)
+        env = dict(zip(pipe.student_io[0].inputs, flat, strict=True))
+        rows = []
+        for io, plan_stage in zip(pipe.student_io, pipe.plan.student.stages, strict=True):
+            box: dict[str, Any] = {}
+
+            def setup(io: Any = io, box: dict[str, Any] = box, env: dict[str, Any] = env) -> None:
+                # Inputs as the runtime gives them: leaves that need grad, cloned (a stage may write to them).
+                box["xs"] = [env[n].detach().requires_grad_().clone() if isinstance(env[n], torch.Tensor) and env[n].is_floating_point()
+                             else env[n] for n in io.inputs]  # fmt: skip
+
+            def fwd(io: Any = io, box: dict[str, Any] = box) -> None:
+                box["out"] = io.module(*box["xs"])
+
+            def bwd(box: dict[str, Any] = box) -> None:
+                outs = [o for o in box["out"] if isinstance(o, torch.Tensor) and o.requires_grad]
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs], retain_graph=True)
+
+            f_ms = timer.median_ms(fwd, repeats=5, warmup=2, setup=setup)
+            setup()
+            fwd()  # one clean graph for the backward timings
+            b_ms = timer.median_ms(bwd, repeats=5, warmup=2)
+            rows.append({"stage": plan_stage.index, "fwd_ms": f_ms, "fwd_pred_ms": plan_stage.fwd_ms,
+                         "bwd_ms": b_ms, "bwd_pred_ms": plan_stage.bwd_ms,
+                         "fwd_err": f_ms / plan_stage.fwd_ms - 1 if plan_stage.fwd_ms else None,
+                         "bwd_err": b_ms / plan_stage.bwd_ms - 1 if plan_stage.bwd_ms else None})  # fmt: skip
+            env.update(
+                zip(
+                    io.outputs,
+                    [o.detach() if isinstance(o, torch.Tensor) else o for o in box["out"]],
+                    strict=True,
+                )
+            )
+        results["stage_fidelity"][f"{teacher}->{student}"] = rows
+        print(f"{teacher}->{student}", rows, flush=True)
+
+
+def runtime_equality(device: torch.device, results: dict[str, Any]) -> None:
+    """A small KD pair, 2 stages both on the device, 6 steps: losses and weights vs the reference."""
+    import timm
+
+    torch.manual_seed(0)
+    student = timm.create_model("resnet18", pretrained=False, num_classes=10).to(device)
+    teacher = timm.create_model("resnet34", pretrained=False, num_classes=10).to(device).eval()
+
+    def loss_fn(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
+
+    def sgd(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(ps, lr=0.01, momentum=0.9)
+
+    x = torch.randn(16, 3, 64, 64, device=device)
+    out: dict[str, Any] = {}
+    for schedule in ("tspipe", "gpipe"):
+        pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, example_inputs=(x,), cost_model="uniform",
+                                 devices=[device, device])  # fmt: skip
+        trainer = pipe.trainer(loss_fn, optimizer=sgd, schedule=schedule)
+        ref = ReferenceTrainer(
+            copy.deepcopy(student), copy.deepcopy(teacher), loss_fn, optimizer=sgd, micro_batches=trainer.m
+        )
+        data = [
+            (torch.randn(16, 3, 64, 64, device=device), torch.randint(0, 10, (16,), device=device))
+            for _ in range(6)
+        ]
+        got = [r.loss for r in (trainer.step(a, target=b) for a, b in data) if r is not None] + [
+            trainer.finish().loss
+        ]
+        want = [ref.step(a, target=b) for a, b in data]
+        trained = copy.deepcopy(student)
+        trainer.sync_to_modules(trained)
+        diff = max(float((a - b).abs().max()) for a, b in zip(trained.state_dict().values(), ref.student.state_dict().values(), strict=True)
+                   if a.is_floating_point())  # fmt: skip
+        out[schedule] = {
+            "loss_max_rel_diff": max(abs(g - w) / abs(w) for g, w in zip(got, want, strict=True)),
+            "param_max_abs_diff": diff,
+        }
+        print(schedule, out[schedule], flush=True)
+    results["runtime_equality"] = out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true", help="tiny models on this machine's CPU")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda:0")
+    results: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "profiles": {},
+        "stage_fidelity": {},
+    }
+    if device.type == "cuda":
+        results["device_name"] = torch.cuda.get_device_name(device)
+    t0 = time.perf_counter()
+    kept = profile_all(args.out, device, 4 if args.smoke else args.batch, args.smoke, results)
+    pairs = (
+        [("resnet18", "vit_s16")]
+        if args.smoke
+        else [("resnet152", "vit_l16"), ("distilbert_large", "bert_large")]
+    )
+    stage_fidelity(kept, device, pairs, results)
+    runtime_equality(device, results)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    lines = [
+        f"# GPU run on {results.get('device_name', device)} (torch {torch.__version__}), {results['seconds']} s",
+        "",
+    ]
+    lines += [
+        "| model | nodes | fwd ms | fwd+bwd ms | fidelity fwd | fidelity fwd+bwd |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {k} | {v['nodes']} | {v['fwd_ms']:.2f} | {v['fwd_bwd_ms']:.2f} | {v['fidelity_fwd']:.2f} | {v['fidelity_fwd_bwd']:.2f} |"
+              for k, v in results["profiles"].items()]  # fmt: skip
+    for pair, rows in results["stage_fidelity"].items():
+        errs = [abs(r["fwd_err"]) for r in rows if r["fwd_err"] is not None]
+        lines.append(
+            f"\n{pair}: stage forward error median {statistics.median(errs):.1%}" if errs else f"\n{pair}"
+        )
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Regressions, each with its story."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from zoo import BY_NAME
+
+import tspipe_fx
+from tspipe_fx.reference import ReferenceTrainer
+
+
+def test_stage_that_writes_to_its_input() -> None:
+    """timm's ResNet uses ReLU(inplace=True). A cut just before one made the next stage write
+    to its received activation, a leaf that requires grad: autograd refused ("a leaf Variable
+    that requires grad is being used in an in-place operation"). Found by the GPU script's
+    smoke run; the runtime now clones inputs that a stage writes to."""
+    torch.manual_seed(0)
+    case = BY_NAME["timm_resnet18"]
+    student, teacher = case.build(), case.build().eval()
+    x = torch.randn(4, 3, 32, 32)
+    probe = tspipe_fx.compile(
+        copy.deepcopy(student), copy.deepcopy(teacher), 2, example_inputs=(x,), cost_model="uniform"
+    )
+    nodes = probe.student_chain.nodes
+    cut = next(
+        p for p in range(1, len(nodes)) if nodes[p].op == "call_module" and "act" in str(nodes[p].target)
+    )
+    teacher_n = probe.teacher_chain.n
+    pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, example_inputs=(x,), cost_model="uniform",
+                             balance=([cut, len(nodes) - cut], [teacher_n // 2, teacher_n - teacher_n // 2]))  # fmt: skip
+    assert pipe.student_io[1].nodes[0] == nodes[cut].name
+
+    def loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(s, y) + F.mse_loss(s, t)
+
+    def sgd(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(ps, lr=0.05)
+
+    trainer = pipe.trainer(loss, optimizer=sgd)
+    ref = ReferenceTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), loss, optimizer=sgd, micro_batches=trainer.m
+    )
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    got = [r.loss for r in (trainer.step(a, target=b) for a, b in data) if r is not None] + [
+        trainer.finish().loss
+    ]
+    assert got == [ref.step(a, target=b) for a, b in data]

@@ -1,0 +1,24 @@
+"""The GPU script (benchmarks/gpu/run.py) runs end to end in its CPU smoke mode (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "run.py"), "--out", str(tmp_path), "--smoke"],
+                   check=True, capture_output=True, text=True, timeout=600)  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["profiles"]) == {"resnet18", "vit_s16", "distilbert"}
+    assert len(results["stage_fidelity"]["vit_s16->resnet18"]) == 4
+    for schedule in ("tspipe", "gpipe"):
+        assert results["runtime_equality"][schedule]["loss_max_rel_diff"] < 1e-5
+    assert (tmp_path / "profiles.tar.gz").stat().st_size > 1000

@@ -13,6 +13,7 @@ node, with the original exception chained.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
@@ -87,6 +88,7 @@ class _Device:
     t_io: Stage
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
+    stream: Any = None  # on a GPU, the stage's own CUDA stream
     saved: dict[tuple[int, int, int], tuple[dict[str, torch.Tensor], tuple[Any, ...]]] = field(
         default_factory=dict
     )
@@ -141,6 +143,9 @@ class LocalRuntime:
             self.devices.append(
                 _Device(j, dev, copy.deepcopy(s.module).to(dev), copy.deepcopy(t.module).to(dev), s, t)
             )
+        for d in self.devices:
+            if d.device.type == "cuda":
+                d.stream = torch.cuda.Stream(d.device)  # type: ignore[no-untyped-call]
         # Tied student tensors: the first stage holding one owns it; the others hold copies.
         self.ties = [(names, stages) for names, stages in tie_groups(list(student_io))]
         not_owned = {(k, n) for names, stages in self.ties for k in stages[1:] for n in names}
@@ -193,13 +198,34 @@ class LocalRuntime:
     def _worker(self, d: _Device, tasks: Sequence[Task], data: dict[int, Any], board: Board) -> None:
         task = tasks[0] if tasks else Task("opt", d.index, -1)
         try:
-            for task in tasks:
-                getattr(self, f"_{task.kind}")(d, task, data, board)
+            with torch.cuda.stream(d.stream) if d.stream is not None else contextlib.nullcontext():
+                for task in tasks:
+                    getattr(self, f"_{task.kind}")(d, task, data, board)
         except _Aborted:
             return
         except BaseException as e:  # noqa: BLE001 - every failure reaches the caller, named
             e.__traceback_text__ = traceback.format_exc()  # type: ignore[attr-defined]
             board.abort(d.index, task, e)
+
+    # --- messages ---------------------------------------------------------------------------
+
+    def _send(self, d: _Device, board: Board, key: Any, payload: Any) -> None:
+        """Post ``payload``; on a GPU with an event marking when the stage's stream made it."""
+        event = None
+        if d.stream is not None:
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(d.stream)
+        board.put(key, (payload, event))
+
+    def _receive(self, d: _Device, board: Board, key: Any) -> Any:
+        """Take a message; on a GPU, this stage's stream waits for the sender's work first."""
+        payload, event = board.take(key)
+        if event is not None and d.stream is not None:
+            d.stream.wait_event(event)
+            for x in tree_flatten(payload)[0]:
+                if isinstance(x, torch.Tensor) and x.device == d.device:
+                    x.record_stream(d.stream)  # the allocator must not reuse it under our feet
+        return payload
 
     # --- tasks ------------------------------------------------------------------------------
 
@@ -210,7 +236,7 @@ class LocalRuntime:
             args, kwargs, _ = data[t.batch]
             flat = cap.flatten_inputs(args[t.view][t.micro], kwargs[t.view][t.micro])
             return {name: _to(x, d.device) for name, x in zip(io.inputs, flat, strict=True)}
-        received = board.take((t.kind, d.index - 1, t.batch, t.view, t.micro))
+        received = self._receive(d, board, (t.kind, d.index - 1, t.batch, t.view, t.micro))
         return {name: received[name] for name in io.inputs}
 
     def _tf(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
@@ -221,7 +247,9 @@ class LocalRuntime:
         if d.index == len(self.devices) - 1:
             d.teacher_out[(t.batch, t.view, t.micro)] = out
         else:
-            board.put(
+            self._send(
+                d,
+                board,
                 ("tf", d.index, t.batch, t.view, t.micro),
                 {n: (o, False) for n, o in zip(d.t_io.outputs, out, strict=True)},
             )
@@ -252,7 +280,7 @@ class LocalRuntime:
             name: (o.detach(), o.requires_grad) if isinstance(o, torch.Tensor) else (o, False)
             for name, o in zip(d.s_io.outputs, out, strict=True)
         }
-        board.put(("sf", d.index, t.batch, t.view, t.micro), sent)
+        self._send(d, board, ("sf", d.index, t.batch, t.view, t.micro), sent)
 
     def _loss(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
         b = t.batch
@@ -306,7 +334,7 @@ class LocalRuntime:
         if d.index == len(self.devices) - 1:
             grads = [board.take(("grad", t.batch, t.view, t.micro, i)) for i in range(len(out))]
         else:
-            received = board.take(("sb", d.index + 1, t.batch, t.view, t.micro))
+            received = self._receive(d, board, ("sb", d.index + 1, t.batch, t.view, t.micro))
             grads = [received.get(name) for name in d.s_io.outputs]
         pairs = [
             (o, _to(g, o.device))
@@ -316,7 +344,12 @@ class LocalRuntime:
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         if d.index > 0:
-            board.put(("sb", d.index, t.batch, t.view, t.micro), {n: leaf.grad for n, leaf in leaves.items()})
+            self._send(
+                d,
+                board,
+                ("sb", d.index, t.batch, t.view, t.micro),
+                {n: leaf.grad for n, leaf in leaves.items()},
+            )
 
     def _opt(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
         for names, stages in self.ties:  # the owner sums its copies' gradients

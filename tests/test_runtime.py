@@ -318,3 +318,41 @@ def test_resume_from_a_state_dict_continues_the_same_run() -> None:
         second.finish().loss
     ]
     assert head + tail == pytest.approx(all_losses, rel=1e-6, abs=1e-7)
+
+
+class TwoOutputs(nn.Module):
+    """Logits and hidden states, like DistilBERT's distillation (the cosine term uses the states)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.body = Net(width, width)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.body(x)
+        return {"logits": self.head(hidden), "hidden": hidden}
+
+
+def test_a_loss_over_several_outputs_trains_through_each() -> None:
+    torch.manual_seed(0)
+    student, teacher = TwoOutputs(), TwoOutputs().eval()
+
+    def loss(s: dict[str, torch.Tensor], t: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        cosine = 1 - F.cosine_similarity(s["hidden"], t["hidden"], dim=-1).mean()
+        return F.cross_entropy(s["logits"], y) + cosine
+
+    pipe = tspipe_fx.compile(
+        copy.deepcopy(student),
+        copy.deepcopy(teacher),
+        3,
+        example_inputs=(torch.randn(6, 8),),
+        cost_model="uniform",
+    )
+    trainer = pipe.trainer(loss, optimizer=sgd)
+    ref = ReferenceTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), loss, optimizer=sgd, micro_batches=trainer.m
+    )
+    data = [(torch.randn(6, 8), torch.randint(0, 4, (6,))) for _ in range(5)]
+    got = _run(trainer, [(x, {"target": y}) for x, y in data])
+    assert got == pytest.approx([ref.step(x, target=y) for x, y in data], rel=1e-5, abs=1e-6)
+    _assert_same_params(trainer, student, ref.student)

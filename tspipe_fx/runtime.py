@@ -89,6 +89,10 @@ class _Device:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     stream: Any = None  # on a GPU, the stage's own CUDA stream
+    # A one-step-late teacher across a drained pipeline (finish, checkpoint): the weights before
+    # the last EMA update, which the first teacher forward after it must still read.
+    teacher_prev: dict[str, torch.Tensor] | None = None
+    stale_batch: int | None = None
     saved: dict[tuple[int, int, int], tuple[dict[str, torch.Tensor], tuple[Any, ...]]] = field(
         default_factory=dict
     )
@@ -162,6 +166,7 @@ class LocalRuntime:
         self.written: list[set[str]] = [_written_inputs(d.student) for d in self.devices]
         self.losses: dict[int, float] = {}
         self.broken: RuntimeFailure | None = None
+        self.keep_teacher_before_ema = False
 
     # --- running a window -----------------------------------------------------------------
 
@@ -242,8 +247,12 @@ class LocalRuntime:
     def _tf(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
         received = self._inputs(d, self.teacher_cap, d.t_io, t, data, board)
         values = received if d.index == 0 else {n: _to(v, d.device) for n, (v, _) in received.items()}
+        args = [values[n] for n in d.t_io.inputs]
         with torch.no_grad():
-            out = tuple(d.teacher(*(values[n] for n in d.t_io.inputs)))
+            if d.teacher_prev is not None and t.batch == d.stale_batch:
+                out = tuple(torch.func.functional_call(d.teacher, d.teacher_prev, tuple(args), strict=False))
+            else:
+                out = tuple(d.teacher(*args))
         if d.index == len(self.devices) - 1:
             d.teacher_out[(t.batch, t.view, t.micro)] = out
         else:
@@ -390,6 +399,8 @@ class LocalRuntime:
             if self.ema_buffers:
                 student.update(dict(d.student.named_buffers()))
                 teacher += list(d.teacher.named_buffers())
+            if self.keep_teacher_before_ema:
+                d.teacher_prev = {n: x.detach().clone() for n, x in teacher}
             ema_update(teacher, student, self.momentum)
 
     # --- tied tensors -----------------------------------------------------------------------

@@ -168,7 +168,17 @@ class Trainer:
         data = {batch.index: batch.data}
         if nxt is not None:
             data[nxt.index] = nxt.data
+        late = self.mode == "momentum" and self.staleness == 1
+        # The window that drains the pipeline keeps the teacher from before its EMA update: the
+        # first teacher forward after it (a later step, or a resumed run) must still read it.
+        self.runtime.keep_teacher_before_ema = late and nxt is None
+        if batch.index == self.segment_start:
+            for d in self.runtime.devices:
+                d.stale_batch = batch.index if late else None
         self.runtime.run(lists, data)
+        if batch.index == self.segment_start and nxt is not None:
+            for d in self.runtime.devices:  # read by this window's first teacher forward; done
+                d.teacher_prev, d.stale_batch = None, None
         return StepLoss(batch.index, self.runtime.losses.pop(batch.index))
 
     def update_momentum(self, m: float) -> None:
@@ -201,6 +211,7 @@ class Trainer:
             "teacher": [copy.deepcopy(d.teacher.state_dict()) for d in self.runtime.devices],
             "optimizers": [d.optimizer.state_dict() if d.optimizer else None for d in self.runtime.devices],
             "schedulers": [d.scheduler.state_dict() if d.scheduler else None for d in self.runtime.devices],
+            "teacher_prev": [d.teacher_prev for d in self.runtime.devices],
             "momentum": self.runtime.momentum,
             "next_index": self.next_index,
         }
@@ -214,5 +225,7 @@ class Trainer:
                 d.optimizer.load_state_dict(o)
             if d.scheduler and sch:
                 d.scheduler.load_state_dict(sch)
+        for d, prev in zip(self.runtime.devices, state.get("teacher_prev") or [None] * self.n, strict=True):
+            d.teacher_prev = prev
         self.runtime.momentum = state["momentum"]
         self.next_index = state["next_index"]

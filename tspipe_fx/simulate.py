@@ -8,7 +8,6 @@ renders as ASCII (one row per device, like TSPipe's figure) or, with matplotlib,
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,15 +40,13 @@ class Timeline:
 
     @property
     def period(self) -> float:
-        """Steady-state time per batch: the median gap between consecutive batches' last steps,
-        leaving out the first and last batch (pipeline fill and drain)."""
+        """Steady-state time per batch: the mean gap between consecutive batches' last steps,
+        leaving out the first batch (pipeline fill) and the last (drain: no next teacher)."""
         n = self.schedule.n_batches
-        if n < 3:
+        if n <= 2:
             return self.batch_end(n - 1) / n
-        gaps = [self.batch_end(b) - self.batch_end(b - 1) for b in range(2, n - 1)] or [
-            self.batch_end(n - 1) - self.batch_end(n - 2)
-        ]
-        return statistics.median(gaps)
+        first = 2 if n >= 4 else 1
+        return (self.batch_end(n - 2) - self.batch_end(first - 1)) / (n - 1 - first)
 
     def utilisation(self) -> list[float]:
         """Busy fraction of each device between the start and the end of the whole run."""

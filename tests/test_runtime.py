@@ -227,7 +227,10 @@ def test_a_failing_stage_names_the_node() -> None:
     )
     trainer = pipe.trainer(kd_loss, optimizer=sgd)
     trainer.step(torch.randn(8, 8), target=torch.randint(0, 4, (8,)))
-    with pytest.raises(RuntimeFailure, match=r"device 0 failed at task tf1\.0\.0 .*While executing"):
+    with pytest.raises(
+        RuntimeFailure,
+        match=r"device 0 failed at task tf1\.0\.0 \(teacher stage 0, node a\): RuntimeError: mat1",
+    ):
         trainer.step(torch.randn(8, 5), target=torch.randint(0, 4, (8,)))  # wrong feature size
 
 

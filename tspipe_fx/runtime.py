@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 import threading
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,7 +194,7 @@ class LocalRuntime:
             w.join()
         if board.failure is not None:
             device, task, err = board.failure
-            where = self._locate(device, task, data, err)
+            where = "".join(f" ({note})" for note in getattr(err, "_tspipe_notes", []))
             self.broken = RuntimeFailure(
                 f"device {device} failed at task {task}{where}: {type(err).__name__}: {err}"
             )
@@ -209,7 +209,6 @@ class LocalRuntime:
         except _Aborted:
             return
         except BaseException as e:  # noqa: BLE001 - every failure reaches the caller, named
-            e.__traceback_text__ = traceback.format_exc()  # type: ignore[attr-defined]
             board.abort(d.index, task, e)
 
     # --- messages ---------------------------------------------------------------------------
@@ -252,7 +251,7 @@ class LocalRuntime:
             if d.teacher_prev is not None and t.batch == d.stale_batch:
                 out = tuple(torch.func.functional_call(d.teacher, d.teacher_prev, tuple(args), strict=False))
             else:
-                out = tuple(d.teacher(*args))
+                out = _call_stage(d.teacher, args, f"teacher stage {d.index}")
         if d.index == len(self.devices) - 1:
             d.teacher_out[(t.batch, t.view, t.micro)] = out
         else:
@@ -280,7 +279,7 @@ class LocalRuntime:
                         x = x.clone()
             values[name] = x
         with torch.enable_grad():
-            out = tuple(d.student(*(values[n] for n in d.s_io.inputs)))
+            out = _call_stage(d.student, [values[n] for n in d.s_io.inputs], f"student stage {d.index}")
         d.saved[(t.batch, t.view, t.micro)] = (leaves, out)
         if d.index == len(self.devices) - 1:
             d.student_out[(t.batch, t.view, t.micro)] = out
@@ -423,27 +422,21 @@ class LocalRuntime:
             for k in stages[1:]:
                 _param(self.devices[k].student, names).copy_(mine)
 
-    # --- errors -----------------------------------------------------------------------------
 
-    def _locate(self, device: int, task: Task, data: dict[int, Any], err: BaseException) -> str:
-        """For a failed forward, the node it failed at (found by re-running it node by node)."""
-        if task.kind not in ("sf", "tf"):
-            return ""
-        d = self.devices[device]
-        module, io = (d.student, d.s_io) if task.kind == "sf" else (d.teacher, d.t_io)
-        if device > 0:
-            return f" ({io.module.__class__.__name__}, nodes {io.nodes[0]}..{io.nodes[-1]})"
-        try:
-            cap = self.student_cap if task.kind == "sf" else self.teacher_cap
-            args, kwargs, _ = data[task.batch]
-            flat = cap.flatten_inputs(args[task.view][task.micro], kwargs[task.view][task.micro])
-            fx.Interpreter(module).run(*(_to(x, d.device) for x in flat))
-        except Exception:  # noqa: BLE001 - the interpreter names the node in its traceback notes
-            tb = traceback.format_exc()
-            for line in tb.splitlines():
-                if "While executing" in line:
-                    return f" ({line.strip()})"
-        return ""
+def _call_stage(module: fx.GraphModule, args: Sequence[Any], label: str) -> tuple[Any, ...]:
+    """Run a stage; if it fails, replay it node by node to name the node that failed."""
+    try:
+        return tuple(module(*args))
+    except Exception as e:
+        with torch.no_grad():
+            try:
+                fx.Interpreter(module).run(*args)
+            except Exception as again:  # noqa: BLE001 - only where it stopped is wanted
+                text = "\n".join([str(again), *getattr(again, "__notes__", [])])
+                found = re.search(r"While executing %(\S+)", text)
+                if found:
+                    setattr(e, "_tspipe_notes", [f"{label}, node {found.group(1)}"])  # noqa: B010
+        raise
 
 
 def _written_inputs(gm: fx.GraphModule) -> set[str]:

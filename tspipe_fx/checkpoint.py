@@ -93,7 +93,7 @@ def load_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> None:
 def save_consolidated(trainer: Any, path: str | os.PathLike[str]) -> None:
     """The user's original student and teacher state_dicts, for use outside tspipe_fx."""
     trainer.sync_to_modules()
-    student, teacher = trainer.student_module, trainer.teacher_module
+    student, teacher = trainer.pipe.student_module, trainer.pipe.teacher_module
     if student is None or teacher is None:
         raise TspipeError(
             "save_consolidated needs the original modules: compile the nn.Modules, not captured ones"

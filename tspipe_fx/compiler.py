@@ -227,8 +227,9 @@ def compile(
         part = solve(problem([p for p, _ in pairs], [q for _, q in pairs], mirror=True))
     else:
         part = solve(problem())
-    shared = _shared_names(s_cap, t_cap) if mode == "momentum" else None
-    baselines = _baselines(problem, s_gc, t_gc, shared) if plan is None and balance is None else ()
+    baselines = (
+        _baselines(problem, s_gc, t_gc, pairs if mode == "momentum" else None) if fixed is None else ()
+    )
 
     s_stages = split(s_gc, part.student_cuts, name=f"{s_cap.model_name}Stage")
     t_stages = split(t_gc, part.teacher_cuts, name=f"{t_cap.model_name}Stage")
@@ -486,7 +487,7 @@ def _check_plan(plan: Plan, s_cap: CapturedModel, t_cap: CapturedModel, n: int) 
 
 
 def _baselines(
-    problem: Any, s_gc: GraphChain, t_gc: GraphChain, shared: set[str] | None
+    problem: Any, s_gc: GraphChain, t_gc: GraphChain, pairs: list[tuple[int, int]] | None
 ) -> tuple[tuple[str, float], ...]:
     """The period of simple policies' partitions under our cost model (what the model bought).
 
@@ -496,8 +497,7 @@ def _baselines(
     out = []
     for name, policy in (("equal nodes", UniformCost()), ("equal parameters", ParamCountCost())):
         sc, tc = policy.graph_costs(s_gc.gm), policy.graph_costs(t_gc.gm)
-        if shared is not None:
-            pairs = mirrored_cuts(s_gc, t_gc, shared)
+        if pairs is not None:  # momentum: the same mirrored cut pairs as ours
             base = problem([p for p, _ in pairs], [q for _, q in pairs], mirror=True, sc=sc, tc=tc)
         else:
             base = problem(sc=sc, tc=tc)

@@ -30,6 +30,7 @@ from tspipe_fx.training import (
     build_optimizer,
     ema_update,
     join_micro,
+    parameter_names,
     split_micro,
     view_inputs,
 )
@@ -73,11 +74,7 @@ class ReferenceTrainer:
         # BatchNorm statistics depend on the order micro-batches pass: views first (tspipe, gpipe)
         # or micro-batches first (1f1b, which needs both views of a micro-batch for its loss).
         self.micro_major = micro_major
-        params = dict(student.named_parameters())
-        originals: dict[int, list[str]] = {}
-        for n, p in student.named_parameters(remove_duplicate=False):
-            originals.setdefault(id(p), []).append(n)
-        built = build_optimizer(optimizer, params, originals)
+        built = build_optimizer(optimizer, dict(student.named_parameters()), parameter_names(student))
         if built is None:
             raise TspipeError("the optimizer holds none of the student's parameters")
         self.optimizer = built

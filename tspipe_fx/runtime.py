@@ -32,7 +32,7 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.passes.measure import may_mutate
 from tspipe_fx.schedule import Task
 from tspipe_fx.split import Stage, tie_groups
-from tspipe_fx.training import ema_update
+from tspipe_fx.training import ema_update, join_micro, split_tree
 
 __all__ = ["Board", "LocalRuntime", "RuntimeFailure"]
 
@@ -300,7 +300,7 @@ class LocalRuntime:
         if self.loss_per_micro:  # a mean over samples: micro-batch m weighs its share of the batch
             sizes = [_batch_size(a) for a in args[0]]
             weight = sizes[t.micro] / sum(sizes)
-            target = _micro_target(target, len(sizes), t.micro)
+            target = split_tree(target, len(sizes))[t.micro]
         per_view_s, per_view_t, leaves = [], [], {}
         for v in range(self.views):
             s_parts, t_parts = [], []
@@ -316,8 +316,8 @@ class LocalRuntime:
                     outs.append(o)
                 s_parts.append(outs)
                 t_parts.append(list(d.teacher_out.pop((b, v, m))))
-            per_view_s.append(self.student_cap.unflatten_outputs(_cat(s_parts)))
-            per_view_t.append(self.teacher_cap.unflatten_outputs(_cat(t_parts)))
+            per_view_s.append(self.student_cap.unflatten_outputs(join_micro(s_parts)))
+            per_view_t.append(self.teacher_cap.unflatten_outputs(join_micro(t_parts)))
         with torch.enable_grad():
             if self.views == 1:
                 loss = self.loss_fn(per_view_s[0], per_view_t[0], _to_tree(target, d.device))
@@ -366,10 +366,9 @@ class LocalRuntime:
         if self.clip is not None:
             # As torch.nn.utils.clip_grad_norm_ computes it on one device: the norm of every
             # parameter's gradient norm, stacked in the model's parameter order.
+            owned = {id(q) for q in _params(d.optimizer)}
             grads = {
-                n: p.grad
-                for n, p in d.student.named_parameters()
-                if p.grad is not None and any(p is q for q in _params(d.optimizer))
+                n: p.grad for n, p in d.student.named_parameters() if p.grad is not None and id(p) in owned
             }
             board.put(
                 ("norm", d.index, t.batch), {n: torch.linalg.vector_norm(g).cpu() for n, g in grads.items()}
@@ -460,28 +459,9 @@ def _param(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
     raise TspipeError(f"tied parameter {names} not found in {module.__class__.__name__}")
 
 
-def _cat(parts: list[list[Any]]) -> list[Any]:
-    out = []
-    for values in zip(*parts, strict=True):
-        first = values[0]
-        out.append(torch.cat(list(values)) if isinstance(first, torch.Tensor) and first.dim() > 0 else first)
-    return out
-
-
 def _batch_size(args: tuple[Any, ...]) -> int:
     leaves = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor) and x.dim() > 0]
     return int(leaves[0].shape[0]) if leaves else 1
-
-
-def _micro_target(target: Any, parts: int, index: int) -> Any:
-    leaves, spec = tree_flatten(target)
-    return tree_unflatten(
-        [
-            torch.tensor_split(x, parts)[index] if isinstance(x, torch.Tensor) and x.dim() > 0 else x
-            for x in leaves
-        ],
-        spec,
-    )
 
 
 def _to_tree(value: Any, device: torch.device) -> Any:

@@ -20,7 +20,7 @@ from torch import nn
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime import LocalRuntime
 from tspipe_fx.schedule import Schedule, Task, make_schedule, validate
-from tspipe_fx.training import OptimizerSpec, build_optimizer, split_micro, view_inputs
+from tspipe_fx.training import OptimizerSpec, build_optimizer, parameter_names, split_micro, view_inputs
 
 __all__ = ["StepLoss", "Trainer"]
 
@@ -69,19 +69,19 @@ class Trainer:
         self.m = 1 if schedule == "sequential" else (micro_batches or plan.micro_batches)
         self.views = views
         self.mode = plan.mode
-        self.schedule_name = schedule
-        self.staleness = staleness
-        # Validate once: every window below is cut from this kind of schedule.
-        validate(
-            make_schedule(
-                schedule, self.n, self.m, views=views, mode=self.mode, staleness=staleness, n_batches=3
+        # Every window is cut from one of three short schedules (1, 2 or 3 batches): built once,
+        # the longest proven once.
+        self.schedules: dict[int, Schedule] = {
+            n: make_schedule(
+                schedule, self.n, self.m, views=views, mode=self.mode, staleness=staleness, n_batches=n
             )
-        )
+            for n in (1, 2, 3)
+        }
+        validate(self.schedules[3])
+        self.staleness = self.schedules[3].staleness
         # An optimizer instance is over the user's parameters (or the captured graph's: the same).
         user = pipe.student_module if pipe.student_module is not None else pipe.student.graph_module
-        originals: dict[int, list[str]] = {}
-        for n, p in user.named_parameters(remove_duplicate=False):
-            originals.setdefault(id(p), []).append(n)
+        originals = parameter_names(user)
 
         def make_optimizer(params: dict[str, nn.Parameter]) -> torch.optim.Optimizer | None:
             return build_optimizer(optimizer, params, originals)
@@ -91,12 +91,12 @@ class Trainer:
             [torch.device(d) for d in plan.devices], loss_fn,
             make_optimizer=make_optimizer, make_scheduler=lr_scheduler, views=views, mode=self.mode,
             momentum=momentum, ema_buffers=ema_buffers, clip_grad_norm=clip_grad_norm, timeout_s=timeout_s,
-            loss_per_micro=schedule == "1f1b", param_order=[n for n, _ in user.named_parameters()],
+            loss_per_micro=self.schedules[3].loss_per_micro, param_order=[n for n, _ in user.named_parameters()],
         )  # fmt: skip
-        self.student_module, self.teacher_module = pipe.student_module, pipe.teacher_module
         # The order micro-batches pass each stage (BatchNorm statistics depend on it); a
-        # ReferenceTrainer with micro_major=... reproduces it.
-        self.micro_major = schedule == "1f1b"
+        # ReferenceTrainer with micro_major=... reproduces it. Only 1f1b, with its loss per
+        # micro-batch, runs them micro-batch-major.
+        self.micro_major = self.schedules[3].loss_per_micro
         self.pending: _Pending | None = None
         self.next_index = 0
         self.segment_start = 0
@@ -110,16 +110,7 @@ class Trainer:
         construction, ``finish`` or a resume) has the prologue, the teacher forward of its batch.
         """
         b = index - self.segment_start
-        total = (1 if b == 0 else 2) if last else (2 if b == 0 else 3)
-        s: Schedule = make_schedule(
-            self.schedule_name,
-            self.n,
-            self.m,
-            views=self.views,
-            mode=self.mode,
-            staleness=self.staleness,
-            n_batches=total,
-        )
+        s = self.schedules[(1 if b == 0 else 2) if last else (2 if b == 0 else 3)]
         local = min(b, 1)  # window 0 of a short schedule, or its window 1 renumbered
         shift = index - local
         out = []
@@ -190,8 +181,8 @@ class Trainer:
         """Copy the trained weights (parameters and buffers) into the user's modules (those given
         to ``compile``, or the ones passed here)."""
         for module, which in (
-            (student or self.student_module, "student"),
-            (teacher or self.teacher_module, "teacher"),
+            (student or self.pipe.student_module, "student"),
+            (teacher or self.pipe.teacher_module, "teacher"),
         ):
             if module is None:
                 continue

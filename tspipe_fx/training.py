@@ -15,7 +15,16 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tspipe_fx.errors import TspipeError
 
-__all__ = ["OptimizerSpec", "build_optimizer", "ema_update", "join_micro", "split_micro", "view_inputs"]
+__all__ = [
+    "OptimizerSpec",
+    "build_optimizer",
+    "ema_update",
+    "join_micro",
+    "parameter_names",
+    "split_micro",
+    "split_tree",
+    "view_inputs",
+]
 
 OptimizerSpec = Callable[[list[nn.Parameter]], torch.optim.Optimizer] | torch.optim.Optimizer
 
@@ -30,24 +39,29 @@ def view_inputs(views: int, inputs: Sequence[Any]) -> list[tuple[Any, ...]]:
     return [tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in inputs]
 
 
+def split_tree(tree: Any, parts: int) -> list[Any]:
+    """Split every tensor leaf of ``tree`` with a batch dimension into ``parts`` chunks along
+    dim 0 (``tensor_split``: the first chunks are one sample larger when the batch does not
+    divide); other leaves are repeated in every part."""
+    leaves, spec = tree_flatten(tree)
+    chunks = [
+        torch.tensor_split(x, parts) if isinstance(x, torch.Tensor) and x.dim() > 0 else [x] * parts
+        for x in leaves
+    ]
+    return [tree_unflatten([c[i] for c in chunks], spec) for i in range(parts)]
+
+
 def split_micro(
     args: Sequence[Any], kwargs: dict[str, Any], micro_batches: int
 ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """Split every tensor leaf along dim 0 into ``micro_batches`` chunks (``tensor_split``: the
-    first chunks are one sample larger when the batch does not divide)."""
-    leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
+    """The ``(args, kwargs)`` of each micro-batch (see :func:`split_tree`)."""
+    leaves = tree_flatten((tuple(args), dict(kwargs)))[0]
     batch = next((x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0), None)
     if batch is None:
         raise TspipeError("the batch has no tensor with a batch dimension")
     if batch < micro_batches:
         raise TspipeError(f"a batch of {batch} samples cannot be split into {micro_batches} micro-batches")
-    chunks = [
-        torch.tensor_split(x, micro_batches)
-        if isinstance(x, torch.Tensor) and x.dim() > 0
-        else [x] * micro_batches
-        for x in leaves
-    ]
-    return [tree_unflatten([c[i] for c in chunks], spec) for i in range(micro_batches)]
+    return split_tree((tuple(args), dict(kwargs)), micro_batches)
 
 
 def join_micro(parts: Sequence[Any]) -> Any:
@@ -73,6 +87,14 @@ def ema_update(
             t.mul_(momentum).add_(s.to(t.device), alpha=1 - momentum)
         else:
             t.copy_(s)
+
+
+def parameter_names(module: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it has in ``module`` (a tied weight has several)."""
+    names: dict[int, list[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return names
 
 
 def build_optimizer(

@@ -10,7 +10,9 @@
    GraphModule's measured forward and backward time against the plan's prediction.
 3. The local runtime with every stage on the one device equals the reference trainer there.
 
-Writes ``results.json`` and ``results.md`` beside the archive.
+Writes ``results.json`` and ``results.md`` beside the archive after every step, so a run cut
+short still returns what it measured; a step that fails records its error and the rest go on.
+Steps start only while the time budget (``--budget`` seconds) lasts.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import statistics
 import tarfile
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,48 +71,82 @@ def batch_for(
     return (torch.randn(batch, 3, size, size, device=device),), {}
 
 
+def device_tag(device: torch.device) -> str:
+    """``h100`` for "NVIDIA H100 80GB HBM3": the chip's model number, lower case."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device)
+    chips = re.findall(r"\b[A-Z]+\d{2,4}[A-Za-z]*\b", name.replace("NVIDIA", ""))
+    return (chips[0] if chips else name.split()[-1]).lower()
+
+
 def profile_all(
-    out: Path, device: torch.device, batch: int, smoke: bool, results: dict[str, Any]
+    out: Path,
+    device: torch.device,
+    batch: int,
+    smoke: bool,
+    results: dict[str, Any],
+    left: Callable[[], float],
 ) -> dict[str, Any]:
     kept: dict[str, Any] = {}
-    tag = (
-        "smoke"
-        if smoke
-        else torch.cuda.get_device_name(device).split()[-1].lower()
-        if device.type == "cuda"
-        else "cpu"
-    )
+    tag = "smoke" if smoke else device_tag(device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / tag
         for name, build in models(smoke).items():
+            if left() < 60:
+                results["skipped"].append(f"profile {name}: out of time")
+                continue
             t0 = time.perf_counter()
-            model = build().to(device)
-            args, kwargs = batch_for(name, batch, device, smoke)
-            captured = tspipe_fx.capture(model, args, example_kwargs=kwargs)
-            prof = tspipe_fx.profile(
-                captured, args, example_kwargs=kwargs, device=device, repeats=3 if smoke else 5
-            )
-            b = prof.sizes["B"]
-            prof.save(root / f"{name}_b{b}.json")
-            kept[name] = (model, captured, prof, args, kwargs)
-            results["profiles"][name] = {
-                "nodes": len(prof.nodes), "seconds": round(time.perf_counter() - t0, 1),
-                "fwd_ms": prof.model_fwd_ms, "fwd_bwd_ms": prof.model_fwd_bwd_ms,
-                "fidelity_fwd": prof.fidelity_fwd, "fidelity_fwd_bwd": prof.fidelity_fwd_bwd,
-            }  # fmt: skip
+            try:
+                kept[name] = profile_one(name, build, root, device, batch, smoke, results)
+            except Exception:  # noqa: BLE001 - recorded in the results, the other models go on
+                results["errors"][f"profile {name}"] = traceback.format_exc(limit=-6)
+                print(results["errors"][f"profile {name}"], flush=True)
+                continue
+            results["profiles"][name]["seconds"] = round(time.perf_counter() - t0, 1)
             print(name, results["profiles"][name], flush=True)
-        with tarfile.open(out / "profiles.tar.gz", "w:gz") as tar:
-            tar.add(root, arcname=tag)
+            with tarfile.open(out / "profiles.tar.gz", "w:gz") as tar:
+                tar.add(root, arcname=tag)
+            write_results(out, results)
     return kept
 
 
+def profile_one(
+    name: str,
+    build: Callable[[], torch.nn.Module],
+    root: Path,
+    device: torch.device,
+    batch: int,
+    smoke: bool,
+    results: dict[str, Any],
+) -> tuple[Any, ...]:
+    """Capture and profile one model; saves ``root/NAME_bB.json``."""
+    model = build().to(device)
+    args, kwargs = batch_for(name, batch, device, smoke)
+    captured = tspipe_fx.capture(model, args, example_kwargs=kwargs)
+    prof = tspipe_fx.profile(captured, args, example_kwargs=kwargs, device=device, repeats=3 if smoke else 5)
+    b = prof.sizes["B"]
+    prof.save(root / f"{name}_b{b}.json")
+    results["profiles"][name] = {
+        "nodes": len(prof.nodes), "batch": b,
+        "fwd_ms": prof.model_fwd_ms, "fwd_bwd_ms": prof.model_fwd_bwd_ms,
+        "fidelity_fwd": prof.fidelity_fwd, "fidelity_fwd_bwd": prof.fidelity_fwd_bwd,
+    }  # fmt: skip
+    return (model, captured, prof, args, kwargs)
+
+
 def stage_fidelity(
-    kept: dict[str, Any], device: torch.device, pairs: list[tuple[str, str]], results: dict[str, Any]
+    kept: dict[str, Any],
+    device: torch.device,
+    pairs: list[tuple[str, str]],
+    results: dict[str, Any],
+    left: Callable[[], float],
 ) -> None:
     """Each stage of a 4-stage plan: measured fwd/bwd on the device against the plan."""
     timer = Timer(device)
     for student, teacher in pairs:
-        if student not in kept or teacher not in kept:
+        if student not in kept or teacher not in kept or left() < 30:
+            results["skipped"].append(f"stage fidelity {teacher}->{student}: no profile or out of time")
             continue
         _, s_cap, s_prof, args, kwargs = kept[student]
         _, t_cap, t_prof, _, _ = kept[teacher]
@@ -166,6 +205,8 @@ def runtime_equality(device: torch.device, results: dict[str, Any]) -> None:
 
     x = torch.randn(16, 3, 64, 64, device=device)
     out: dict[str, Any] = {}
+    # Deterministic convolution kernels, so that differences are the runtime's and not cuDNN's.
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     for schedule in ("tspipe", "gpipe"):
         pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, example_inputs=(x,), cost_model="uniform",
                                  devices=[device, device])  # fmt: skip
@@ -193,12 +234,33 @@ def runtime_equality(device: torch.device, results: dict[str, Any]) -> None:
     results["runtime_equality"] = out
 
 
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    lines = [f"# GPU run on {results.get('device_name', results['device'])} (torch {results['torch']}), "
+             f"{results.get('seconds', '?')} s", "",
+             "| model | nodes | batch | fwd ms | fwd+bwd ms | fidelity fwd | fidelity fwd+bwd |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v['nodes']} | {v['batch']} | {v['fwd_ms']:.2f} | {v['fwd_bwd_ms']:.2f} | {v['fidelity_fwd']:.2f} | {v['fidelity_fwd_bwd']:.2f} |"
+              for k, v in results["profiles"].items()]  # fmt: skip
+    for pair, rows in results["stage_fidelity"].items():
+        errs = [abs(r["fwd_err"]) for r in rows if r["fwd_err"] is not None]
+        berrs = [abs(r["bwd_err"]) for r in rows if r["bwd_err"] is not None]
+        lines.append(f"\n{pair}: median |error| per stage, forward {statistics.median(errs):.1%}, "
+                     f"backward {statistics.median(berrs):.1%}" if errs and berrs else f"\n{pair}")  # fmt: skip
+    for schedule, eq in results.get("runtime_equality", {}).items():
+        lines.append(f"\nruntime {schedule} vs reference: {eq}")
+    lines += [f"\nskipped: {x}" for x in results["skipped"]]
+    lines += [f"\nERROR {k}:\n```\n{v}```" for k, v in results["errors"].items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds; no step starts after")
     parser.add_argument("--smoke", action="store_true", help="tiny models on this machine's CPU")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -208,37 +270,39 @@ def main() -> None:
         "torch": torch.__version__,
         "profiles": {},
         "stage_fidelity": {},
+        "skipped": [],
+        "errors": {},
     }
     if device.type == "cuda":
         results["device_name"] = torch.cuda.get_device_name(device)
     t0 = time.perf_counter()
-    kept = profile_all(args.out, device, 4 if args.smoke else args.batch, args.smoke, results)
+
+    def left() -> float:
+        return args.budget - (time.perf_counter() - t0)
+
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - recorded in the results, the later steps go on
+            results["errors"][name] = traceback.format_exc(limit=-6)
+            print(results["errors"][name], flush=True)
+            return None
+        finally:
+            results["seconds"] = round(time.perf_counter() - t0, 1)
+            write_results(args.out, results)
+
+    step("runtime equality", lambda: runtime_equality(device, results))
+    kept = step(
+        "profiles",
+        lambda: profile_all(args.out, device, 4 if args.smoke else args.batch, args.smoke, results, left),
+    )
     pairs = (
         [("resnet18", "vit_s16")]
         if args.smoke
         else [("resnet152", "vit_l16"), ("distilbert_large", "bert_large")]
     )
-    stage_fidelity(kept, device, pairs, results)
-    runtime_equality(device, results)
-    results["seconds"] = round(time.perf_counter() - t0, 1)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = [
-        f"# GPU run on {results.get('device_name', device)} (torch {torch.__version__}), {results['seconds']} s",
-        "",
-    ]
-    lines += [
-        "| model | nodes | fwd ms | fwd+bwd ms | fidelity fwd | fidelity fwd+bwd |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {k} | {v['nodes']} | {v['fwd_ms']:.2f} | {v['fwd_bwd_ms']:.2f} | {v['fidelity_fwd']:.2f} | {v['fidelity_fwd_bwd']:.2f} |"
-              for k, v in results["profiles"].items()]  # fmt: skip
-    for pair, rows in results["stage_fidelity"].items():
-        errs = [abs(r["fwd_err"]) for r in rows if r["fwd_err"] is not None]
-        lines.append(
-            f"\n{pair}: stage forward error median {statistics.median(errs):.1%}" if errs else f"\n{pair}"
-        )
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    step("stage fidelity", lambda: stage_fidelity(kept or {}, device, pairs, results, left))
+    print((args.out / "results.md").read_text())
 
 
 if __name__ == "__main__":

@@ -43,19 +43,35 @@ _INPLACE_OPERATORS = {
 
 
 class Timer:
-    """Median wall time of a callable on one device, in milliseconds."""
+    """Median wall time of a callable on one device, in milliseconds.
 
-    def __init__(self, device: torch.device | str):
+    On CUDA, ``hide_host=True`` times the device's work alone, as it runs inside a whole model
+    whose kernels queue back to back: a spin kernel long enough to cover the host's launch goes
+    first, so the start event fires only once the call's kernels are queued. Timing each
+    isolated node from an idle device made it pay its launch latency on top of its work (on an
+    H100 the node sums of a ViT-L came to 1.35x its measured forward, of a ResNet-152 2.4x);
+    taking the slower of host and device time per node was worse still (2.05x for the
+    ResNet-152: an isolated call's host time is far above its share inside a model). See
+    ``benchmarks/README.md``, GPU section.
+    """
+
+    def __init__(self, device: torch.device | str, *, hide_host: bool = False):
         self.device = torch.device(device)
+        self.hide_host = hide_host and self.device.type == "cuda"
+        self._cycles_per_ms = 0.0
+        self._host_ms = 0.0
 
     def median_ms(
         self, fn: Callable[[], Any], *, repeats: int, warmup: int, setup: Callable[[], Any] | None = None
     ) -> float:
         """Run ``fn`` ``warmup`` times, then time ``repeats`` runs; ``setup`` runs untimed before each."""
+        self._host_ms = 0.0
         for _ in range(warmup):
             if setup is not None:
                 setup()
+            t0 = time.perf_counter()
             fn()
+            self._host_ms = max(self._host_ms, (time.perf_counter() - t0) * 1e3)
         samples = []
         for _ in range(repeats):
             if setup is not None:
@@ -68,14 +84,30 @@ class Timer:
             start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             torch.cuda.synchronize(self.device)
+            if self.hide_host:
+                torch.cuda._sleep(self._spin_cycles())  # type: ignore[no-untyped-call]
             start.record()
+            t0 = time.perf_counter()
             fn()
             end.record()
+            self._host_ms = max(self._host_ms, (time.perf_counter() - t0) * 1e3)
             torch.cuda.synchronize(self.device)
             return float(start.elapsed_time(end))
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
+
+    def _spin_cycles(self) -> int:
+        """Clock cycles of spin that outlast the host time of one call (twice it, 50 us at least)."""
+        if not self._cycles_per_ms:
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record()
+            torch.cuda._sleep(10_000_000)  # type: ignore[no-untyped-call]
+            end.record()
+            torch.cuda.synchronize(self.device)
+            self._cycles_per_ms = 10_000_000 / max(float(start.elapsed_time(end)), 1e-3)
+        return int(self._cycles_per_ms * max(2 * self._host_ms, 0.05))
 
 
 def may_mutate(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -223,5 +255,5 @@ def annotate_measured(
     nodes = len(gm.graph.nodes)
     with tqdm(total=nodes, desc="profiling nodes", disable=not progress, leave=False) as bar:
         with torch.no_grad():
-            _Measure(gm, Timer(device), repeats, warmup, bar).run(*inputs)
+            _Measure(gm, Timer(device, hide_host=True), repeats, warmup, bar).run(*inputs)
     return gm

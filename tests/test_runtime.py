@@ -10,36 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toys import Net, Online, Target, byol_loss, kd_loss, sgd
 
 import tspipe_fx
 from tspipe_fx.reference import ReferenceTrainer
 from tspipe_fx.runtime import RuntimeFailure
 
 SCHEDULES = ["tspipe", "gpipe", "1f1b", "sequential"]
-
-
-class Net(nn.Module):
-    """BatchNorm and a skip connection that crosses stages."""
-
-    def __init__(self, width: int = 16, out: int = 4):
-        super().__init__()
-        self.a = nn.Linear(8, width)
-        self.bn = nn.BatchNorm1d(width)
-        self.b = nn.Linear(width, width)
-        self.c = nn.Linear(width, width)
-        self.head = nn.Linear(width, out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.bn(self.a(x)))
-        return self.head(torch.relu(self.c(torch.relu(self.b(h)))) + h)
-
-
-def kd_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
-
-
-def sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
 
 
 def _run(trainer: Any, batches: list[tuple[Any, ...]], **kw: Any) -> list[float]:
@@ -99,34 +76,6 @@ def test_kd_equals_the_reference(n: int, schedule: str) -> None:
     # order, so after 10 momentum-SGD steps its weights agree to fp32 rounding, not bit for bit.
     tol = {"rtol": 1e-4, "atol": 1e-5} if schedule == "1f1b" else {}
     _assert_same_params(trainer, student, ref.student, **tol)
-
-
-class Online(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = Net(16, 8)
-        self.projector = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-        self.predictor = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predictor(self.projector(self.backbone(x)))
-
-
-class Target(nn.Module):
-    def __init__(self, online: Online) -> None:
-        super().__init__()
-        self.backbone = copy.deepcopy(online.backbone)
-        self.projector = copy.deepcopy(online.projector)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))
-
-
-def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    def one(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1).mean()
-
-    return one(p1, z2) + one(p2, z1)
 
 
 @pytest.mark.parametrize("staleness", [0, 1])
@@ -386,6 +335,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path: Any) -> None:
     save_checkpoint(first, tmp_path / "ckpt")  # over an existing one
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "COMPLETE",
+        "rng-0.pt",
         "stage-0.pt",
         "stage-1.pt",
         "trainer.pt",

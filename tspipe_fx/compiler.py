@@ -83,6 +83,19 @@ class Pipeline:
         )
         return evaluate(problem, student_cuts, teacher_cuts)
 
+    def with_plan(self, plan: Plan) -> Pipeline:
+        """This pipeline cut as ``plan`` says (another process's plan for the same models: the
+        distributed runtime makes every rank follow rank 0's)."""
+        _check_plan(plan, self.student, self.teacher, self.plan.n_stages)
+        s_cuts = [self.student_chain.position_of(name) for name in plan.student.cuts]
+        t_cuts = [self.teacher_chain.position_of(name) for name in plan.teacher.cuts]
+        return dataclasses.replace(
+            self,
+            plan=plan,
+            student_io=split(self.student_chain, s_cuts, name=f"{self.student.model_name}Stage"),
+            teacher_io=split(self.teacher_chain, t_cuts, name=f"{self.teacher.model_name}Stage"),
+        )
+
     def trainer(self, loss_fn: Any, *, optimizer: Any, **options: Any) -> Any:
         """A :class:`~tspipe_fx.trainer.Trainer` for this pipeline (see its options)."""
         from tspipe_fx.trainer import Trainer

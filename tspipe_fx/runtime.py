@@ -134,6 +134,7 @@ class LocalRuntime:
         timeout_s: float,
         loss_per_micro: bool = False,
         param_order: Sequence[str] = (),
+        held: Sequence[int] | None = None,
     ):
         self.student_cap, self.teacher_cap = student, teacher
         self.loss_fn, self.views, self.mode = loss_fn, views, mode
@@ -141,29 +142,32 @@ class LocalRuntime:
         self.timeout_s = timeout_s
         self.loss_per_micro = loss_per_micro
         self.param_order = list(param_order)
+        self.n_stages = len(student_io)
+        # The stages this process runs (all of them here; one per rank in the distributed runtime).
         self.devices: list[_Device] = []
-        for j, (s, t) in enumerate(zip(student_io, teacher_io, strict=True)):
-            dev = torch.device(devices[j])
+        for j in range(self.n_stages) if held is None else held:
+            s, t, dev = student_io[j], teacher_io[j], torch.device(devices[j])
             self.devices.append(
                 _Device(j, dev, copy.deepcopy(s.module).to(dev), copy.deepcopy(t.module).to(dev), s, t)
             )
+        self.stage = {d.index: d for d in self.devices}
         for d in self.devices:
             if d.device.type == "cuda":
                 d.stream = torch.cuda.Stream(d.device)  # type: ignore[no-untyped-call]
         # Tied student tensors: the first stage holding one owns it; the others hold copies.
         self.ties = [(names, stages) for names, stages in tie_groups(list(student_io))]
-        not_owned = {(k, n) for names, stages in self.ties for k in stages[1:] for n in names}
+        self.not_owned = {(k, n) for names, stages in self.ties for k in stages[1:] for n in names}
         for d in self.devices:
             params = {
                 n: p
                 for n, p in d.student.named_parameters()
-                if p.requires_grad and (d.index, n) not in not_owned
+                if p.requires_grad and (d.index, n) not in self.not_owned
             }
             d.optimizer = make_optimizer(params) if params else None
             d.scheduler = make_scheduler(d.optimizer) if make_scheduler and d.optimizer else None
         # Stage inputs an in-place op writes to (timm's ReLU(inplace=True) right after a cut):
         # their gradient leaves are cloned first, as autograd forbids writing to a leaf.
-        self.written: list[set[str]] = [_written_inputs(d.student) for d in self.devices]
+        self.written: dict[int, set[str]] = {d.index: _written_inputs(d.student) for d in self.devices}
         self.losses: dict[int, float] = {}
         self.broken: RuntimeFailure | None = None
         self.keep_teacher_before_ema = False
@@ -252,7 +256,7 @@ class LocalRuntime:
                 out = tuple(torch.func.functional_call(d.teacher, d.teacher_prev, tuple(args), strict=False))
             else:
                 out = _call_stage(d.teacher, args, f"teacher stage {d.index}")
-        if d.index == len(self.devices) - 1:
+        if d.index == self.n_stages - 1:
             d.teacher_out[(t.batch, t.view, t.micro)] = out
         else:
             self._send(
@@ -281,7 +285,7 @@ class LocalRuntime:
         with torch.enable_grad():
             out = _call_stage(d.student, [values[n] for n in d.s_io.inputs], f"student stage {d.index}")
         d.saved[(t.batch, t.view, t.micro)] = (leaves, out)
-        if d.index == len(self.devices) - 1:
+        if d.index == self.n_stages - 1:
             d.student_out[(t.batch, t.view, t.micro)] = out
             return
         sent = {
@@ -339,7 +343,7 @@ class LocalRuntime:
 
     def _sb(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
         leaves, out = d.saved.pop((t.batch, t.view, t.micro))
-        if d.index == len(self.devices) - 1:
+        if d.index == self.n_stages - 1:
             grads = [board.take(("grad", t.batch, t.view, t.micro, i)) for i in range(len(out))]
         else:
             received = self._receive(d, board, ("sb", d.index + 1, t.batch, t.view, t.micro))
@@ -361,8 +365,9 @@ class LocalRuntime:
 
     def _opt(self, d: _Device, t: Task, data: dict[int, Any], board: Board) -> None:
         for names, stages in self.ties:  # the owner sums its copies' gradients
-            if stages[0] == d.index:
+            if d.index in stages:
                 self._sum_tied(d, names, stages)
+        self._reduce_replicas(d)
         if self.clip is not None:
             # As torch.nn.utils.clip_grad_norm_ computes it on one device: the norm of every
             # parameter's gradient norm, stacked in the model's parameter order.
@@ -370,12 +375,9 @@ class LocalRuntime:
             grads = {
                 n: p.grad for n, p in d.student.named_parameters() if p.grad is not None and id(p) in owned
             }
-            board.put(
-                ("norm", d.index, t.batch), {n: torch.linalg.vector_norm(g).cpu() for n, g in grads.items()}
+            norms = self._all_norms(
+                d, t.batch, {n: torch.linalg.vector_norm(g).cpu() for n, g in grads.items()}, board
             )
-            norms: dict[str, torch.Tensor] = {}
-            for k in range(len(self.devices)):  # a barrier: the global norm needs every stage
-                norms.update(board.take(("norm", k, t.batch), keep=True))
             ordered = [norms[n] for n in self.param_order if n in norms] + [
                 v for n, v in norms.items() if n not in self.param_order
             ]
@@ -389,7 +391,7 @@ class LocalRuntime:
                 d.scheduler.step()
             d.optimizer.zero_grad(set_to_none=True)
         for names, stages in self.ties:  # ... and hands out the new value
-            if stages[0] == d.index:
+            if d.index in stages:
                 self._copy_tied(d, names, stages)
         if self.mode == "momentum":
             student: dict[str, torch.Tensor] = dict(d.student.named_parameters())
@@ -401,12 +403,39 @@ class LocalRuntime:
                 d.teacher_prev = {n: x.detach().clone() for n, x in teacher}
             ema_update(teacher, student, self.momentum)
 
+    def _reduce_replicas(self, d: _Device) -> None:
+        """Average the student gradients over data-parallel replicas (none here)."""
+
+    def _all_norms(
+        self, d: _Device, batch: int, mine: dict[str, torch.Tensor], board: Board
+    ) -> dict[str, torch.Tensor]:
+        """Every stage's gradient norms (a barrier: the global norm needs every stage)."""
+        board.put(("norm", d.index, batch), mine)
+        norms: dict[str, torch.Tensor] = {}
+        for k in range(self.n_stages):
+            norms.update(board.take(("norm", k, batch), keep=True))
+        return norms
+
+    # --- weights ---------------------------------------------------------------------------
+
+    def stage_state_dicts(self, which: str) -> list[dict[str, torch.Tensor]]:
+        """Every stage's ``state_dict`` of the ``"student"`` or the ``"teacher"``."""
+        return [
+            (d.student if which == "student" else d.teacher).state_dict(keep_vars=True) for d in self.devices
+        ]
+
+    def barrier(self) -> None:
+        """Wait for every process of the run (one process here)."""
+
     # --- tied tensors -----------------------------------------------------------------------
 
-    def _sum_tied(self, owner: _Device, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
-        mine = _param(owner.student, names)
+    def _sum_tied(self, d: _Device, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
+        """At the owner (the group's first stage): add the copies' gradients to its own."""
+        if d.index != stages[0]:
+            return
+        mine = _param(d.student, names)
         for k in stages[1:]:
-            other = _param(self.devices[k].student, names)
+            other = _param(self.stage[k].student, names)
             if other.grad is not None:
                 mine.grad = (
                     other.grad.to(mine.device)
@@ -415,11 +444,14 @@ class LocalRuntime:
                 )
                 other.grad = None
 
-    def _copy_tied(self, owner: _Device, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
-        mine = _param(owner.student, names)
+    def _copy_tied(self, d: _Device, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
+        """At the owner, after its step: write the new value into every copy."""
+        if d.index != stages[0]:
+            return
+        mine = _param(d.student, names)
         with torch.no_grad():
             for k in stages[1:]:
-                _param(self.devices[k].student, names).copy_(mine)
+                _param(self.stage[k].student, names).copy_(mine)
 
 
 def _call_stage(module: fx.GraphModule, args: Sequence[Any], label: str) -> tuple[Any, ...]:

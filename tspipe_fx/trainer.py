@@ -58,10 +58,16 @@ class Trainer:
         clip_grad_norm: float | None = None,
         timeout_s: float = 60.0,
     ):
-        if runtime != "local":
+        if runtime not in ("local", "dist"):
             raise TspipeError(
-                f"runtime {runtime!r} is not available; use 'local' (the distributed runtime is issue 5)"
+                f"runtime must be 'local' (one process, a thread per device) or 'dist' (one rank per "
+                f"device under torchrun), got {runtime!r}"
             )
+        if runtime == "dist":
+            from tspipe_fx import distributed
+
+            layout, device = distributed.init(pipe.plan.n_stages)
+            pipe = distributed.agree_on_plan(pipe)
         self.pipe = pipe
         plan = pipe.plan
         self.n = plan.n_stages
@@ -86,13 +92,19 @@ class Trainer:
         def make_optimizer(params: dict[str, nn.Parameter]) -> torch.optim.Optimizer | None:
             return build_optimizer(optimizer, params, originals)
 
-        self.runtime = LocalRuntime(
-            pipe.student_io, pipe.teacher_io, pipe.student, pipe.teacher,
-            [torch.device(d) for d in plan.devices], loss_fn,
-            make_optimizer=make_optimizer, make_scheduler=lr_scheduler, views=views, mode=self.mode,
+        options: dict[str, Any] = dict(
+            loss_fn=loss_fn, make_optimizer=make_optimizer, make_scheduler=lr_scheduler, views=views, mode=self.mode,
             momentum=momentum, ema_buffers=ema_buffers, clip_grad_norm=clip_grad_norm, timeout_s=timeout_s,
             loss_per_micro=self.schedules[3].loss_per_micro, param_order=[n for n, _ in user.named_parameters()],
         )  # fmt: skip
+        self.runtime: LocalRuntime
+        if runtime == "dist":
+            self.runtime = distributed.DistRuntime(pipe, layout, device, **options)
+        else:
+            self.runtime = LocalRuntime(
+                pipe.student_io, pipe.teacher_io, pipe.student, pipe.teacher,
+                [torch.device(d) for d in plan.devices], **options,
+            )  # fmt: skip
         # The order micro-batches pass each stage (BatchNorm statistics depend on it); a
         # ReferenceTrainer with micro_major=... reproduces it. Only 1f1b, with its loss per
         # micro-batch, runs them micro-batch-major.
@@ -187,9 +199,8 @@ class Trainer:
             if module is None:
                 continue
             target = module.state_dict(keep_vars=True)
-            for d in self.runtime.devices:
-                stage = d.student if which == "student" else d.teacher
-                for name, value in stage.state_dict(keep_vars=True).items():
+            for state in self.runtime.stage_state_dicts(which):
+                for name, value in state.items():
                     if name in target:
                         target[name].copy_(value.to(target[name].device))
 
@@ -198,6 +209,7 @@ class Trainer:
         if self.pending is not None:
             raise TspipeError("a batch is still in flight: call finish() before state_dict()")
         return {
+            "stages": [d.index for d in self.runtime.devices],  # those this process holds
             "student": [copy.deepcopy(d.student.state_dict()) for d in self.runtime.devices],
             "teacher": [copy.deepcopy(d.teacher.state_dict()) for d in self.runtime.devices],
             "optimizers": [d.optimizer.state_dict() if d.optimizer else None for d in self.runtime.devices],

@@ -1,0 +1,279 @@
+"""The distributed runtime, started through torchrun (gloo on this CPU): the same results as the
+reference trainer, pipeline x data parallel, two "nodes", resume, failures."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tspipe_fx
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.reference import ReferenceTrainer
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import dist_worker as worker  # noqa: E402 - the script torchrun starts; its models and data
+
+
+def _env() -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_", "LOCAL_"))
+    }
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun(nproc: int, out: Path, *args: str, node: tuple[int, str, bool] | None = None) -> list[str]:
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if node is None:
+        launch.append("--standalone")
+    else:  # one of two torchruns on this machine, meeting at a c10d rendezvous
+        nnodes, endpoint, host = node
+        launch += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                   "--rdzv-id=tspipe-test", f"--rdzv-conf=is_host={str(host).lower()}"]  # fmt: skip
+    return [*launch, str(HERE / "dist_worker.py"), "--out", str(out), *args]
+
+
+def run(nproc: int, out: Path, *args: str, timeout: float = 120) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        _torchrun(nproc, out, *args), env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def run_two_nodes(
+    out: Path, *args: str, nproc: int = 1, timeout: float = 120
+) -> list[tuple[int, str, float]]:
+    """Two torchrun invocations, as two machines would start them; (return code, output, seconds)."""
+    out.mkdir(parents=True, exist_ok=True)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            _torchrun(nproc, out, *args, node=(2, endpoint, host)),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for host in (True, False)
+    ]
+    t0 = time.monotonic()
+    results = []
+    for p in procs:
+        text, _ = p.communicate(timeout=timeout)
+        results.append((p.returncode, text, time.monotonic() - t0))
+    return results
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def results(out: Path) -> list[dict[str, Any]]:
+    files = sorted(out.glob("rank-*.pt"), key=lambda f: int(f.stem.split("-")[1]))
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The ranks run one torch thread each (torchrun's OMP_NUM_THREADS=1): so does the reference."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def reference(mode: str, steps: int, micro: int, *, tied: bool = False, clip: float | None = None,
+              short_last: bool = False) -> tuple[list[float], ReferenceTrainer]:  # fmt: skip
+    student, teacher = worker.models(mode, tied)
+    loss = worker.kd_loss if mode == "kd" else worker.byol_loss
+    ref = ReferenceTrainer(copy.deepcopy(student), copy.deepcopy(teacher), loss, optimizer=worker.sgd, mode=mode,
+                           micro_batches=micro, views=1 if mode == "kd" else 2, momentum=0.9, clip_grad_norm=clip)  # fmt: skip
+    losses = []
+    with one_thread():
+        for step in range(steps):
+            a, b = worker.batch(step, mode, worker.rows_of(step, steps, short_last))
+            losses.append(ref.step(a, target=b) if mode == "kd" else ref.step(a, b))
+    return losses, ref
+
+
+def assert_matches(got: dict[str, Any], want: list[float], ref: ReferenceTrainer, *, rtol: float = 1e-5,
+                   atol: float = 1e-6, buffers: bool = True) -> None:  # fmt: skip
+    assert [b for b, _ in got["losses"]] == list(range(len(want)))  # tagged, in order
+    assert [x for _, x in got["losses"]] == pytest.approx(want, rel=rtol, abs=atol)
+    for which, module in (("student", ref.student), ("teacher", ref.teacher)):
+        names = module.state_dict() if buffers else dict(module.named_parameters())
+        for name, value in names.items():
+            where = f"{which} {name}"
+            torch.testing.assert_close(got[which][name], value.detach(), rtol=rtol, atol=atol,
+                                       msg=lambda m, where=where: f"{where}: {m}")  # fmt: skip
+
+
+def assert_replicas_equal(all_results: list[dict[str, Any]]) -> None:
+    first = all_results[0]
+    for other in all_results[1:]:
+        assert other["losses"] == first["losses"]  # the loss reaches every rank
+        for which in ("student", "teacher"):
+            for name, value in first[which].items():
+                assert torch.equal(other[which][name], value), name
+
+
+@pytest.mark.parametrize(
+    ("ranks", "mode", "extra"),
+    [
+        (2, "kd", ["--short-last"]),
+        (2, "momentum", []),
+        (4, "kd", []),
+        (4, "momentum", ["--clip", "0.5"]),
+    ],
+    ids=["2-kd-short-last", "2-momentum", "4-kd", "4-momentum-clip"],
+)
+def test_equals_the_reference(tmp_path: Path, ranks: int, mode: str, extra: list[str]) -> None:
+    run(ranks, tmp_path, "--stages", str(ranks), "--mode", mode, "--steps", "6", *extra)
+    got = results(tmp_path)
+    assert len(got) == ranks
+    assert_replicas_equal(got)
+    clip = float(extra[extra.index("--clip") + 1]) if "--clip" in extra else None
+    want, ref = reference(mode, 6, ranks, clip=clip, short_last="--short-last" in extra)
+    assert_matches(got[0], want, ref)
+
+
+def test_tied_weights_and_clipping_across_ranks(tmp_path: Path) -> None:
+    """A weight read by both stages: gradients summed at its owner, the new value sent back."""
+    run(2, tmp_path, "--tied", "--clip", "0.3", "--steps", "5")
+    got = results(tmp_path)
+    assert_replicas_equal(got)
+    want, ref = reference("kd", 5, 2, tied=True, clip=0.3)
+    assert_matches(got[0], want, ref)
+
+
+@pytest.mark.parametrize("mode", ["kd", "momentum"])
+def test_two_pipelines_of_two_stages(tmp_path: Path, mode: str) -> None:
+    """Pipeline x data parallel on 4 ranks: each pipeline trains on half of each batch, the
+    gradients are averaged, so the result is the reference's on the whole batch (to fp32
+    rounding: a mean of two halves' means). BatchNorm statistics follow pipeline 0's, as DDP's
+    broadcast_buffers; the replicas stay bit-identical, the EMA teachers with them."""
+    run(4, tmp_path, "--stages", "2", "--mode", mode, "--steps", "6")
+    got = results(tmp_path)
+    assert_replicas_equal(got)
+    want, ref = reference(mode, 6, 4)
+    assert_matches(got[0], want, ref, rtol=1e-4, atol=1e-5, buffers=False)
+
+
+def test_ranks_follow_rank_0s_plan(tmp_path: Path) -> None:
+    """Rank 1 compiles another partition (as measured costs can make it): rank 0's is used."""
+    run(2, tmp_path, "--other-plan", "--steps", "4")
+    got = results(tmp_path)
+    assert got[1]["compiled_cuts"] != got[0]["compiled_cuts"]
+    assert got[1]["cuts"] == got[0]["cuts"] == got[0]["compiled_cuts"]
+    want, ref = reference("kd", 4, 2)
+    assert_matches(got[1], want, ref)
+
+
+def test_two_nodes(tmp_path: Path) -> None:
+    """Two torchrun invocations on this machine, two ranks each, a c10d rendezvous: 4 stages."""
+    for rc, text, _ in run_two_nodes(
+        tmp_path, "--stages", "4", "--mode", "momentum", "--steps", "5", nproc=2
+    ):
+        assert rc == 0, text[-6000:]
+    got = results(tmp_path)
+    assert len(got) == 4
+    assert_replicas_equal(got)
+    want, ref = reference("momentum", 5, 4)
+    assert_matches(got[0], want, ref)
+
+
+def test_resume_in_a_new_process_group_is_bit_identical(tmp_path: Path) -> None:
+    """6 steps straight equal 3 steps, a checkpoint, a new torchrun that resumes, 3 steps
+    (momentum with a one-step-late teacher, clipping, two pipelines)."""
+    common = ["--stages", "2", "--mode", "momentum", "--clip", "0.5", "--steps", "6"]
+    run(4, tmp_path / "straight", *common)
+    run(4, tmp_path / "first", *common, "--save-at", "3")
+    run(4, tmp_path / "second", *common, "--resume", str(tmp_path / "first" / "ckpt"))
+    straight, first, second = (results(tmp_path / k)[0] for k in ("straight", "first", "second"))
+    assert straight["losses"] == first["losses"] + second["losses"]
+    for which in ("student", "teacher"):
+        for name, value in straight[which].items():
+            assert torch.equal(second[which][name], value), name
+    ckpt = tmp_path / "first" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "COMPLETE", "rng-0.pt", "rng-1.pt", "rng-2.pt", "rng-3.pt", "stage-0.pt", "stage-1.pt", "trainer.pt",
+    ]  # fmt: skip
+    consolidated = torch.load(tmp_path / "first" / "consolidated.pt", weights_only=True)
+    for which in ("student", "teacher"):
+        for name, value in first[which].items():
+            assert torch.equal(consolidated[which][name], value), name
+
+
+@pytest.mark.parametrize("how", ["raise", "loss"])
+def test_a_failing_rank_ends_every_rank(tmp_path: Path, how: str) -> None:
+    """Rank 1 raises (in the user's loop at step 2, or inside the runtime's first loss task):
+    rank 0 ends too, with a message that names rank 1 and its error."""
+    out = tmp_path
+    out.mkdir(exist_ok=True)
+    t0 = time.monotonic()
+    done = subprocess.run(_torchrun(2, out, "--fail", f"1:2:{how}", "--steps", "6"), env=_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    elapsed = time.monotonic() - t0
+    text = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert elapsed < 60
+    error = "ValueError: boom at step 2" if how == "raise" else "ValueError: boom in the loss"
+    assert (
+        f"tspipe_fx: rank 0 stops: rank 1 (stage 1) failed: {'task loss0: ' if how == 'loss' else ''}{error}"
+        in text
+    ), text[-4000:]
+    assert not list(out.glob("rank-*.pt"))
+
+
+def test_a_killed_rank_ends_the_other_node(tmp_path: Path) -> None:
+    """Rank 1 (the second "machine") is SIGKILLed mid-run: rank 0, whose torchrun knows nothing
+    of it, ends with an error naming rank 1 instead of hanging."""
+    (rc0, text0, t0), (rc1, _, t1) = run_two_nodes(tmp_path, "--fail", "1:2:kill", "--steps", "6")
+    assert rc0 != 0 and rc1 != 0
+    assert max(t0, t1) < 60
+    assert "lost rank 1 (stage 1)" in text0 or "rank 1 stopped answering" in text0, text0[-4000:]
+
+
+def test_a_world_that_is_no_multiple_of_the_stages(tmp_path: Path) -> None:
+    done = subprocess.run(_torchrun(3, tmp_path, "--stages", "2"), env=_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode != 0
+    assert "the world has 3 ranks, not a multiple of the pipeline's 2 stages" in done.stdout + done.stderr
+
+
+def test_dist_without_a_process_group_says_how_to_start() -> None:
+    student, teacher = worker.models("kd", False)
+    pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(4, 8),), cost_model="uniform")
+    env = {
+        k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ
+    }
+    try:
+        with pytest.raises(TspipeError, match="torchrun --nproc-per-node"):
+            pipe.trainer(worker.kd_loss, optimizer=worker.sgd, runtime="dist")
+    finally:
+        os.environ.update(env)
+
+
+def test_an_unknown_runtime_is_named() -> None:
+    student, teacher = worker.models("kd", False)
+    pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(4, 8),), cost_model="uniform")
+    with pytest.raises(TspipeError, match=r"runtime must be 'local'.*or 'dist'.*got 'mpi'"):
+        pipe.trainer(worker.kd_loss, optimizer=worker.sgd, runtime="mpi")

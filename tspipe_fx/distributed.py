@@ -46,7 +46,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.plan import Plan
-from tspipe_fx.runtime import Board, LocalRuntime, RuntimeFailure, _Device, _param
+from tspipe_fx.runtime import Board, LocalRuntime, RuntimeFailure, _Device, _param, _written_inputs
 from tspipe_fx.schedule import Task
 from tspipe_fx.split import Stage
 
@@ -155,11 +155,14 @@ def boundary_specs(stages: Sequence[Stage], inputs: Sequence[Any], *, grad: bool
             for n, x in zip(stages[0].inputs, inputs, strict=True)
         }
         for j, st in enumerate(stages):
+            written = _written_inputs(st.module)
             args = []
             for n in st.inputs:
                 v = env[n]
                 if j > 0 and isinstance(v, torch.Tensor) and v.requires_grad:
                     v = v.detach().requires_grad_()
+                    if n in written:  # as the runtime does: autograd forbids writing to a leaf
+                        v = v.clone()
                 args.append(v)
             with torch.set_grad_enabled(grad):
                 values = tuple(st.module(*args))
@@ -315,7 +318,7 @@ class DistRuntime(LocalRuntime):
         ]
         self.specs: dict[tuple[str, Any], list[dict[str, Any]]] = {}
         self.watchdog = Watchdog(layout) if "MASTER_ADDR" in os.environ else None
-        self._sends: list[tuple[Any, list[torch.Tensor], int]] = []  # work, its tensors, peer stage
+        self._sends: list[tuple[Any, list[torch.Tensor], int]] = []  # work, its tensors, peer rank
 
     # --- a window ------------------------------------------------------------------------------
 
@@ -329,10 +332,30 @@ class DistRuntime(LocalRuntime):
         self._posted: dict[Any, tuple[list[Any], dict[str, Any]]] = {}
         self._cursor: dict[tuple[int, str], int] = {}
         task = tasks[0] if tasks else Task("opt", d.index, -1)
+        batch = next(t.batch for t in tasks if t.kind == "opt")
         try:
-            for task in tasks:
+            inbox = self._expect_losses()
+            last_loss = max((i for i, t in enumerate(tasks) if t.kind == "loss"), default=-1)
+            for i, task in enumerate(tasks):
                 getattr(self, f"_{task.kind}")(d, task, data, board)
-            self._wait_sends()
+                if i == last_loss:
+                    self._tell_loss(batch)
+            if self._posted:
+                raise TspipeError(
+                    f"messages {sorted(self._posted)} were received but not used (a schedule bug)"
+                )
+            values = []
+            for p in range(self.layout.pipelines):
+                sender = self.layout.rank_of(self.n_stages - 1, p)
+                if sender in inbox:
+                    work, value = inbox[sender]
+                    self._wait(work, f"receiving the loss of batch {batch}", sender)
+                    values.append(float(value))
+                else:
+                    values.append(self.losses[batch])
+            # Sends complete in their own time: no barrier between windows, so the next one's
+            # work starts while the peers finish this one.
+            self._sends = [s for s in self._sends if not s[0].is_completed()]
         except Exception as e:
             where = "".join(f" ({note})" for note in getattr(e, "_tspipe_notes", []))
             message = f"task {task}{where}: {type(e).__name__}: {e}"
@@ -344,15 +367,32 @@ class DistRuntime(LocalRuntime):
                     self.watchdog.fail(message)
                 self.broken = RuntimeFailure(f"rank {self.layout.rank} (stage {d.index}) failed at {message}")
             raise self.broken from e
-        # The loss of the window's batch, from the last stage to every rank (mean over pipelines).
-        batch = next(t.batch for t in tasks if t.kind == "opt")
-        value = torch.tensor([self.losses.pop(batch, 0.0)], dtype=torch.float64, device=self.comm)
-        dist.all_reduce(value)
-        self.losses[batch] = float(value) / self.layout.pipelines
+        self.losses[batch] = sum(values) / len(values)  # the mean over pipelines
 
-    def _wait_sends(self) -> None:
-        for work, _, stage in self._sends:
-            self._wait(work, "sending", stage)
+    def _expect_losses(self) -> dict[int, tuple[Any, torch.Tensor]]:
+        """Post the receives of this window's loss from every pipeline's last rank."""
+        me = self.layout.rank
+        inbox = {}
+        for p in range(self.layout.pipelines):
+            sender = self.layout.rank_of(self.n_stages - 1, p)
+            if sender != me:
+                value = torch.zeros(1, dtype=torch.float64, device=self.comm)
+                (work,) = dist.batch_isend_irecv([dist.P2POp(dist.irecv, value, sender)])
+                inbox[sender] = (work, value)
+        return inbox
+
+    def _tell_loss(self, batch: int) -> None:
+        """The last stage, once its batch's loss is whole: to every other rank, at once."""
+        value = torch.tensor([self.losses[batch]], dtype=torch.float64, device=self.comm)
+        peers = [r for r in range(self.layout.world) if r != self.layout.rank]
+        if peers:
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, value, r) for r in peers])
+            self._sends.extend((w, [value], r) for w, r in zip(works, peers, strict=True))
+
+    def drain(self) -> None:
+        """Wait until every message this rank sent has left."""
+        for work, _, peer in self._sends:
+            self._wait(work, "sending", peer)
         self._sends.clear()
 
     # --- messages ------------------------------------------------------------------------------
@@ -390,7 +430,7 @@ class DistRuntime(LocalRuntime):
         sent = [t.detach().contiguous() for t in tensors if t.numel()]
         if sent:
             works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer, group) for t in sent])
-            self._sends.extend((w, sent, to) for w in works)
+            self._sends.extend((w, sent, peer) for w in works)
 
     def _receive(self, d: _Device, board: Board, key: Any) -> Any:
         kind, j = key[0], key[1]
@@ -407,12 +447,12 @@ class DistRuntime(LocalRuntime):
         self._cursor[(j, channel)] = at
         works, payload = self._posted.pop(key)
         for w in works:
-            self._wait(w, f"receiving {key}", j)
+            self._wait(w, f"receiving {key}", self.layout.rank_of(j))
         return payload
 
-    def _wait(self, work: Any, what: str, stage: int) -> None:
+    def _wait(self, work: Any, what: str, peer: int) -> None:
         """Wait for a point-to-point message; a lost peer is named, not left as a socket error."""
-        peer = self.layout.rank_of(stage)
+        stage = peer % self.n_stages
         try:
             done = work.wait(timeout=timedelta(seconds=self.timeout_s))
         except RuntimeError as e:
@@ -529,14 +569,15 @@ class DistRuntime(LocalRuntime):
             [dist.P2POp(op, tensor, self.layout.rank_of(stage), self.pipeline_group)]
         )
         if wait:
-            self._wait(work, "exchanging a tied weight", stage)
+            self._wait(work, "exchanging a tied weight", self.layout.rank_of(stage))
         else:
-            self._sends.append((work, [tensor], stage))
+            self._sends.append((work, [tensor], self.layout.rank_of(stage)))
 
     # --- weights of every stage ---------------------------------------------------------------
 
     def stage_state_dicts(self, which: str) -> list[dict[str, torch.Tensor]]:
         """Every stage's state_dict on every rank (pipeline 0's, broadcast), on the CPU."""
+        self.drain()
         out = []
         for j in range(self.n_stages):
             src = self.layout.rank_of(j, 0)
@@ -557,6 +598,7 @@ class DistRuntime(LocalRuntime):
         return out
 
     def barrier(self) -> None:
+        self.drain()
         dist.barrier()
 
 

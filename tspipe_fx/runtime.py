@@ -427,6 +427,9 @@ class LocalRuntime:
     def barrier(self) -> None:
         """Wait for every process of the run (one process here)."""
 
+    def drain(self) -> None:
+        """Wait until every message sent has left (they are in memory here)."""
+
     # --- tied tensors -----------------------------------------------------------------------
 
     def _sum_tied(self, d: _Device, names: tuple[str, ...], stages: tuple[int, ...]) -> None:

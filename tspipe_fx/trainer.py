@@ -208,6 +208,7 @@ class Trainer:
         """Everything to resume: stage weights, optimizers, schedulers, EMA momentum, step."""
         if self.pending is not None:
             raise TspipeError("a batch is still in flight: call finish() before state_dict()")
+        self.runtime.drain()
         return {
             "stages": [d.index for d in self.runtime.devices],  # those this process holds
             "student": [copy.deepcopy(d.student.state_dict()) for d in self.runtime.devices],

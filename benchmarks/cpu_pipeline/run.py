@@ -1,0 +1,246 @@
+"""CPU pipeline throughput (issue 5): our distributed runtime against plain training and
+torch.distributed.pipelining, on one KD pair, side by side.
+
+    python benchmarks/cpu_pipeline/run.py                 # 5 rounds, prints the table
+    python benchmarks/cpu_pipeline/run.py --rounds 1 --steps 2 --batch 8    # a quick check
+
+The pair: a ViT-S/16 teacher (6 blocks) and a ResNet-18 student at 64 x 64 images, batch 32 in
+4 micro-batches, KD loss (cross-entropy + KL). One plan is compiled first (measured costs,
+2 stages) and every contender uses its split:
+
+- ``plain-1t`` / ``plain-2t``: one process, teacher forward then student forward, backward and
+  SGD step on the whole batch, with 1 and with 2 torch threads;
+- ``tspipe``: ``pipe.trainer(runtime="dist", schedule="tspipe")`` on 2 gloo ranks under torchrun,
+  one torch thread each;
+- ``pippy-gpipe`` / ``pippy-1f1b``: torch.distributed.pipelining on the same 2 ranks and stage
+  modules: the teacher as its own forward-only pipeline (``ScheduleGPipe.eval``) before the
+  student's ``ScheduleGPipe`` or ``Schedule1F1B`` step, its outputs handed to the student's loss
+  on the last rank as per-micro-batch targets, as a user of that library would write KD.
+
+Each round runs every contender once (in turn, so machine noise spreads over all); a run times
+``--steps`` steps after 2 warm-up steps. The table gives each contender's median samples/s over
+the rounds and its ratio to ``plain-1t``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[2]
+CONTENDERS = ["plain-1t", "plain-2t", "tspipe", "pippy-gpipe", "pippy-1f1b"]
+
+
+IMAGE = int(os.environ.get("TSPIPE_BENCH_IMAGE", "128"))
+
+
+def pair() -> tuple[nn.Module, nn.Module]:
+    import timm
+
+    torch.manual_seed(0)
+    student = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    teacher = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=IMAGE, depth=6)
+    return student, teacher.eval()
+
+
+def kd_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
+
+
+def data(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 3, IMAGE, IMAGE, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+def sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+def compiled(args: argparse.Namespace) -> Any:
+    """The pipeline every contender shares: the saved plan's split (no profiling here)."""
+    import tspipe_fx
+    from tspipe_fx.plan import Plan
+
+    student, teacher = pair()
+    x, _ = data(args.batch)
+    return tspipe_fx.compile(student, teacher, 2, example_inputs=(x,), micro_batches=args.micro,
+                             plan=Plan.load(args.plan), cost_model="uniform")  # fmt: skip
+
+
+# --- the contenders (each a worker process) ----------------------------------------------------
+
+
+def plain(args: argparse.Namespace) -> float:
+    torch.set_num_threads(args.threads)
+    student, teacher = pair()
+    opt = sgd(student.parameters())
+    x, y = data(args.batch)
+
+    def step() -> None:
+        with torch.no_grad():
+            t = teacher(x)
+        loss = kd_loss(student(x), t, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return timed(step, args)
+
+
+def tspipe(args: argparse.Namespace) -> float:
+    pipe = compiled(args)
+    trainer = pipe.trainer(kd_loss, optimizer=sgd, runtime="dist", schedule="tspipe")
+    x, y = data(args.batch)
+    seconds = timed(lambda: trainer.step(x, target=y), args)
+    trainer.finish()
+    return seconds
+
+
+def pippy(args: argparse.Namespace, kind: str) -> float:
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    pipe = compiled(args)
+
+    class Stage(nn.Module):
+        """Our stage module as that library wants it: a lone tensor bare, every tensor
+        contiguous (its gloo sends refuse others)."""
+
+        def __init__(self, gm: nn.Module, last: bool):
+            super().__init__()
+            self.gm, self.last = gm, last
+
+        def forward(self, *xs: torch.Tensor) -> Any:
+            out = tuple(o.contiguous() for o in self.gm(*xs))
+            return out[0] if self.last or len(out) == 1 else out
+
+    last = rank == 1
+    s_mod = Stage(pipe.student_io[rank].module, last)
+    t_mod = Stage(pipe.teacher_io[rank].module, last).requires_grad_(False)  # a frozen teacher
+    s_stage = PipelineStage(s_mod, rank, 2, torch.device("cpu"))
+    t_stage = PipelineStage(t_mod, rank, 2, torch.device("cpu"))
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # The library takes one tensor per micro-batch as the target: teacher logits | label.
+        return kd_loss(out, target[:, :-1], target[:, -1].long())
+
+    schedule = (ScheduleGPipe if kind == "gpipe" else Schedule1F1B)(s_stage, args.micro, loss_fn=loss_fn)
+    teacher = ScheduleGPipe(t_stage, args.micro)
+    opt = sgd(s_mod.parameters())
+    x, y = data(args.batch)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        if rank == 0:
+            teacher.eval(x)
+            schedule.step(x)
+        else:
+            t = teacher.eval()
+            packed = torch.cat([t, y[:, None].float()], dim=1)
+            schedule.step(target_mbs=list(packed.chunk(args.micro)))
+        opt.step()
+
+    seconds = timed(step, args)
+    dist.destroy_process_group()
+    return seconds
+
+
+def timed(step: Any, args: argparse.Namespace) -> float:
+    for _ in range(2):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    return time.perf_counter() - t0
+
+
+# --- the launcher -------------------------------------------------------------------------------
+
+
+def launch(name: str, args: argparse.Namespace, out: Path) -> float:
+    """One contender in fresh processes; its samples/s."""
+    common = ["--plan", str(args.plan), "--batch", str(args.batch), "--micro", str(args.micro),
+              "--steps", str(args.steps), "--result", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if name.startswith("plain"):
+        cmd = [sys.executable, str(HERE), "--worker", "plain", "--threads", name[-2], *common]
+        env["OMP_NUM_THREADS"] = name[-2]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(HERE), "--worker", name, *common]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    seconds = float(out.read_text())
+    return args.steps * args.batch / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--worker", choices=["plain", "tspipe", "pippy-gpipe", "pippy-1f1b"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plan", type=Path)
+    parser.add_argument("--result", type=Path)
+    parser.add_argument("--json", type=Path, help="write the figures here too")
+    args = parser.parse_args()
+    if args.worker is not None:
+        if args.worker == "plain":
+            seconds = plain(args)
+        elif args.worker == "tspipe":
+            seconds = tspipe(args)
+        else:
+            seconds = pippy(args, args.worker.split("-")[1])
+        if int(os.environ.get("RANK", "0")) == 0:
+            args.result.write_text(str(seconds))
+        return
+
+    import tspipe_fx
+
+    torch.set_num_threads(1)
+    student, teacher = pair()
+    x, _ = data(args.batch)
+    t0 = time.perf_counter()
+    pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(x,), micro_batches=args.micro)
+    print(f"compiled in {time.perf_counter() - t0:.1f} s (measured costs, 1 thread)\n")
+    print(pipe.report())
+    with tempfile.TemporaryDirectory() as tmp:
+        args.plan = Path(tmp) / "plan.json"
+        pipe.plan.save(args.plan)
+        figures: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+        for r in range(args.rounds):
+            for name in CONTENDERS:
+                figures[name].append(launch(name, args, Path(tmp) / f"{name}.txt"))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in figures.items()), flush=True)
+    base = statistics.median(figures["plain-1t"])
+    print(f"\n{args.rounds} rounds x {args.steps} steps, batch {args.batch} in {args.micro} micro-batches, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPUs\n")  # fmt: skip
+    print("| contender | samples/s (median) | min | max | vs plain 1 thread |")
+    print("|---|---:|---:|---:|---:|")
+    for name, values in figures.items():
+        med = statistics.median(values)
+        print(f"| {name} | {med:.1f} | {min(values):.1f} | {max(values):.1f} | {med / base:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: demo test test-slow lint bench-profile bench-partition bench-schedule clean
+.PHONY: demo test test-slow lint bench-profile bench-partition bench-schedule bench-pipeline clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-profile: $(STAMP)
 bench-schedule: $(STAMP)
 	$(BIN)/python benchmarks/schedule/run.py simulate
 	$(BIN)/python benchmarks/schedule/run.py overhead
+
+bench-pipeline: $(STAMP)
+	$(BIN)/python benchmarks/cpu_pipeline/run.py
 
 bench-partition: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"

@@ -67,6 +67,17 @@ def test_plan_round_trips_and_rebuilds_the_same_stages(kd: tspipe_fx.Pipeline, t
         Plan.from_json(plan.to_json().replace('"mode"', '"mood"'))
 
 
+def test_with_plan_recuts_the_same_models(kd: tspipe_fx.Pipeline) -> None:
+    """Another process's plan for the same models (the distributed runtime's rank 0)."""
+    other = tspipe_fx.compile(kd.student, kd.teacher, 3, example_inputs=(torch.randn(6, 3, 32, 32),),
+                              cost_model="params")  # fmt: skip
+    assert other.plan.student.cuts != kd.plan.student.cuts
+    again = other.with_plan(kd.plan)
+    assert again.plan is kd.plan
+    assert [s.nodes for s in again.student_io] == [s.nodes for s in kd.student_io]
+    assert [s.nodes for s in again.teacher_io] == [s.nodes for s in kd.teacher_io]
+
+
 def test_report(kd: tspipe_fx.Pipeline) -> None:
     text = kd.report()
     lines = text.splitlines()

@@ -57,6 +57,20 @@ def test_measured_cost_reads_the_profile(mlp: tuple[fx.GraphModule, Profile]) ->
     assert sum(c.fwd_ms for c in costs) == pytest.approx(prof.sum_fwd_ms)
 
 
+def test_calibrated_costs_add_up_to_the_whole_model(mlp: tuple[fx.GraphModule, Profile]) -> None:
+    """Each node keeps its share of the profile; the totals become the measured model's."""
+    gm, prof = mlp
+    raw = MeasuredCost(prof).graph_costs(gm)
+    cal = MeasuredCost(prof, calibrate=True).graph_costs(gm)
+    assert sum(c.fwd_ms for c in cal) == pytest.approx(prof.model_fwd_ms)
+    assert sum(c.bwd_ms for c in cal) == pytest.approx(prof.model_fwd_bwd_ms - prof.model_fwd_ms)
+    f, b = prof.model_fwd_ms / prof.sum_fwd_ms, (prof.model_fwd_bwd_ms - prof.model_fwd_ms) / prof.sum_bwd_ms
+    for r, c in zip(raw, cal, strict=True):
+        assert c.fwd_ms == pytest.approx(r.fwd_ms * f)
+        assert c.bwd_ms == pytest.approx(r.bwd_ms * b)
+        assert c.memory_bytes == r.memory_bytes
+
+
 def test_measured_cost_scales_with_the_symbolic_flops(mlp: tuple[fx.GraphModule, Profile]) -> None:
     gm, prof = mlp
     full = MeasuredCost(prof).graph_costs(gm)

@@ -383,10 +383,10 @@ def _cost_models(
         builtin = {"roofline": lambda: RooflineCost(spec, batch_size=micro_batch),
                    "params": ParamCountCost, "uniform": UniformCost}[cost_model]  # fmt: skip
         return builtin(), builtin(), str(cost_model)
-    if cost_model not in (None, "measured"):
+    if cost_model not in (None, "measured", "calibrated"):
         raise TspipeError(
             f"unknown cost_model {cost_model!r}; use a CostModel, a (student, teacher) pair, or one of "
-            "'measured', 'roofline', 'params', 'uniform'"
+            "'measured', 'calibrated', 'roofline', 'params', 'uniform'"
         )
     if profiles is None:
         profiles = (
@@ -395,10 +395,11 @@ def _cost_models(
         )
     if len(profiles) != 2 or not all(isinstance(p, Profile) for p in profiles):
         raise TspipeError("profile must be a (student Profile, teacher Profile) pair")
+    calibrate = cost_model == "calibrated"  # node times scaled to the whole models' measured totals
     return (
-        MeasuredCost(profiles[0], batch_size=micro_batch),
-        MeasuredCost(profiles[1], batch_size=micro_batch),
-        "measured",
+        MeasuredCost(profiles[0], batch_size=micro_batch, calibrate=calibrate),
+        MeasuredCost(profiles[1], batch_size=micro_batch, calibrate=calibrate),
+        "calibrated" if calibrate else "measured",
     )
 
 

@@ -207,18 +207,38 @@ class _Scaling:
 class MeasuredCost(CostModel):
     """Measured times from a :class:`Profile` (scaled by the symbolic FLOPs at another batch size).
 
+    With ``calibrate=True`` the node times are scaled so that they add up to the whole model's
+    measured forward and backward: each node keeps its share, the model its true total. The
+    isolated node timings miss what a whole run adds or saves (cache reuse, accumulating weight
+    gradients, launch overlap), and by different amounts for different models, which tilts the
+    balance between a teacher's forward and a student's backward.
+
     Example:
         >>> MeasuredCost(tspipe_fx.profile(model, (x,)), batch_size=4)
     """
 
     name = "measured"
 
-    def __init__(self, profile: Profile, *, batch_size: int | None = None, seq_len: int | None = None):
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        batch_size: int | None = None,
+        seq_len: int | None = None,
+        calibrate: bool = False,
+    ):
         if not isinstance(profile, Profile):
             raise TspipeError(f"MeasuredCost needs a Profile, got {type(profile).__name__}")
         self.profile = profile
         self.scaling = _Scaling(profile.sizes, batch_size, seq_len)
         self.by_node: dict[fx.Node, NodeInfo] = {}
+        self.fwd_scale = self.bwd_scale = 1.0
+        if calibrate:
+            bwd_model = profile.model_fwd_bwd_ms - profile.model_fwd_ms
+            if profile.sum_fwd_ms > 0 and profile.model_fwd_ms > 0:
+                self.fwd_scale = profile.model_fwd_ms / profile.sum_fwd_ms
+            if profile.sum_bwd_ms > 0 and bwd_model > 0:
+                self.bwd_scale = bwd_model / profile.sum_bwd_ms
 
     def prepare(self, gm: fx.GraphModule) -> None:
         self.profile.check(gm)  # same structure: nodes match the profile's by position
@@ -230,7 +250,11 @@ class MeasuredCost(CostModel):
         i = self.by_node[node]
         r = self.scaling.node(i)
         mem = self.scaling.ratio(i.output_bytes_expr) or 1.0
-        return NodeCost((i.fwd_ms or 0.0) * r, (i.bwd_ms or 0.0) * r, round(i.saved_bytes * mem))
+        return NodeCost(
+            (i.fwd_ms or 0.0) * r * self.fwd_scale,
+            (i.bwd_ms or 0.0) * r * self.bwd_scale,
+            round(i.saved_bytes * mem),
+        )
 
 
 class RooflineCost(CostModel):

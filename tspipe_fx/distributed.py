@@ -203,12 +203,17 @@ class Watchdog:
         sys.excepthook = self._excepthook
         atexit.register(self.close)
 
-    def fail(self, message: str) -> None:
-        """Tell every rank that this one failed (the first notice wins)."""
+    def fail(self, message: str, *, wait_s: float = 5.0) -> None:
+        """Tell every rank that this one failed (the first notice wins), and give them up to
+        ``wait_s`` to read it before this process goes on to exit (torchrun ends the others
+        when it sees one exit, which could otherwise cut their own word short)."""
         try:
             self._main.compare_set(
                 "failed", "", f"rank {self.layout.rank} (stage {self.layout.stage}) failed: {message}"
             )
+            deadline = time.monotonic() + wait_s
+            while self._main.add("read", 0) < self.layout.world - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
         except Exception:  # noqa: BLE001 - the store may be gone with the failure; the heartbeat tells then
             pass
 
@@ -248,7 +253,10 @@ class Watchdog:
             try:
                 self._own.add(f"beat/{me}", 1)
                 if self._own.check(["failed"]):
-                    self._end(self._own.get("failed").decode())
+                    notice = self._own.get("failed").decode()
+                    if notice.startswith(f"rank {me} "):
+                        return  # this rank's own failure: its main thread reports and exits
+                    self._end(notice)
                 now = time.monotonic()
                 for r in others:
                     if self._own.check([f"done/{r}"]):
@@ -273,6 +281,10 @@ class Watchdog:
         if self._stop.is_set():
             return
         print(f"tspipe_fx: rank {self.layout.rank} stops: {why}", file=sys.stderr, flush=True)
+        try:
+            self._own.add("read", 1)  # the failed rank waits for this before it exits
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
         os._exit(1)
 
 
@@ -331,6 +343,7 @@ class DistRuntime(LocalRuntime):
         self._lists, self._data = lists, data
         self._posted: dict[Any, tuple[list[Any], dict[str, Any]]] = {}
         self._cursor: dict[tuple[int, str], int] = {}
+        self._window_specs: dict[tuple[str, int, int, int], list[dict[str, Any]]] = {}
         task = tasks[0] if tasks else Task("opt", d.index, -1)
         batch = next(t.batch for t in tasks if t.kind == "opt")
         try:
@@ -496,16 +509,19 @@ class DistRuntime(LocalRuntime):
 
     def _specs_of(self, kind: str, j: int, batch: int, view: int, micro: int) -> dict[str, Any]:
         """The outputs of stage ``j`` of the student (``sf``) or teacher (``tf``) for a micro-batch."""
-        student = kind == "sf"
-        cap = self.student_cap if student else self.teacher_cap
-        args, kwargs, _ = self._data[batch]
-        flat = cap.flatten_inputs(args[view][micro], kwargs[view][micro])
-        sig = (kind, _signature(flat))
-        if sig not in self.specs:
-            self.specs[sig] = boundary_specs(
-                self.student_io if student else self.teacher_io, flat, grad=student
-            )
-        return self.specs[sig][j]
+        key = (kind, batch, view, micro)
+        if key not in self._window_specs:  # flattening the inputs costs ms: once per micro-batch
+            student = kind == "sf"
+            cap = self.student_cap if student else self.teacher_cap
+            args, kwargs, _ = self._data[batch]
+            flat = cap.flatten_inputs(args[view][micro], kwargs[view][micro])
+            sig = (kind, _signature(flat))
+            if sig not in self.specs:
+                self.specs[sig] = boundary_specs(
+                    self.student_io if student else self.teacher_io, flat, grad=student
+                )
+            self._window_specs[key] = self.specs[sig]
+        return self._window_specs[key][j]
 
     # --- collectives ---------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import operator
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -473,12 +474,50 @@ def _call_stage(module: fx.GraphModule, args: Sequence[Any], label: str) -> tupl
         raise
 
 
+# Ops whose output shares its input's memory: an in-place op on the result writes the input.
+_ALIAS_METHODS = {
+    "view", "view_as", "reshape", "flatten", "unflatten", "transpose", "permute", "t", "expand",
+    "expand_as", "squeeze", "unsqueeze", "narrow", "select", "unbind", "split", "chunk", "detach",
+    "__getitem__", "contiguous", "as_strided", "movedim", "swapaxes", "diagonal", "unfold",
+}  # fmt: skip
+_ALIAS_FUNCTIONS = {
+    operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+    torch.unsqueeze, torch.narrow, torch.select, torch.unbind, torch.split, torch.chunk, torch.t,
+    torch.movedim, torch.swapaxes, torch.diagonal, torch.detach,
+}  # fmt: skip
+
+
+def _aliases(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node``'s output may share memory with its first argument."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.Identity)
+    if node.op == "call_method":
+        return str(node.target) in _ALIAS_METHODS
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):  # export's aten ops: their schemas say it
+            returns = target._schema.returns
+            return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+        return target in _ALIAS_FUNCTIONS or getattr(target, "__name__", "") in _ALIAS_METHODS
+    return False
+
+
 def _written_inputs(gm: fx.GraphModule) -> set[str]:
-    return {
-        str(p.target)
-        for p in gm.graph.nodes
-        if p.op == "placeholder" and any(may_mutate(u, gm) and u.args and u.args[0] is p for u in p.users)
-    }
+    """Stage inputs an in-place op writes to, directly or through identities and views."""
+    written = set()
+    for p in gm.graph.nodes:
+        if p.op != "placeholder":
+            continue
+        reach, todo = {p}, [p]
+        while todo:
+            for u in todo.pop().users:
+                if u.args and u.args[0] in reach and u not in reach:
+                    if may_mutate(u, gm):
+                        written.add(str(p.target))
+                    if _aliases(u, gm):
+                        reach.add(u)
+                        todo.append(u)
+    return written
 
 
 def _params(opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:

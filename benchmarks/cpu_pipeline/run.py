@@ -42,6 +42,7 @@ from torch import nn
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
 CONTENDERS = ["plain-1t", "plain-2t", "tspipe", "pippy-gpipe", "pippy-1f1b"]
+FAILURES: dict[str, str] = {}
 
 
 IMAGE = int(os.environ.get("TSPIPE_BENCH_IMAGE", "128"))
@@ -119,13 +120,16 @@ def pippy(args: argparse.Namespace, kind: str) -> float:
 
     class Stage(nn.Module):
         """Our stage module as that library wants it: a lone tensor bare, every tensor
-        contiguous (its gloo sends refuse others)."""
+        contiguous (its gloo sends refuse others), received inputs cloned (a cut before an
+        in-place ReLU would write to its input leaf, which autograd refuses)."""
 
         def __init__(self, gm: nn.Module, last: bool):
             super().__init__()
-            self.gm, self.last = gm, last
+            self.gm, self.last, self.first = gm, last, not last
 
         def forward(self, *xs: torch.Tensor) -> Any:
+            if not self.first:
+                xs = tuple(x.clone() for x in xs)
             out = tuple(o.contiguous() for o in self.gm(*xs))
             return out[0] if self.last or len(out) == 1 else out
 
@@ -185,7 +189,9 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> float:
                str(HERE), "--worker", name, *common]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        errors = [ln for ln in (done.stdout + done.stderr).splitlines() if "Error: " in ln or "Error:" in ln[:40]]
+        FAILURES[name] = errors[0].split("]: ")[-1][:160] if errors else done.stderr[-300:]
+        return float("nan")
     seconds = float(out.read_text())
     return args.steps * args.batch / seconds
 
@@ -201,6 +207,7 @@ def main() -> None:
     parser.add_argument("--plan", type=Path)
     parser.add_argument("--result", type=Path)
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--cost-model", default="calibrated", help="how the shared plan is costed")
     args = parser.parse_args()
     if args.worker is not None:
         if args.worker == "plain":
@@ -219,7 +226,10 @@ def main() -> None:
     student, teacher = pair()
     x, _ = data(args.batch)
     t0 = time.perf_counter()
-    pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(x,), micro_batches=args.micro)
+    # Profiled at the micro-batch size the stages will run at, planned for the whole batch.
+    micro_x = x[: args.batch // args.micro]
+    pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
+                             micro_batches=args.micro, cost_model=args.cost_model)  # fmt: skip
     print(f"compiled in {time.perf_counter() - t0:.1f} s (measured costs, 1 thread)\n")
     print(pipe.report())
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,6 +246,9 @@ def main() -> None:
     print("| contender | samples/s (median) | min | max | vs plain 1 thread |")
     print("|---|---:|---:|---:|---:|")
     for name, values in figures.items():
+        if name in FAILURES:
+            print(f"| {name} | failed: {FAILURES[name]} | | | |")
+            continue
         med = statistics.median(values)
         print(f"| {name} | {med:.1f} | {min(values):.1f} | {max(values):.1f} | {med / base:.2f}x |")
     if args.json:

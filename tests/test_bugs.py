@@ -12,6 +12,28 @@ import tspipe_fx
 from tspipe_fx.reference import ReferenceTrainer
 
 
+def _assert_trains_like_the_reference(
+    pipe: tspipe_fx.Pipeline,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    data: list[tuple[torch.Tensor, ...]],
+) -> None:
+    def loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(s, y) + F.mse_loss(s, t)
+
+    def sgd(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(ps, lr=0.05)
+
+    trainer = pipe.trainer(loss, optimizer=sgd)
+    ref = ReferenceTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), loss, optimizer=sgd, micro_batches=trainer.m
+    )
+    got = [r.loss for r in (trainer.step(a, target=b) for a, b in data) if r is not None] + [
+        trainer.finish().loss
+    ]
+    assert got == [ref.step(a, target=b) for a, b in data]
+
+
 def test_stage_that_writes_to_its_input() -> None:
     """timm's ResNet uses ReLU(inplace=True). A cut just before one made the next stage write
     to its received activation, a leaf that requires grad: autograd refused ("a leaf Variable
@@ -32,22 +54,9 @@ def test_stage_that_writes_to_its_input() -> None:
     pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, example_inputs=(x,), cost_model="uniform",
                              balance=([cut, len(nodes) - cut], [teacher_n // 2, teacher_n - teacher_n // 2]))  # fmt: skip
     assert pipe.student_io[1].nodes[0] == nodes[cut].name
-
-    def loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(s, y) + F.mse_loss(s, t)
-
-    def sgd(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(ps, lr=0.05)
-
-    trainer = pipe.trainer(loss, optimizer=sgd)
-    ref = ReferenceTrainer(
-        copy.deepcopy(student), copy.deepcopy(teacher), loss, optimizer=sgd, micro_batches=trainer.m
+    _assert_trains_like_the_reference(
+        pipe, student, teacher, [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
     )
-    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
-    got = [r.loss for r in (trainer.step(a, target=b) for a, b in data) if r is not None] + [
-        trainer.finish().loss
-    ]
-    assert got == [ref.step(a, target=b) for a, b in data]
 
 
 class _AliasThenInplace(torch.nn.Module):
@@ -75,19 +84,6 @@ def test_stage_that_writes_to_an_alias_of_its_input() -> None:
     pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, example_inputs=(x,), cost_model="uniform",
                              balance=(["drop_block"], ["b"]))  # fmt: skip
     assert pipe.student_io[1].nodes[0] == "drop_block"
-
-    def loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(s, y) + F.mse_loss(s, t)
-
-    def sgd(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(ps, lr=0.05)
-
-    trainer = pipe.trainer(loss, optimizer=sgd)
-    ref = ReferenceTrainer(
-        copy.deepcopy(student), copy.deepcopy(teacher), loss, optimizer=sgd, micro_batches=trainer.m
+    _assert_trains_like_the_reference(
+        pipe, student, teacher, [(torch.randn(4, 8), torch.randint(0, 4, (4,))) for _ in range(3)]
     )
-    data = [(torch.randn(4, 8), torch.randint(0, 4, (4,))) for _ in range(3)]
-    got = [r.loss for r in (trainer.step(a, target=b) for a, b in data) if r is not None] + [
-        trainer.finish().loss
-    ]
-    assert got == [ref.step(a, target=b) for a, b in data]

@@ -130,7 +130,7 @@ def pippy(args: argparse.Namespace, kind: str) -> float:
         def forward(self, *xs: torch.Tensor) -> Any:
             if not self.first:
                 xs = tuple(x.clone() for x in xs)
-            out = tuple(o.contiguous() for o in self.gm(*xs))
+            out = tuple(o.contiguous() if isinstance(o, torch.Tensor) else o for o in self.gm(*xs))
             return out[0] if self.last or len(out) == 1 else out
 
     last = rank == 1
@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--result", type=Path)
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--cost-model", default="calibrated", help="how the shared plan is costed")
+    parser.add_argument("--save-plan", type=Path, help="keep the shared plan (rerun it with --plan)")
     args = parser.parse_args()
     if args.worker is not None:
         if args.worker == "plain":
@@ -228,13 +229,22 @@ def main() -> None:
     t0 = time.perf_counter()
     # Profiled at the micro-batch size the stages will run at, planned for the whole batch.
     micro_x = x[: args.batch // args.micro]
-    pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
-                             micro_batches=args.micro, cost_model=args.cost_model)  # fmt: skip
-    print(f"compiled in {time.perf_counter() - t0:.1f} s (measured costs, 1 thread)\n")
+    if args.plan is not None:  # a saved plan (--save-plan of an earlier run): the same split again
+        from tspipe_fx.plan import Plan
+
+        pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
+                                 micro_batches=args.micro, plan=Plan.load(args.plan), cost_model="uniform")  # fmt: skip
+    else:
+        pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
+                                 micro_batches=args.micro, cost_model=args.cost_model)  # fmt: skip
+        print(f"compiled in {time.perf_counter() - t0:.1f} s ({args.cost_model} costs, 1 thread)\n")
+    if args.save_plan is not None:
+        pipe.plan.save(args.save_plan)
     print(pipe.report())
     with tempfile.TemporaryDirectory() as tmp:
         args.plan = Path(tmp) / "plan.json"
         pipe.plan.save(args.plan)
+        FAILURES.clear()
         figures: dict[str, list[float]] = {name: [] for name in CONTENDERS}
         for r in range(args.rounds):
             for name in CONTENDERS:

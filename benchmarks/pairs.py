@@ -114,16 +114,29 @@ class ProfiledPair:
                                  mode=self.mode, profile=self.profiles, **options)  # type: ignore[arg-type]  # fmt: skip
 
 
-def profiled(pair: str) -> ProfiledPair:
-    """Build, capture and attach the CPU profiles of ``benchmarks/partition/profile_pairs.py``."""
+# The GPU profiles of benchmarks/gpu/ that are these pairs' own graphs (and scale with the batch:
+# the HF ones do not, see benchmarks/README.md, gpu; the momentum pairs have heads of their own).
+GPU_PROFILES = {"h100": {"kd_vitl_r152": ("h100/resnet152_b32", "h100/vit_l16_b32")}}
+
+
+def profiled(pair: str, device: str = "cpu") -> ProfiledPair:
+    """Build, capture and attach the shipped profiles: the CPU ones of
+    ``benchmarks/partition/profile_pairs.py``, or a GPU's (``device="h100"``)."""
     import tspipe_fx
     from tspipe_fx import profiles
 
+    if device == "cpu":
+        names = (f"cpu/{pair}_student_b2", f"cpu/{pair}_teacher_b2")
+    elif pair in GPU_PROFILES.get(device, {}):
+        names = GPU_PROFILES[device][pair]
+    else:
+        raise SystemExit(
+            f"no {device} profiles for {pair}; there are for {sorted(GPU_PROFILES.get(device, {}))}"
+        )
     student, teacher, mode = PAIRS[pair]()
     inputs, kwargs = example(pair, 2)
     return ProfiledPair(
         tspipe_fx.capture(student, inputs, example_kwargs=kwargs),
         tspipe_fx.capture(teacher, inputs, example_kwargs=kwargs),
-        mode, inputs, kwargs,
-        (profiles.load(f"cpu/{pair}_student_b2"), profiles.load(f"cpu/{pair}_teacher_b2")),
+        mode, inputs, kwargs, (profiles.load(names[0]), profiles.load(names[1])),
     )  # fmt: skip

@@ -1,13 +1,16 @@
 """Schedules simulated on profiled costs, and the local runtime's overhead against plain PyTorch.
 
-    python benchmarks/schedule/run.py simulate [--pairs ...] [--gpus 2 4 8]
+    python benchmarks/schedule/run.py simulate [--pairs ...] [--gpus 2 4 8] [--profiles h100 --link nvlink4]
     python benchmarks/schedule/run.py overhead [--repeats 15]
 
 ``simulate``: for each paper pair (CPU profiles of ``benchmarks/partition``, scaled to the
 paper's batch sizes) and device count, compile, take the plan's per-stage costs per micro-batch
 and simulate ``tspipe``, ``gpipe``, ``1f1b`` (M micro-batches) and ``sequential`` (one
 micro-batch: inter-layer model parallelism, the paper's baseline, compiled at full batch).
-Transfers cost cut bytes / 10 GB/s. Prints periods and tspipe's speed-up over each.
+Transfers cost cut bytes / 10 GB/s, or over ``--link`` (``tspipe_fx.devices.LINKS``: bandwidth
+and latency; the partitioner sees the same link). ``--profiles h100`` costs with the H100
+profiles of ``benchmarks/gpu/`` instead of the CPU ones (the pairs they exist for). Prints periods
+and tspipe's speed-up over each.
 
 ``overhead``: one device, the same KD pair, a tspipe_fx trainer step against a plain eager step
 (teacher forward under no_grad, student forward, loss, backward, SGD step), alternated, medians.
@@ -20,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +41,25 @@ PAPER = {"kd_vitl_r152": "4.68x over sequential (8 V100, KD ViT-L -> ResNet-152)
          "mocov3_vitb": "12.15x over sequential (16 V100, MoCo v3 ViT)"}  # fmt: skip
 
 
-def costs_of(pipe: tspipe_fx.Pipeline) -> tuple[dict[tuple[str, int], float], dict[tuple[int, str], float]]:
+def costs_of(
+    pipe: tspipe_fx.Pipeline, link: tuple[float, float]
+) -> tuple[dict[tuple[str, int], float], dict[tuple[int, str], float]]:
     plan = pipe.plan
+    gbs, latency_us = link
     cost = {}
     sent = {}
     for j, (s, t) in enumerate(zip(plan.student.stages, plan.teacher.stages, strict=True)):
         cost[("sf", j)], cost[("sb", j)], cost[("tf", j)] = s.fwd_ms, s.bwd_ms, t.fwd_ms
         cost[("opt", j)], cost[("loss", j)] = 0.0, 0.0
-        sent[(j, "sf")] = s.cut_out_bytes / 10e6  # ms at 10 GB/s
-        sent[(j, "tf")] = t.cut_out_bytes / 10e6
+        sent[(j, "sf")] = s.cut_out_bytes / (gbs * 1e6) + latency_us / 1e3  # ms
+        sent[(j, "tf")] = t.cut_out_bytes / (gbs * 1e6) + latency_us / 1e3
     return cost, sent
 
 
-def period(pipe: tspipe_fx.Pipeline, name: str, views: int, mode: str) -> float:
-    cost, sent = costs_of(pipe)
+def period(
+    pipe: tspipe_fx.Pipeline, name: str, views: int, mode: str, link: tuple[float, float] = (10.0, 0.0)
+) -> float:
+    cost, sent = costs_of(pipe, link)
     s = make_schedule(name, pipe.plan.n_stages, pipe.plan.micro_batches, views=views, mode=mode, n_batches=6)
 
     def link(dep: Task, task: Task) -> float:
@@ -64,16 +73,22 @@ def period(pipe: tspipe_fx.Pipeline, name: str, views: int, mode: str) -> float:
 
 
 def simulate_pairs(args: argparse.Namespace) -> None:
+    from tspipe_fx.devices import LINKS, device_spec
+
     rows = []
+    link = LINKS[args.link] if args.link else (10.0, 0.0)
     for pair in args.pairs:
-        pp = profiled(pair)
+        pp = profiled(pair, args.profiles)
         mode = pp.mode
         views = 2 if mode == "momentum" else 1
         for n in args.gpus:
-            pipe = pp.compile(n, micro_batches=n, batch_size=BATCH[pair])
-            whole = pp.compile(n, micro_batches=1, batch_size=BATCH[pair])
-            p = {name: period(pipe, name, views, mode) for name in ("tspipe", "gpipe", "1f1b")}
-            p["sequential"] = period(whole, "sequential", views, mode)
+            hw: dict[str, Any] = {}
+            if args.link:  # the partitioner weighs the same link
+                hw["device_specs"] = [device_spec(args.profiles).with_link(args.link)] * n
+            pipe = pp.compile(n, micro_batches=n, batch_size=BATCH[pair], **hw)
+            whole = pp.compile(n, micro_batches=1, batch_size=BATCH[pair], **hw)
+            p = {name: period(pipe, name, views, mode, link) for name in ("tspipe", "gpipe", "1f1b")}
+            p["sequential"] = period(whole, "sequential", views, mode, link)
             rows.append([pair, n, *(f"{p[k] / 1e3:.1f}" for k in ("tspipe", "gpipe", "1f1b", "sequential")),
                          *(f"{p[k] / p['tspipe']:.2f}x" for k in ("gpipe", "1f1b", "sequential")), PAPER.get(pair, "")])  # fmt: skip
             print(rows[-1], flush=True)
@@ -137,6 +152,10 @@ def main() -> None:
     sim = sub.add_parser("simulate")
     sim.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     sim.add_argument("--gpus", nargs="+", type=int, default=[2, 4, 8])
+    sim.add_argument("--profiles", default="cpu", help="cpu, or h100 (benchmarks/gpu/'s profiles)")
+    sim.add_argument(
+        "--link", default=None, help="a tspipe_fx.devices.LINKS name (default: 10 GB/s, no latency)"
+    )
     ovh = sub.add_parser("overhead")
     ovh.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()

@@ -279,3 +279,21 @@ def test_an_unknown_runtime_is_named() -> None:
     pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(4, 8),), cost_model="uniform")
     with pytest.raises(TspipeError, match=r"runtime must be 'local'.*or 'dist'.*got 'mpi'"):
         pipe.trainer(worker.kd_loss, optimizer=worker.sgd, runtime="mpi")
+
+
+@pytest.mark.slow
+def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
+    """The benchmark's five contenders on tiny sizes (its figures are benchmarks/README.md's)."""
+    env = {**_env(), "TSPIPE_BENCH_IMAGE": "32"}
+    done = subprocess.run(
+        [sys.executable, str(HERE.parent / "benchmarks" / "cpu_pipeline" / "run.py"), "--rounds", "1", "--steps", "1",
+         "--batch", "8", "--micro", "2", "--json", str(tmp_path / "figures.json")],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| tspipe |" in done.stdout
+    import json
+
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert set(figures) == {"plain-1t", "plain-2t", "tspipe", "pippy-gpipe", "pippy-1f1b"}
+    assert figures["tspipe"][0] > 0, done.stdout[-3000:]  # a contender that failed says why in the table

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -189,8 +190,15 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> float:
                str(HERE), "--worker", name, *common]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
-        errors = [ln for ln in (done.stdout + done.stderr).splitlines() if "Error: " in ln or "Error:" in ln[:40]]
-        FAILURES[name] = errors[0].split("]: ")[-1][:160] if errors else done.stderr[-300:]
+        text = done.stdout + done.stderr
+        if os.environ.get("TSPIPE_BENCH_LOGS"):
+            (Path(os.environ["TSPIPE_BENCH_LOGS"]) / f"{name}-{time.time():.0f}.log").write_text(text)
+        lines = text.splitlines()
+        ours = [ln for ln in lines if "tspipe_fx" in ln and ("stops:" in ln or "RuntimeFailure" in ln)]
+        errors = ours or [ln for ln in lines if re.search(r"\]: \w+(Error|Exception)\b", ln)] or [
+            ln for ln in lines if "Error" in ln
+        ]
+        FAILURES[name] = errors[0].split("]: ")[-1][:200] if errors else done.stderr[-300:]
         return float("nan")
     seconds = float(out.read_text())
     return args.steps * args.batch / seconds

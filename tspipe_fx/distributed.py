@@ -46,7 +46,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.plan import Plan
-from tspipe_fx.runtime import Board, LocalRuntime, RuntimeFailure, _Device, _param, _written_inputs
+from tspipe_fx.runtime import Board, LocalRuntime, RuntimeFailure, _Device, _param, _params, _written_inputs
 from tspipe_fx.schedule import Task
 from tspipe_fx.split import Stage
 
@@ -305,26 +305,22 @@ class DistRuntime(LocalRuntime):
         self.comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
         # Every group is created by every rank, in one order.
         self.channels: dict[tuple[int, int, int], Any] = {}  # (pipeline, from, to) -> group
-        self.pipeline_groups: list[Any] = []
-        self.replica_groups: list[Any] = []
+        pipeline_groups, replica_groups = [], []
         for p in range(layout.pipelines):
             for j in range(n - 1):
                 a, b = layout.rank_of(j, p), layout.rank_of(j + 1, p)
                 self.channels[(p, j, j + 1)] = dist.new_group([a, b])
                 self.channels[(p, j + 1, j)] = dist.new_group([a, b])
-            self.pipeline_groups.append(dist.new_group([layout.rank_of(j, p) for j in range(n)]))
+            pipeline_groups.append(dist.new_group([layout.rank_of(j, p) for j in range(n)]))
         for j in range(n):
-            self.replica_groups.append(
-                dist.new_group([layout.rank_of(j, p) for p in range(layout.pipelines)])
-            )
-        self.pipeline_group: Any = self.pipeline_groups[layout.pipeline]
-        self.replica_group: Any = self.replica_groups[layout.stage]
+            replica_groups.append(dist.new_group([layout.rank_of(j, p) for p in range(layout.pipelines)]))
+        self.pipeline_group: Any = pipeline_groups[layout.pipeline]
+        self.replica_group: Any = replica_groups[layout.stage]
         # Which stage owns each trainable student parameter, in the model's order (clipping).
         owners: dict[str, int] = {}
         for j, st in enumerate(self.student_io):
-            for name, p in st.module.named_parameters():
-                if p.requires_grad and (j, name) not in self.not_owned:
-                    owners.setdefault(name, j)
+            for name in self.owned_parameters(j, st.module):
+                owners.setdefault(name, j)
         self.norm_names = [n for n in self.param_order if n in owners] + [
             n for n in owners if n not in self.param_order
         ]
@@ -530,7 +526,7 @@ class DistRuntime(LocalRuntime):
         become pipeline 0's, as DistributedDataParallel's ``broadcast_buffers`` does."""
         if self.layout.pipelines == 1:
             return
-        grads = [p.grad for p in _owned(d) if p.grad is not None]
+        grads = [p.grad for p in _params(d.optimizer) if p.grad is not None]
         for same in _by_dtype(grads):
             flat = _flatten(same).to(self.comm)
             dist.all_reduce(flat, group=self.replica_group)
@@ -616,10 +612,6 @@ class DistRuntime(LocalRuntime):
     def barrier(self) -> None:
         self.drain()
         dist.barrier()
-
-
-def _owned(d: _Device) -> list[torch.Tensor]:
-    return [p for g in d.optimizer.param_groups for p in g["params"]] if d.optimizer is not None else []
 
 
 def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

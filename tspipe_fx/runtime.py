@@ -159,11 +159,7 @@ class LocalRuntime:
         self.ties = [(names, stages) for names, stages in tie_groups(list(student_io))]
         self.not_owned = {(k, n) for names, stages in self.ties for k in stages[1:] for n in names}
         for d in self.devices:
-            params = {
-                n: p
-                for n, p in d.student.named_parameters()
-                if p.requires_grad and (d.index, n) not in self.not_owned
-            }
+            params = self.owned_parameters(d.index, d.student)
             d.optimizer = make_optimizer(params) if params else None
             d.scheduler = make_scheduler(d.optimizer) if make_scheduler and d.optimizer else None
         # Stage inputs an in-place op writes to (timm's ReLU(inplace=True) right after a cut):
@@ -172,6 +168,12 @@ class LocalRuntime:
         self.losses: dict[int, float] = {}
         self.broken: RuntimeFailure | None = None
         self.keep_teacher_before_ema = False
+
+    def owned_parameters(self, stage: int, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The trainable parameters stage ``stage``'s optimizer steps (not the tied copies)."""
+        return {
+            n: p for n, p in module.named_parameters() if p.requires_grad and (stage, n) not in self.not_owned
+        }
 
     # --- running a window -----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from an annotated ``fx.GraphModule``:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,17 +74,37 @@ class GraphChain:
 
     def costs(self, node_costs: Sequence[NodeCost]) -> list[NodeCost]:
         """Per chain node: its own cost plus that of the inputs and parameters it reads first."""
-        by_node = dict(zip(self.gm.graph.nodes, node_costs, strict=True))
-        out = [by_node[n] for n in self.nodes]
-        if not out:
-            return out
-        index = {n: p for p, n in enumerate(self.nodes)}
-        for node, cost in by_node.items():
-            if node.op in ("placeholder", "get_attr") and cost != NodeCost():
-                users = [index[u] for u in node.users if u in index]
-                p = min(users) if users else 0
+        out = [NodeCost()] * self.n
+        for node, cost in zip(self.gm.graph.nodes, node_costs, strict=True):
+            p = self._position(node)
+            if p is not None and self.n:
                 out[p] = out[p] + cost
         return out
+
+    def rescaled(
+        self, node_costs: Sequence[NodeCost], cuts: Sequence[int], fwd: Sequence[float], bwd: Sequence[float]
+    ) -> list[NodeCost]:
+        """``node_costs`` with stage ``k``'s (the chain cut at ``cuts``) scaled by ``fwd[k]``, ``bwd[k]``."""
+        bounds = [0, *cuts, self.n]
+        out = []
+        for node, cost in zip(self.gm.graph.nodes, node_costs, strict=True):
+            p = self._position(node)
+            k = 0 if p is None else next(k for k in range(len(bounds) - 1) if p < bounds[k + 1])
+            out.append(cost.scaled(fwd[k], bwd[k]))
+        return out
+
+    def _position(self, node: fx.Node) -> int | None:
+        """The chain position a graph node's cost counts at: its own, or (inputs, parameters) that
+        of its first reader; None for the output."""
+        if node.op in COMPUTE_OPS:
+            return self._index[node]
+        if node.op in ("placeholder", "get_attr"):
+            return min((self._index[u] for u in node.users if u in self._index), default=0)
+        return None
+
+    @functools.cached_property
+    def _index(self) -> dict[fx.Node, int]:
+        return {n: p for p, n in enumerate(self.nodes)}
 
     def param_bytes(self) -> list[int]:
         """Per chain node: bytes of the parameters it reads (a module's own, or through get_attr)."""

@@ -6,6 +6,8 @@ student, teacher, example batch
   -> per-node costs                  (a CostModel; by default measured on the first device)
   -> chains with candidate cuts      (tspipe_fx.chain)
   -> exact min-max partition         (tspipe_fx.partition)
+  -> polished for the schedule       (tspipe_fx.refine: shortest simulated period nearby)
+  [-> stages timed whole, costs rescaled, partitioned again  (tspipe_fx.refine; refine=N)]
   -> stage GraphModules              (tspipe_fx.split)
   -> Plan + Pipeline                 (tspipe_fx.plan)
 """
@@ -13,8 +15,9 @@ student, teacher, example batch
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,11 +37,14 @@ from tspipe_fx.passes.symbolic import evaluate as eval_expr
 from tspipe_fx.passes.symbolic import input_sizes
 from tspipe_fx.plan import ModelPlan, Plan, StagePlan
 from tspipe_fx.profiling import Profile, graph_fingerprint, profile
+from tspipe_fx.refine import at_batch, polish, time_stages
+from tspipe_fx.schedule import make_schedule
 from tspipe_fx.split import Stage, split, tie_groups
 
 __all__ = ["Pipeline", "compile"]
 
 Mode = Literal["kd", "momentum"]
+Cuts = tuple[list[int], list[int]]  # student and teacher chain positions
 Balance = Sequence[int] | Sequence[str]
 
 
@@ -128,6 +134,8 @@ def compile(
     optimizer_factor: float = 2.0,
     max_candidates: int = 128,
     plan: Plan | None = None,
+    refine: int = 0,
+    schedule: str | None = "tspipe",
 ) -> Pipeline:
     """Cut ``student`` and ``teacher`` into ``n_gpus`` balanced stage pairs.
 
@@ -156,12 +164,28 @@ def compile(
         optimizer_factor: optimizer state per parameter byte (Adam 2, SGD with momentum 1).
         max_candidates: candidate cuts per model (the partitioner's granularity).
         plan: a saved :class:`Plan` to rebuild instead of partitioning.
+        refine: rounds of checking the plan against its stages run whole on the first device
+            (:func:`tspipe_fx.refine.time_stages`): each round times the chosen stages, scales
+            each stage's node costs to its measured times and partitions again, until the cuts
+            repeat; the partition whose measured loads are the most even is kept. With fixed cuts
+            (``plan``, ``balance``) one round corrects the reported costs. 0: off.
+        schedule: the schedule the plan is for (``"tspipe"``, ``"gpipe"``, ``"1f1b"``): from the
+            min-max optimum, the partitioner moves to neighbouring cuts while the simulated
+            period of that schedule gets shorter (:func:`tspipe_fx.refine.polish`). None: the
+            min-max optimum as it is.
 
     Example:
         >>> pipe = tspipe_fx.compile(resnet18, vit_b16, 4, example_inputs=(x,))
         >>> print(pipe.report())
     """
     n, mode = _check_args(student, teacher, n_gpus, mode, micro_batches, max_candidates)
+    if schedule not in (None, "tspipe", "gpipe", "1f1b"):
+        raise TspipeError(
+            f"schedule must be 'tspipe', 'gpipe', '1f1b' or None (the plan's min-max optimum as it "
+            f"is), got {schedule!r}"
+        )
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise TspipeError(f"refine must be an integer >= 0 (rounds of stage timing), got {refine!r}")
     run_on = _resolve_devices(devices, n)
     s_cap = _capture(student, example_inputs, example_kwargs, "student")
     t_cap = _capture(teacher, example_inputs, example_kwargs, "teacher")
@@ -234,12 +258,35 @@ def compile(
             mirror=mirror,
         )
 
-    if fixed is not None:
-        part = evaluate(problem(*fixed), *fixed)
-    elif mode == "momentum":
-        part = solve(problem([p for p, _ in pairs], [q for _, q in pairs], mirror=True))
-    else:
-        part = solve(problem())
+    def partition(sc: Sequence[NodeCost], tc: Sequence[NodeCost], at: Cuts | None = None) -> Partition:
+        """The best partition on costs ``sc``/``tc``, or the one at cuts ``at`` scored on them."""
+        cuts = at if at is not None else fixed
+        if cuts is not None:
+            return evaluate(problem(*cuts, sc=sc, tc=tc), *cuts)
+        if mode == "momentum":
+            prob = problem([p for p, _ in pairs], [q for _, q in pairs], mirror=True, sc=sc, tc=tc)
+        else:
+            prob = problem(sc=sc, tc=tc)
+        best = solve(prob)
+        return polish(prob, best, tuned_for) if tuned_for is not None else best
+
+    tuned_for = (
+        make_schedule(schedule, n, m, mode=mode, n_batches=4) if schedule is not None and n > 1 else None
+    )
+
+    part = partition(s_costs, t_costs)
+    if refine:
+        example_batch = sizes.get("B", 1)
+        if micro["B"] != example_batch and not (s_cap.dynamic_batch and t_cap.dynamic_batch):
+            raise TspipeError(
+                f"refine runs the stages on one micro-batch of {micro['B']} samples, but a model was "
+                f"captured for {example_batch} only; hint: example_inputs of {micro['B']} samples"
+            )
+        inputs = (at_batch(s_flat, example_batch, micro["B"]), at_batch(t_flat, example_batch, micro["B"]))
+        part, s_costs, t_costs = _refine(
+            part, partition, refine, fixed is not None, (s_gc, t_gc), (s_costs, t_costs), inputs, run_on[0]
+        )
+        cm_name += "+refined"
     baselines = (
         _baselines(problem, s_gc, t_gc, pairs if mode == "momentum" else None) if fixed is None else ()
     )
@@ -265,6 +312,65 @@ def compile(
         student if not isinstance(student, CapturedModel) else None,
         teacher if not isinstance(teacher, CapturedModel) else None,
     )  # fmt: skip
+
+
+def _refine(
+    part: Partition,
+    partition: Callable[..., Partition],
+    rounds: int,
+    fixed: bool,
+    chains: tuple[GraphChain, GraphChain],
+    costs: tuple[list[NodeCost], list[NodeCost]],
+    inputs: tuple[list[Any], list[Any]],
+    device: torch.device,
+) -> tuple[Partition, list[NodeCost], list[NodeCost]]:
+    """Time the partition's stages whole, rescale their nodes, partition again (see ``refine``)."""
+    (s_gc, t_gc), (s_costs, t_costs) = chains, costs
+    measured: list[Partition] = []
+    for _ in range(rounds):
+        times = time_stages(split(s_gc, part.student_cuts), split(t_gc, part.teacher_cuts), *inputs, device)
+        s_pred = s_gc.to_partition_chain(s_costs)
+        t_pred = t_gc.to_partition_chain(t_costs)
+        s_fwd, s_bwd = (
+            _stage_sums(s_pred.fwd_ms, part.student_cuts),
+            _stage_sums(s_pred.bwd_ms, part.student_cuts),
+        )
+        t_fwd = _stage_sums(t_pred.fwd_ms, part.teacher_cuts)
+        s_costs = s_gc.rescaled(
+            s_costs,
+            part.student_cuts,
+            _ratios(times.student_fwd_ms, s_fwd),
+            _ratios(times.student_bwd_ms, s_bwd),
+        )
+        t_costs = t_gc.rescaled(
+            t_costs, part.teacher_cuts, _ratios(times.teacher_fwd_ms, t_fwd), [1.0] * len(t_fwd)
+        )
+        # On the rescaled costs, this partition's compute is what was measured.
+        measured.append(partition(s_costs, t_costs, at=_cuts(part)))
+        if fixed:
+            break
+        again = partition(s_costs, t_costs)
+        if any(_cuts(again) == _cuts(p) for p in measured):
+            break
+        part = again
+    # Rounds run at different times, and a noisy machine's speed drifts between them; within a
+    # round every stage saw the same machine, so partitions compare by their measured imbalance.
+    best = min(measured, key=lambda p: p.period_ms * len(p.loads_ms) / sum(p.loads_ms))
+    return partition(s_costs, t_costs, at=_cuts(best)), s_costs, t_costs
+
+
+def _cuts(part: Partition) -> Cuts:
+    return list(part.student_cuts), list(part.teacher_cuts)
+
+
+def _stage_sums(values: Sequence[float], cuts: Sequence[int]) -> list[float]:
+    bounds = [0, *cuts, len(values)]
+    return [float(sum(values[a:b])) for a, b in itertools.pairwise(bounds)]
+
+
+def _ratios(measured: Sequence[float], predicted: Sequence[float]) -> list[float]:
+    """Per stage: measured over predicted (1 where nothing was predicted)."""
+    return [mv / pv if pv > 0 else 1.0 for mv, pv in zip(measured, predicted, strict=True)]
 
 
 # --- arguments -------------------------------------------------------------------------------

@@ -40,7 +40,18 @@ import numpy as np
 
 from tspipe_fx.errors import TspipeError
 
-__all__ = ["Chain", "Device", "Partition", "PartitionError", "Problem", "brute_force", "evaluate", "solve"]
+__all__ = [
+    "Chain",
+    "Device",
+    "Partition",
+    "PartitionError",
+    "Problem",
+    "StageCost",
+    "brute_force",
+    "evaluate",
+    "solve",
+    "stage_costs",
+]
 
 
 class PartitionError(TspipeError):
@@ -220,6 +231,45 @@ def evaluate(problem: Problem, student_cuts: Sequence[int], teacher_cuts: Sequen
         loads.append(load)
         mems.append(mem)
     return Partition(tuple(student_cuts), tuple(teacher_cuts), tuple(loads), tuple(mems))
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One device's share of a partition, per micro-batch: the schedule simulator's task costs."""
+
+    student_fwd_ms: float
+    student_bwd_ms: float
+    teacher_fwd_ms: float
+    student_send_ms: float  # an activation (or its gradient) over the link to the next device
+    teacher_send_ms: float
+
+
+def stage_costs(
+    problem: Problem, student_cuts: Sequence[int], teacher_cuts: Sequence[int] = ()
+) -> list[StageCost]:
+    """Per device, what the stages at these cuts cost (speeds and links applied)."""
+    evaluate(problem, student_cuts, teacher_cuts)  # the same checks of the cuts
+    n = len(problem.devices)
+    out = []
+
+    def bounds(chain: Chain, cuts: Sequence[int]) -> list[int]:
+        return [0, *cuts, chain.n] if chain.n else [0] * (n + 1)
+
+    teacher = problem.teacher or Chain((), (), (), (), ())
+    sb, tb = bounds(problem.student, student_cuts), bounds(teacher, teacher_cuts)
+    s_bytes, t_bytes = dict(problem.student.cuts), dict(teacher.cuts)
+    for j, dev in enumerate(problem.devices):
+        last = j == n - 1
+        out.append(
+            StageCost(
+                sum(problem.student.fwd_ms[sb[j] : sb[j + 1]]) / dev.speed,
+                sum(problem.student.bwd_ms[sb[j] : sb[j + 1]]) / dev.speed,
+                sum(teacher.fwd_ms[tb[j] : tb[j + 1]]) / dev.speed,
+                0.0 if last else _link_ms(dev, s_bytes[sb[j + 1]]),
+                0.0 if last or not teacher.n else _link_ms(dev, t_bytes[tb[j + 1]]),
+            )
+        )
+    return out
 
 
 def _fits(problem: Problem, part: Partition) -> bool:

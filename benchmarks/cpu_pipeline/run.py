@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--cost-model", default="calibrated", help="how the shared plan is costed")
     parser.add_argument("--save-plan", type=Path, help="keep the shared plan (rerun it with --plan)")
+    parser.add_argument("--only", nargs="+", choices=CONTENDERS, help="run these contenders only")
     args = parser.parse_args()
     if args.worker is not None:
         if args.worker == "plain":
@@ -253,12 +254,12 @@ def main() -> None:
         args.plan = Path(tmp) / "plan.json"
         pipe.plan.save(args.plan)
         FAILURES.clear()
-        figures: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+        figures: dict[str, list[float]] = {name: [] for name in args.only or CONTENDERS}
         for r in range(args.rounds):
-            for name in CONTENDERS:
+            for name in figures:
                 figures[name].append(launch(name, args, Path(tmp) / f"{name}.txt"))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in figures.items()), flush=True)
-    base = statistics.median(figures["plain-1t"])
+    base = statistics.median(figures["plain-1t"]) if "plain-1t" in figures else float("nan")
     print(f"\n{args.rounds} rounds x {args.steps} steps, batch {args.batch} in {args.micro} micro-batches, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs\n")  # fmt: skip
     print("| contender | samples/s (median) | min | max | vs plain 1 thread |")

@@ -76,10 +76,11 @@ class Timer:
         for _ in range(repeats):
             if setup is not None:
                 setup()
-            samples.append(self._once(fn))
+            samples.append(self.once(fn))
         return statistics.median(samples)
 
-    def _once(self, fn: Callable[[], Any]) -> float:
+    def once(self, fn: Callable[[], Any]) -> float:
+        """Milliseconds of one call of ``fn`` (no warm-up)."""
         if self.device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]

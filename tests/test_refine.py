@@ -1,0 +1,186 @@
+"""Partitions beyond the min-max load: stage timing (``refine=``) and the schedule polish."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toys import Net
+
+import tspipe_fx
+import tspipe_fx.compiler as compiler
+from tspipe_fx import TspipeError
+from tspipe_fx.cost_model import UniformCost
+from tspipe_fx.partition import Chain, Device, Problem, evaluate, solve, stage_costs
+from tspipe_fx.refine import StageTimes, at_batch, polish, simulated_period, time_stages
+from tspipe_fx.schedule import make_schedule
+from tspipe_fx.simulate import simulate
+
+
+def _problem(s: list[float], t: list[float], *, link_gbs: float = float("inf"), m: int = 4) -> Problem:
+    """Student nodes with backward twice their forward; 1 MB crosses every cut."""
+    student = Chain(tuple(s), tuple(2 * x for x in s), (0,) * len(s), (0,) * len(s),
+                    tuple((p, 10**6) for p in range(1, len(s))))  # fmt: skip
+    teacher = Chain(tuple(t), (0.0,) * len(t), (0,) * len(t), (0,) * len(t),
+                    tuple((p, 10**6) for p in range(1, len(t))))  # fmt: skip
+    return Problem(student, teacher, (Device(link_gbs=link_gbs),) * 2, micro_batches=m)
+
+
+# --- stage costs and the simulated period ---------------------------------------------------------
+
+
+def test_stage_costs_add_up_to_the_partition_loads() -> None:
+    problem = _problem([1, 2, 3, 4, 5], [2, 2, 2, 2], link_gbs=1.0)
+    part = evaluate(problem, [2], [3])
+    costs = stage_costs(problem, [2], [3])
+    assert [c.student_fwd_ms for c in costs] == [3, 12] and [c.student_bwd_ms for c in costs] == [6, 24]
+    assert [c.teacher_fwd_ms for c in costs] == [6, 2]
+    assert costs[0].student_send_ms == costs[0].teacher_send_ms == pytest.approx(1.0)  # 1 MB at 1 GB/s
+    assert costs[1].student_send_ms == costs[1].teacher_send_ms == 0.0  # nothing after the last device
+    # The load counts each transfer at both of its ends, an activation and its gradient twice.
+    for j, c in enumerate(costs):
+        sends = 2 * c.student_send_ms + c.teacher_send_ms + (2 * 1.0 + 1.0 if j == 1 else 0.0)
+        assert part.loads_ms[j] == pytest.approx(
+            4 * (c.student_fwd_ms + c.student_bwd_ms + c.teacher_fwd_ms + sends)
+        )
+
+
+def test_simulated_period_is_the_simulator_on_the_stage_costs() -> None:
+    problem = _problem([1, 2, 3, 4, 5], [2, 2, 2, 2])
+    schedule = make_schedule("tspipe", 2, 4)
+    cost = {("sf", 0): 3, ("sb", 0): 6, ("tf", 0): 6, ("sf", 1): 12, ("sb", 1): 24, ("tf", 1): 2}
+    expected = simulate(schedule, lambda t: cost.get((t.kind, t.stage), 0.0)).period
+    assert simulated_period(problem, [2], [3], schedule) == pytest.approx(expected)
+    with pytest.raises(TspipeError, match="3 stages"):
+        simulated_period(problem, [2], [3], make_schedule("tspipe", 3, 4))
+
+
+def test_polish_finds_a_shorter_tspipe_period_than_the_even_load() -> None:
+    """Two partitions with the same min-max load (160): under tspipe the solver's leaves device 0
+    idle while it waits for its first gradient, 174 a batch; the polished one is the best of all."""
+    problem = _problem([2, 4, 4, 2, 4, 3], [4, 6, 1, 6, 1, 1])
+    schedule = make_schedule("tspipe", 2, 4)
+    start = solve(problem)
+    polished = polish(problem, start, schedule)
+    p0 = simulated_period(problem, start.student_cuts, start.teacher_cuts, schedule)
+    p1 = simulated_period(problem, polished.student_cuts, polished.teacher_cuts, schedule)
+    every = min(simulated_period(problem, [u], [v], schedule) for u in range(1, 6) for v in range(1, 6))
+    assert start.period_ms == polished.period_ms == 160.0
+    assert (p0, p1, every) == (174.0, 160.0, 160.0)
+
+
+def test_polish_never_makes_the_simulated_period_longer() -> None:
+    schedule = make_schedule("tspipe", 2, 3)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        s = (torch.rand(9, generator=g) * 10 + 0.1).tolist()
+        t = (torch.rand(7, generator=g) * 10 + 0.1).tolist()
+        problem = _problem(s, t, m=3)
+        start = solve(problem)
+        out = polish(problem, start, schedule, budget=40)
+        assert simulated_period(problem, out.student_cuts, out.teacher_cuts, schedule) <= simulated_period(
+            problem, start.student_cuts, start.teacher_cuts, schedule
+        )
+
+
+def test_polish_keeps_memory_limits_and_mirrored_cuts() -> None:
+    s = [4.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+    chain = Chain(tuple(s), tuple(2 * x for x in s), (100,) * 6, (0,) * 6, tuple((p, 0) for p in range(1, 6)))
+    limit = 4 * (100 * 4 + 100)  # four nodes: student params x (2 + optimizer factor 2), teacher x 1
+    problem = Problem(chain, chain, (Device(memory_bytes=limit),) * 2, micro_batches=2, mirror=True)
+    schedule = make_schedule("tspipe", 2, 2, mode="momentum")
+    out = polish(problem, solve(problem), schedule)
+    assert out.student_cuts == out.teacher_cuts
+    assert all(m <= limit for m in out.memory_bytes)
+
+
+# --- timing stages whole ------------------------------------------------------------------------
+
+
+def _pipe(**kw: object) -> tspipe_fx.Pipeline:
+    torch.manual_seed(0)
+    return tspipe_fx.compile(Net(), Net().eval(), 2, example_inputs=(torch.randn(8, 8),), micro_batches=2,
+                             cost_model=UniformCost(), **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_time_stages_runs_every_stage_and_leaves_the_models_alone() -> None:
+    pipe = _pipe()
+    before = {k: v.clone() for k, v in pipe.student.graph_module.state_dict().items()}
+    x = [torch.randn(4, 8)]
+    times = time_stages(pipe.student_io, pipe.teacher_io, x, x, "cpu", repeats=3)
+    assert len(times.student_fwd_ms) == len(times.student_bwd_ms) == len(times.teacher_fwd_ms) == 2
+    assert all(v > 0 for v in (*times.student_fwd_ms, *times.student_bwd_ms, *times.teacher_fwd_ms))
+    assert times.loads_ms(2) == [2 * sum(x) for x in zip(times.student_fwd_ms, times.student_bwd_ms,
+                                                        times.teacher_fwd_ms, strict=True)]  # fmt: skip
+    after = pipe.student.graph_module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics untouched
+    with pytest.raises(TspipeError, match="repeats >= 1"):
+        time_stages(pipe.student_io, pipe.teacher_io, x, x, "cpu", repeats=0)
+
+
+def test_at_batch_cuts_and_repeats_the_batch_dimension() -> None:
+    x, ids = torch.arange(6.0).reshape(3, 2), torch.tensor([1, 2, 3])
+    small = at_batch([x, ids, 7], 3, 2)
+    assert torch.equal(small[0], x[:2]) and torch.equal(small[1], ids[:2]) and small[2] == 7
+    big = at_batch([x], 3, 5)
+    assert torch.equal(big[0], torch.cat([x, x[:2]]))
+
+
+def test_refine_rescales_stage_costs_to_the_measured_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With fixed cuts, one round: the plan's stage costs become the measured times."""
+    fake = StageTimes((1.0, 2.0), (3.0, 4.0), (5.0, 6.0))
+    monkeypatch.setattr(compiler, "time_stages", lambda *a, **k: fake)
+    pipe = _pipe(balance=([4, 5], [4, 5]), refine=3)
+    plan = pipe.plan
+    assert plan.cost_model == "uniform+refined"
+    assert [s.fwd_ms for s in plan.student.stages] == pytest.approx([1.0, 2.0])
+    assert [s.bwd_ms for s in plan.student.stages] == pytest.approx([3.0, 4.0])
+    assert [s.fwd_ms for s in plan.teacher.stages] == pytest.approx([5.0, 6.0])
+    # The loads: the measured compute, plus the same link time as before (refining times compute).
+    base = _pipe(balance=([4, 5], [4, 5])).plan
+    links = [load - 2 * (s.fwd_ms + s.bwd_ms + t.fwd_ms) for load, s, t in
+             zip(base.loads_ms, base.student.stages, base.teacher.stages, strict=True)]  # fmt: skip
+    assert plan.loads_ms == pytest.approx([2 * 9.0 + links[0], 2 * 12.0 + links[1]])
+
+
+def test_refine_moves_work_off_a_stage_that_runs_slower_than_predicted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Uniform costs balance the nodes; if the stages run whole say stage 1's student work costs
+    three times its share, the next partition gives stage 1 fewer student nodes, and the kept
+    partition is the measured one whose loads were the most even."""
+    seen: dict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = {}
+
+    def fake(student: list, teacher: list, *a: object, **k: object) -> StageTimes:  # type: ignore[type-arg]
+        s, t = tuple(len(x.nodes) for x in student), tuple(len(x.nodes) for x in teacher)
+        times = StageTimes((s[0], 3.0 * s[1]), (s[0], 3.0 * s[1]), (float(t[0]), float(t[1])))
+        seen[(s, t)] = times.loads_ms(2)
+        return times
+
+    monkeypatch.setattr(compiler, "time_stages", fake)
+    first = _pipe(schedule=None).plan
+    plan = _pipe(refine=4, schedule=None).plan
+
+    def sizes(p: tspipe_fx.Plan) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return tuple(len(x.nodes) for x in p.student.stages), tuple(len(x.nodes) for x in p.teacher.stages)
+
+    assert next(iter(seen)) == sizes(first) and len(seen) >= 2
+    assert sizes(plan)[0][1] < sizes(first)[0][1]
+    evenness = {k: max(v) / (sum(v) / 2) for k, v in seen.items()}
+    assert evenness[sizes(plan)] == min(evenness.values())
+    s_nodes = sizes(plan)[0]  # the kept partition's costs are its measured times
+    assert [st.fwd_ms for st in plan.student.stages] == pytest.approx([s_nodes[0], 3.0 * s_nodes[1]])
+
+
+def test_refine_and_schedule_reject_bad_values() -> None:
+    with pytest.raises(TspipeError, match="refine must be an integer >= 0"):
+        _pipe(refine=-1)
+    with pytest.raises(TspipeError, match="schedule must be 'tspipe', 'gpipe', '1f1b' or None"):
+        _pipe(schedule="sequential")
+
+
+def test_refine_needs_a_capture_valid_at_the_micro_batch() -> None:
+    captured = tspipe_fx.capture(Net(), (torch.randn(8, 8),))
+    captured.dynamic_batch = False  # as an export whose batch size could not be made dynamic
+    with pytest.raises(TspipeError, match=r"one micro-batch of 4 samples.*hint: example_inputs of 4"):
+        tspipe_fx.compile(captured, Net().eval(), 2, example_inputs=(torch.randn(8, 8),), micro_batches=2,
+                          cost_model=UniformCost(), refine=1)  # fmt: skip

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from zoo import BY_NAME
 
-from tspipe_fx import capture
-from tspipe_fx.chain import GraphChain, graph_chain
+from tspipe_fx import TspipeError, capture
+from tspipe_fx.chain import GraphChain, _candidates, graph_chain
 from tspipe_fx.meta import META_KEY
 from tspipe_fx.passes import annotate_structure, annotate_symbolic
 from tspipe_fx.split import run_stages, split, tie_groups
@@ -125,3 +125,35 @@ def test_live_sets_of_a_skip_connection() -> None:
     assert [[v.name for v in vs] for vs in gc.live] == [["x"], ["a"], ["a", "b"], ["add"], ["c"]]
     assert gc.live_bytes == (32, 32, 64, 32, 32)
     assert gc.candidates == (1, 3)  # the cut inside the skip is not a local minimum
+
+
+def test_no_cut_sends_a_tuple_of_tensors() -> None:
+    """``q, k = h.chunk(2)``: between ``chunk`` and its ``getitem`` nodes only the tuple is live
+    and its bytes are a local minimum; stage boundaries carry tensors, so it is no candidate, and
+    a manual cut there is refused with a hint."""
+
+    class Split(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k = self.a(x).chunk(2, dim=-1)
+            return self.b(q * k)
+
+    cm = capture(Split(), (torch.randn(2, 4),))
+    annotate_structure(cm.graph_module)
+    annotate_symbolic(cm.graph_module, [torch.randn(2, 4)])
+    gc = graph_chain(cm.graph_module, {"B": 2})
+    names = [n.name for n in gc.nodes]
+    assert names[:4] == ["a", "chunk", "getitem", "getitem_1"]
+    tuple_live = names.index("getitem")  # the cut before the first getitem: only the tuple is live
+    assert [v.name for v in gc.live[tuple_live]] == ["chunk"]
+    assert tuple_live in _candidates(gc.live_bytes, 128)  # a local minimum by bytes alone
+    assert gc.candidates == (names.index("b"),)
+    with pytest.raises(TspipeError, match=r"would send \['chunk'\], tuples of tensors.*hint: cut after"):
+        split(gc, [tuple_live])
+    x = torch.randn(3, 4)
+    stages = split(gc, [names.index("mul")])  # the unpacked tensors may cross
+    torch.testing.assert_close(run_stages(stages, [x])[0], cm.graph_module(x)[0])

@@ -10,7 +10,9 @@ from an annotated ``fx.GraphModule``:
   at or after it (the graph's outputs are used at the end). Skip connections make it several
   tensors; they all travel over the link at that cut.
 * *candidate cuts*: positions whose live bytes are a local minimum (block boundaries, where only
-  the residual stream crosses), at most ``max_candidates`` of them, spread along the chain.
+  the residual stream crosses), at most ``max_candidates`` of them, spread along the chain. A
+  position where a tuple of tensors is live (``q, k, v = qkv.unbind(0)`` before the ``getitem``
+  nodes) is never one: stage boundaries carry tensors and plain values, not containers of tensors.
 """
 
 from __future__ import annotations
@@ -162,10 +164,11 @@ def graph_chain(gm: fx.GraphModule, sizes: dict[str, int], *, max_candidates: in
             current[v] = None
         live.append(tuple(current))
     nbytes = tuple(sum(evaluate(info(v).output_bytes_expr, sizes) for v in vs) for vs in live)
-    return GraphChain(gm, nodes, tuple(live), nbytes, _candidates(nbytes, max_candidates))
+    blocked = [any(info(v).tensor_container for v in vs) for vs in live]
+    return GraphChain(gm, nodes, tuple(live), nbytes, _candidates(nbytes, max_candidates, blocked))
 
 
-def _candidates(nbytes: Sequence[int], max_candidates: int) -> tuple[int, ...]:
+def _candidates(nbytes: Sequence[int], max_candidates: int, blocked: Sequence[bool] = ()) -> tuple[int, ...]:
     """Positions 1..n-1 whose live bytes are a local minimum; at most ``max_candidates``.
 
     When there are more, the chain is divided into ``max_candidates`` equal windows and each
@@ -173,7 +176,11 @@ def _candidates(nbytes: Sequence[int], max_candidates: int) -> tuple[int, ...]:
     which is what balance needs, and each is the cheapest to send in its neighbourhood.
     """
     n = len(nbytes) - 1
-    minima = [p for p in range(1, n) if nbytes[p] <= nbytes[p - 1] and nbytes[p] <= nbytes[p + 1]]
+    minima = [
+        p
+        for p in range(1, n)
+        if nbytes[p] <= nbytes[p - 1] and nbytes[p] <= nbytes[p + 1] and not (blocked and blocked[p])
+    ]
     if len(minima) <= max_candidates:
         return tuple(minima)
     best: dict[int, int] = {}

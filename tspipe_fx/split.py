@@ -25,6 +25,7 @@ from torch import nn
 
 from tspipe_fx.chain import GraphChain
 from tspipe_fx.errors import TspipeError
+from tspipe_fx.meta import info
 
 __all__ = ["Stage", "run_stages", "split", "tie_groups"]
 
@@ -44,6 +45,13 @@ def split(gc: GraphChain, cuts: Sequence[int], *, name: str = "Stage") -> list[S
     bounds = [0, *cuts, gc.n]
     if any(b <= a for a, b in itertools.pairwise(bounds)) or (cuts and not 0 < cuts[0]):
         raise TspipeError(f"cuts must increase strictly within 1..{gc.n - 1}, got {list(cuts)}")
+    for p in cuts:
+        held = [v.name for v in gc.live[p] if info(v).tensor_container]
+        if held:
+            raise TspipeError(
+                f"a cut before node {gc.nodes[p].name!r} (position {p}) would send {held}, tuples of "
+                "tensors, between stages; hint: cut after the getitem nodes that unpack them"
+            )
     graph_inputs = tuple(n for n in gc.gm.graph.nodes if n.op == "placeholder")
     output_node = next(n for n in gc.gm.graph.nodes if n.op == "output")
     final = tuple(fx.node.map_arg(output_node.args[0], lambda n: n))

@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--result", type=Path)
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--cost-model", default="calibrated", help="how the shared plan is costed")
+    parser.add_argument("--refine", type=int, default=3, help="rounds of stage timing for the shared plan")
     parser.add_argument("--save-plan", type=Path, help="keep the shared plan (rerun it with --plan)")
     parser.add_argument("--only", nargs="+", choices=CONTENDERS, help="run these contenders only")
     args = parser.parse_args()
@@ -245,8 +246,9 @@ def main() -> None:
                                  micro_batches=args.micro, plan=Plan.load(args.plan), cost_model="uniform")  # fmt: skip
     else:
         pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
-                                 micro_batches=args.micro, cost_model=args.cost_model)  # fmt: skip
-        print(f"compiled in {time.perf_counter() - t0:.1f} s ({args.cost_model} costs, 1 thread)\n")
+                                 micro_batches=args.micro, cost_model=args.cost_model, refine=args.refine)  # fmt: skip
+        print(f"compiled in {time.perf_counter() - t0:.1f} s ({args.cost_model} costs, {args.refine} rounds of "
+              "stage timing, 1 thread)\n")  # fmt: skip
     if args.save_plan is not None:
         pipe.plan.save(args.save_plan)
     print(pipe.report())

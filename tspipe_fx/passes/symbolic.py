@@ -62,6 +62,7 @@ class _Interpreter(fx.Interpreter):
         super().__init__(gm)
         self.flops: dict[fx.Node, Any] = {}
         self.out_bytes: dict[fx.Node, Any] = {}
+        self.container: dict[fx.Node, bool] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         with FlopCounterMode(display=False) as counter:
@@ -70,11 +71,15 @@ class _Interpreter(fx.Interpreter):
         self.out_bytes[n] = sum(
             t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
         )
+        self.container[n] = not isinstance(out, torch.Tensor) and any(
+            isinstance(t, torch.Tensor) for t in tree_leaves(out)
+        )
         return out
 
 
 def annotate_symbolic(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """Write ``flops_expr``, ``output_bytes_expr``, ``fwd_flops`` and ``output_bytes``.
+    """Write ``flops_expr``, ``output_bytes_expr``, ``fwd_flops``, ``output_bytes`` and
+    ``tensor_container``.
 
     Falls back to static shapes (constant expressions) if the graph specialises the batch size.
     """
@@ -94,6 +99,7 @@ def annotate_symbolic(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.
             output_bytes_expr=str(out_bytes),
             fwd_flops=evaluate(str(flops), sizes),
             output_bytes=evaluate(str(out_bytes), sizes),
+            tensor_container=interp.container.get(node, False),
         )
     return gm
 
@@ -128,6 +134,7 @@ def _run(
     by_name = {n.name: n for n in gm.graph.nodes}
     interp.flops = {by_name[n.name]: v for n, v in interp.flops.items()}
     interp.out_bytes = {by_name[n.name]: v for n, v in interp.out_bytes.items()}
+    interp.container = {by_name[n.name]: v for n, v in interp.container.items()}
     symbols = {env.replace(k): v for k, v in symbols.items()} | symbols
     return interp, symbols
 

@@ -87,3 +87,17 @@ def test_stage_that_writes_to_an_alias_of_its_input() -> None:
     _assert_trains_like_the_reference(
         pipe, student, teacher, [(torch.randn(4, 8), torch.randint(0, 4, (4,))) for _ in range(3)]
     )
+
+
+def test_compile_profiles_models_called_with_keywords() -> None:
+    """compile's default cost model profiles both models; it handed them their *flat* graph
+    inputs as positional arguments, which a model captured with keyword inputs (every Hugging
+    Face model: ``input_ids=..., attention_mask=...``) refuses ("captured for inputs structured
+    as ... but was called with ..."). Found by the DistilBERT example, the first to compile an HF
+    pair without giving profiles or a cost model."""
+    student = BY_NAME["hf_distilbert_mlm"].build()
+    teacher = BY_NAME["hf_bert_mlm"].build().eval()
+    kwargs = BY_NAME["hf_distilbert_mlm"].kwargs(2)
+    pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(), example_kwargs=kwargs)
+    assert pipe.plan.cost_model == "measured"
+    assert all(s.fwd_ms > 0 for s in pipe.plan.student.stages)

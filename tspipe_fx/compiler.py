@@ -242,7 +242,7 @@ def compile(
                 )
 
     s_cm, t_cm, cm_name = _cost_models(
-        cost_model, profile, s_cap, t_cap, s_flat, t_flat, run_on[0], specs[0], micro["B"]
+        cost_model, profile, s_cap, t_cap, (args, example_kwargs or {}), run_on[0], specs[0], micro["B"]
     )
     s_costs = s_cm.graph_costs(s_cap.graph_module)
     t_costs = t_cm.graph_costs(t_cap.graph_module)
@@ -473,8 +473,7 @@ def _cost_models(
     profiles: tuple[Profile, Profile] | None,
     s_cap: CapturedModel,
     t_cap: CapturedModel,
-    s_flat: list[torch.Tensor],
-    t_flat: list[torch.Tensor],
+    example: tuple[tuple[Any, ...], dict[str, Any]],
     device: torch.device,
     spec: DeviceSpec,
     micro_batch: int,
@@ -494,10 +493,11 @@ def _cost_models(
             f"unknown cost_model {cost_model!r}; use a CostModel, a (student, teacher) pair, or one of "
             "'measured', 'calibrated', 'roofline', 'params', 'uniform'"
         )
-    if profiles is None:
+    if profiles is None:  # both models measured on the example batch, called as the user calls them
+        args, kwargs = example
         profiles = (
-            profile(s_cap, s_flat, device=device, repeats=3),
-            profile(t_cap, t_flat, device=device, repeats=3),
+            profile(s_cap, args, example_kwargs=kwargs, device=device, repeats=3),
+            profile(t_cap, args, example_kwargs=kwargs, device=device, repeats=3),
         )
     if len(profiles) != 2 or not all(isinstance(p, Profile) for p in profiles):
         raise TspipeError("profile must be a (student Profile, teacher Profile) pair")

@@ -25,6 +25,7 @@ the rounds and its ratio to ``plain-1t``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -120,23 +121,39 @@ def pippy(args: argparse.Namespace, kind: str) -> float:
     pipe = compiled(args)
 
     class Stage(nn.Module):
-        """Our stage module as that library wants it: a lone tensor bare, every tensor
-        contiguous (its gloo sends refuse others), received inputs cloned (a cut before an
-        in-place ReLU would write to its input leaf, which autograd refuses)."""
+        """Our stage module as that library wants it: tensors only between stages, a lone tensor
+        bare, every tensor contiguous (its gloo sends refuse others), received inputs cloned (a
+        cut before an in-place ReLU would write to its input leaf, which autograd refuses).
 
-        def __init__(self, gm: nn.Module, last: bool):
+        Non-tensor values a cut passes (the ViT's patch grid, a ``torch.Size``) cannot travel
+        through it: stage 0 drops them, and stage 1 puts back the constants both ranks computed
+        once from one micro-batch (they do not depend on the data), as a user would.
+        """
+
+        def __init__(self, gm: nn.Module, last: bool, constants: dict[int, Any]):
             super().__init__()
-            self.gm, self.last, self.first = gm, last, not last
+            self.gm, self.last, self.constants = gm, last, constants
 
         def forward(self, *xs: torch.Tensor) -> Any:
-            if not self.first:
-                xs = tuple(x.clone() for x in xs)
+            if self.last:
+                it = iter(x.clone() for x in xs)
+                n = len(xs) + len(self.constants)
+                xs = tuple(self.constants[i] if i in self.constants else next(it) for i in range(n))
             out = tuple(o.contiguous() if isinstance(o, torch.Tensor) else o for o in self.gm(*xs))
+            out = tuple(o for i, o in enumerate(out) if self.last or i not in self.constants)
             return out[0] if self.last or len(out) == 1 else out
 
+    def constants(gm: nn.Module, x: torch.Tensor) -> dict[int, Any]:
+        with torch.no_grad():  # on a copy: the stage's BatchNorm statistics stay as they are
+            return {i: o for i, o in enumerate(copy.deepcopy(gm)(x)) if not isinstance(o, torch.Tensor)}
+
     last = rank == 1
-    s_mod = Stage(pipe.student_io[rank].module, last)
-    t_mod = Stage(pipe.teacher_io[rank].module, last).requires_grad_(False)  # a frozen teacher
+    x, y = data(args.batch)
+    micro_x = x[: args.batch // args.micro]
+    s_const = constants(pipe.student_io[0].module, micro_x)
+    t_const = constants(pipe.teacher_io[0].module, micro_x)
+    s_mod = Stage(pipe.student_io[rank].module, last, s_const)
+    t_mod = Stage(pipe.teacher_io[rank].module, last, t_const).requires_grad_(False)  # a frozen teacher
     s_stage = PipelineStage(s_mod, rank, 2, torch.device("cpu"))
     t_stage = PipelineStage(t_mod, rank, 2, torch.device("cpu"))
 
@@ -147,7 +164,6 @@ def pippy(args: argparse.Namespace, kind: str) -> float:
     schedule = (ScheduleGPipe if kind == "gpipe" else Schedule1F1B)(s_stage, args.micro, loss_fn=loss_fn)
     teacher = ScheduleGPipe(t_stage, args.micro)
     opt = sgd(s_mod.parameters())
-    x, y = data(args.batch)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -195,7 +211,10 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> float:
             (Path(os.environ["TSPIPE_BENCH_LOGS"]) / f"{name}-{time.time():.0f}.log").write_text(text)
         lines = text.splitlines()
         ours = [ln for ln in lines if "tspipe_fx" in ln and ("stops:" in ln or "RuntimeFailure" in ln)]
-        errors = ours or [ln for ln in lines if re.search(r"\]: \w+(Error|Exception)\b", ln)] or [
+        # The first rank to fail names the error; its peers only lose their connection to it.
+        raised = [ln for ln in lines if re.search(r"\]: [\w.]+(Error|Exception)\b", ln)]
+        raised = [ln for ln in raised if "Connection closed by peer" not in ln] or raised
+        errors = ours or raised or [
             ln for ln in lines if "Error" in ln
         ]
         FAILURES[name] = errors[0].split("]: ")[-1][:200] if errors else done.stderr[-300:]

@@ -8,12 +8,13 @@ renders as ASCII (one row per device, like TSPipe's figure) or, with matplotlib,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tspipe_fx.schedule import Schedule, ScheduleError, Task, dependencies
+from tspipe_fx.plan import Plan
+from tspipe_fx.schedule import Schedule, ScheduleError, Task, dependencies, make_schedule
 
-__all__ = ["Timeline", "save_png", "simulate", "unit_costs"]
+__all__ = ["Timeline", "save_png", "simulate", "simulate_plan", "unit_costs"]
 
 CostFn = Callable[[Task], float]
 
@@ -88,59 +89,50 @@ class Timeline:
         return "\n".join(rows)
 
 
-def save_png(timeline: Timeline, path: str, *, title: str | None = None) -> None:
-    """A Gantt chart of the timeline (needs matplotlib: ``pip install tspipe-fx[viz]``).
+def save_png(timeline: Timeline | Sequence[Timeline], path: str, *, title: str | None = None) -> None:
+    """A Gantt chart of a timeline, or of several one above the other on one time axis (needs
+    matplotlib: ``pip install tspipe-fx[viz]``).
 
     Teacher forwards grey, student forwards blue, backwards orange, loss red, optimizer steps
-    green; one row per device, device 0 on top.
+    green; one row per device, device 0 on top; each bar is labelled with its batch.
     """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
     except ImportError as e:
         raise ScheduleError("save_png needs matplotlib; hint: pip install tspipe-fx[viz]") from e
+    timelines = [timeline] if isinstance(timeline, Timeline) else list(timeline)
+    if not timelines:
+        raise ScheduleError("save_png needs at least one timeline")
     colours = {"tf": "#9e9e9e", "sf": "#1f77b4", "sb": "#ff7f0e", "loss": "#d62728", "opt": "#2ca02c"}
-    n = len(timeline.spans)
-    fig, ax = plt.subplots(figsize=(12, 0.6 * n + 1.6))
-    for d, spans in enumerate(timeline.spans):
-        for start, end, t in spans:
-            ax.broken_barh(
-                [(start, end - start)],
-                (n - 1 - d - 0.4, 0.8),
-                facecolors=colours[t.kind],
-                edgecolor="white",
-                linewidth=0.5,
-            )
-            if end - start >= timeline.makespan / 80 and t.kind != "loss":
-                ax.text(
-                    (start + end) / 2,
-                    n - 1 - d,
-                    str(t.batch),
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white",
-                )
-    ax.set_yticks(range(n), [f"dev{d}" for d in reversed(range(n))])
-    ax.set_xlabel("time")
-    s = timeline.schedule
-    ax.set_title(title or f"{s.name}: {s.n_stages} stages, {s.micro_batches} micro-batches, {s.views} view(s), {s.mode}; "
-                 f"period {timeline.period:.3g}, bubbles {100 * timeline.bubble_fraction:.0f}%", fontsize=9)  # fmt: skip
-    from matplotlib.patches import Rectangle
-
+    heights = [0.6 * len(tl.spans) + 0.9 for tl in timelines]
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(12, sum(heights) + 0.8), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": heights})  # fmt: skip
+    span = max(tl.makespan for tl in timelines)
+    for ax, tl in zip(axes[:, 0], timelines, strict=True):
+        n = len(tl.spans)
+        for d, spans in enumerate(tl.spans):
+            for start, end, t in spans:
+                ax.broken_barh([(start, end - start)], (n - 1 - d - 0.4, 0.8), facecolors=colours[t.kind],
+                               edgecolor="white", linewidth=0.5)  # fmt: skip
+                if end - start >= span / 80 and t.kind != "loss":
+                    ax.text((start + end) / 2, n - 1 - d, str(t.batch), ha="center", va="center", fontsize=6,
+                            color="white")  # fmt: skip
+        ax.set_yticks(range(n), [f"dev{d}" for d in reversed(range(n))])
+        s = tl.schedule
+        ax.set_title(title if title and len(timelines) == 1 else
+                     f"{s.name}: {s.n_stages} stages, {s.micro_batches} micro-batches, {s.views} view(s), {s.mode}; "
+                     f"period {tl.period:.3g}, idle {100 * tl.bubble_fraction:.0f}%", fontsize=9)  # fmt: skip
+    if title and len(timelines) > 1:
+        fig.suptitle(title, fontsize=10)
+    axes[-1, 0].set_xlabel("time (ms where the costs are ms)")
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(
-        handles,
-        ["teacher fwd", "student fwd", "student bwd", "loss", "optimizer"],
-        ncol=5,
-        fontsize=7,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.2),
-        frameon=False,
-    )
-    fig.tight_layout()
+    fig.legend(handles, ["teacher fwd", "student fwd", "student bwd", "loss", "optimizer"], ncol=5, fontsize=7,
+               loc="lower center", frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -189,3 +181,50 @@ def simulate(
         if not progressed:
             raise ScheduleError(f"{s.name}: deadlock in simulation; run schedule.validate() for details")
     return Timeline(s, tuple(tuple(x) for x in spans))
+
+
+def simulate_plan(
+    plan: Plan,
+    schedule: str = "tspipe",
+    *,
+    views: int | None = None,
+    n_batches: int = 6,
+    link: tuple[float, float] | None = None,
+) -> Timeline:
+    """The plan's per-stage costs through a schedule.
+
+    Args:
+        plan: a compiled plan; its stage times are per micro-batch.
+        schedule: ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential``. ``sequential`` (inter-layer
+            model parallelism, one micro-batch per batch) runs each stage on the whole batch,
+            costed as the plan's micro-batch costs times its ``micro_batches`` (linear in the
+            batch: a GPU's better efficiency on larger batches is not counted).
+        views: 1 or 2 (default: 2 in momentum mode, as BYOL and MoCo v3 train, else 1).
+        link: ``(GB/s, latency µs)`` per transfer between neighbouring devices
+            (:data:`tspipe_fx.devices.LINKS`); None: transfers are free.
+
+    Example:
+        >>> simulate_plan(pipe.plan, "tspipe").period / simulate_plan(pipe.plan, "gpipe").period
+    """
+    if views is None:
+        views = 2 if plan.mode == "momentum" else 1
+    whole = schedule == "sequential"
+    scale = plan.micro_batches if whole else 1
+    s = make_schedule(schedule, plan.n_stages, 1 if whole else plan.micro_batches, views=views, mode=plan.mode,
+                      n_batches=n_batches)  # fmt: skip
+    work: dict[tuple[str, int], float] = {}
+    sent: dict[tuple[str, int], float] = {}
+    gbs, latency_us = link if link is not None else (float("inf"), 0.0)
+    for j, (st, te) in enumerate(zip(plan.student.stages, plan.teacher.stages, strict=True)):
+        work["sf", j], work["sb", j], work["tf", j] = st.fwd_ms * scale, st.bwd_ms * scale, te.fwd_ms * scale
+        for kind, stage in (("sf", st), ("tf", te)):
+            sent[kind, j] = (stage.cut_out_bytes * scale / (gbs * 1e6) + latency_us / 1e3) if link else 0.0
+
+    def transfer(dep: Task, task: Task) -> float:
+        if dep.kind in ("sf", "tf"):
+            return sent[dep.kind, dep.stage]
+        if dep.kind == "sb":  # a gradient is as large as the activation it belongs to
+            return sent["sf", task.stage]
+        return 0.0
+
+    return simulate(s, lambda t: work.get((t.kind, t.stage), 0.0), link=transfer)

@@ -12,7 +12,7 @@ PYTEST := $(BIN)/python -m pytest
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev,vision,hf,viz]"
+	$(BIN)/pip install -q -e ".[dev,vision,hf,viz,demo]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -196,3 +196,49 @@ def test_device_specs() -> None:
         register_device_spec(DeviceSpec("bad", {"bfloat16": 1.0}, memory_bandwidth_gbs=1, memory_bytes=1))
     with pytest.raises(TspipeError, match="unknown link"):
         device_spec("h100").with_link("carrier-pigeon")
+
+
+def test_compile_asks_every_cost_model_for_one_micro_batch() -> None:
+    """A cost model handed to compile costs one micro-batch of the plan (batch_size / M), not the
+    example it was captured with: a RooflineCost built without a batch size, a profile measured
+    at the example's size, and a custom model through ``flops(node)`` all see B = 16 here."""
+    from toys import Net
+
+    import tspipe_fx
+    from tspipe_fx.cost_model import flops
+    from tspipe_fx.passes.symbolic import COST_SIZES_KEY
+
+    torch.manual_seed(0)
+    student, teacher = Net(16, 4), Net(16, 4).eval()
+    x = torch.randn(2, 8)  # example: 2 samples; plan: 64 in 4 micro-batches of 16
+
+    def plan_with(cm: object) -> tspipe_fx.Plan:
+        return tspipe_fx.compile(student, teacher, 2, example_inputs=(x,), batch_size=64, micro_batches=4,
+                                 cost_model=cm, schedule=None).plan  # type: ignore[arg-type]  # fmt: skip
+
+    def stage_ms(plan: tspipe_fx.Plan) -> list[float]:
+        return [s.fwd_ms for s in (*plan.student.stages, *plan.teacher.stages)]
+
+    implicit, explicit = plan_with(RooflineCost("h100")), plan_with(RooflineCost("h100", batch_size=16))
+    assert stage_ms(implicit) == pytest.approx(stage_ms(explicit))
+    assert stage_ms(implicit) != pytest.approx(stage_ms(plan_with(RooflineCost("h100", batch_size=2))))
+
+    seen: list[int] = []
+
+    @cost_model
+    def by_flops(node: fx.Node) -> NodeCost:
+        if node.target == "a":
+            seen.append(flops(node))
+        return NodeCost(flops(node) / 1e9, 2 * flops(node) / 1e9)
+
+    plan_with(by_flops)
+    assert seen == [2 * 16 * 8 * 16] * 2  # student and teacher layer a at B = 16
+    cm = capture(Net(16, 4), (x,))
+    annotate_structure(cm.graph_module)
+    annotate_symbolic(cm.graph_module, [x])
+    a = _by_target(cm.graph_module, "a")
+    assert flops(a) == info(a).fwd_flops == 2 * 2 * 8 * 16  # outside compile: the example's size
+    captured = capture(student, (x,))
+    tspipe_fx.compile(captured, capture(teacher, (x,)), 2, example_inputs=(x,), batch_size=64, micro_batches=4,
+                      cost_model="uniform")  # fmt: skip
+    assert COST_SIZES_KEY not in captured.graph_module.meta  # compile leaves the graphs as they were

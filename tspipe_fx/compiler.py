@@ -33,8 +33,8 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.meta import info
 from tspipe_fx.partition import Device, Partition, PartitionError, Problem, evaluate, solve
 from tspipe_fx.passes import annotate_structure, annotate_symbolic
+from tspipe_fx.passes.symbolic import costs_at, input_sizes
 from tspipe_fx.passes.symbolic import evaluate as eval_expr
-from tspipe_fx.passes.symbolic import input_sizes
 from tspipe_fx.plan import ModelPlan, Plan, StagePlan
 from tspipe_fx.profiling import Profile, graph_fingerprint, profile
 from tspipe_fx.refine import at_batch, polish, time_stages
@@ -242,10 +242,11 @@ def compile(
                 )
 
     s_cm, t_cm, cm_name = _cost_models(
-        cost_model, profile, s_cap, t_cap, (args, example_kwargs or {}), run_on[0], specs[0], micro["B"]
+        cost_model, profile, s_cap, t_cap, (args, example_kwargs or {}), run_on[0], specs[0]
     )
-    s_costs = s_cm.graph_costs(s_cap.graph_module)
-    t_costs = t_cm.graph_costs(t_cap.graph_module)
+    with costs_at((s_cap.graph_module, t_cap.graph_module), micro):  # every cost is for one micro-batch
+        s_costs = s_cm.graph_costs(s_cap.graph_module)
+        t_costs = t_cm.graph_costs(t_cap.graph_module)
 
     def problem(s_cuts: Sequence[int] | None = None, t_cuts: Sequence[int] | None = None, *, mirror: bool = False,
                 sc: Sequence[NodeCost] = s_costs, tc: Sequence[NodeCost] = t_costs) -> Problem:  # fmt: skip
@@ -476,7 +477,6 @@ def _cost_models(
     example: tuple[tuple[Any, ...], dict[str, Any]],
     device: torch.device,
     spec: DeviceSpec,
-    micro_batch: int,
 ) -> tuple[CostModel, CostModel, str]:
     if isinstance(cost_model, tuple):
         if len(cost_model) != 2 or not all(isinstance(c, CostModel) for c in cost_model):
@@ -485,7 +485,7 @@ def _cost_models(
     if isinstance(cost_model, CostModel):
         return cost_model, cost_model, cost_model.name
     if cost_model in ("roofline", "params", "uniform"):
-        builtin = {"roofline": lambda: RooflineCost(spec, batch_size=micro_batch),
+        builtin = {"roofline": lambda: RooflineCost(spec),
                    "params": ParamCountCost, "uniform": UniformCost}[cost_model]  # fmt: skip
         return builtin(), builtin(), str(cost_model)
     if cost_model not in (None, "measured", "calibrated"):
@@ -503,8 +503,8 @@ def _cost_models(
         raise TspipeError("profile must be a (student Profile, teacher Profile) pair")
     calibrate = cost_model == "calibrated"  # node times scaled to the whole models' measured totals
     return (
-        MeasuredCost(profiles[0], batch_size=micro_batch, calibrate=calibrate),
-        MeasuredCost(profiles[1], batch_size=micro_batch, calibrate=calibrate),
+        MeasuredCost(profiles[0], calibrate=calibrate),
+        MeasuredCost(profiles[1], calibrate=calibrate),
         "calibrated" if calibrate else "measured",
     )
 

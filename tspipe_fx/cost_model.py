@@ -13,8 +13,12 @@ Built-ins: :class:`MeasuredCost` (a :class:`~tspipe_fx.Profile`), :class:`Roofli
 (DeepSpeed's ``partition_method="parameters"``) and :class:`UniformCost` (``"uniform"``).
 
 Cost models read what the passes wrote in ``node.meta["tspipe"]`` (:mod:`tspipe_fx.meta`).
-Costs at another batch size than the profiled one (a micro-batch) come from the symbolic
-FLOPs and bytes expressions: give ``batch_size=`` (and ``seq_len=``).
+A cost is for one micro-batch of the plan being compiled: :func:`tspipe_fx.compile` records its
+sizes on the graph (:func:`tspipe_fx.passes.symbolic.cost_sizes`), the built-ins scale what was
+measured or counted at the example's size to them through the symbolic FLOPs and bytes
+expressions, and :func:`flops` and :func:`output_bytes` give a custom model the same figures
+(``info(node).fwd_flops`` is at the example's size). ``batch_size=`` (and ``seq_len=``) on a
+built-in fixes the size instead.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch.fx as fx
 from tspipe_fx.devices import DeviceSpec, device_spec
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.meta import NodeInfo, info
-from tspipe_fx.passes.symbolic import SIZES_KEY, evaluate
+from tspipe_fx.passes.symbolic import COST_SIZES_KEY, SIZES_KEY, cost_sizes, evaluate
 from tspipe_fx.profiling import Profile
 
 __all__ = [
@@ -40,6 +44,8 @@ __all__ = [
     "RooflineCost",
     "UniformCost",
     "cost_model",
+    "flops",
+    "output_bytes",
     "scale",
     "total",
 ]
@@ -175,14 +181,36 @@ def total(*models: CostModel) -> CostModel:
 # --- built-ins -------------------------------------------------------------------------------
 
 
+def flops(node: fx.Node) -> int:
+    """The node's forward FLOPs at the sizes costs are asked for (one micro-batch of the plan)."""
+    return evaluate(info(node).flops_expr, _asked(node))
+
+
+def output_bytes(node: fx.Node) -> int:
+    """The bytes of the node's outputs at the sizes costs are asked for."""
+    return evaluate(info(node).output_bytes_expr, _asked(node))
+
+
+def _asked(node: fx.Node) -> dict[str, int]:
+    gm = node.graph.owning_module
+    return cost_sizes(gm) if isinstance(gm, fx.GraphModule) else {}
+
+
 class _Scaling:
     """Ratios that carry costs measured at one batch size to another, from symbolic expressions."""
 
-    def __init__(self, base: dict[str, int], batch_size: int | None, seq_len: int | None):
+    def __init__(
+        self,
+        base: dict[str, int],
+        batch_size: int | None,
+        seq_len: int | None,
+        asked: dict[str, int] | None = None,
+    ):
         if (batch_size is not None and batch_size < 1) or (seq_len is not None and seq_len < 1):
             raise TspipeError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
         self.base = base
-        self.target = dict(base)
+        # the graph's cost sizes (a plan's micro-batch) unless the model was given its own
+        self.target = {**base, **{k: v for k, v in (asked or {}).items() if k in base}}
         if batch_size is not None:
             self.target["B"] = batch_size
         if seq_len is not None:
@@ -230,6 +258,7 @@ class MeasuredCost(CostModel):
         if not isinstance(profile, Profile):
             raise TspipeError(f"MeasuredCost needs a Profile, got {type(profile).__name__}")
         self.profile = profile
+        self.batch_size, self.seq_len = batch_size, seq_len
         self.scaling = _Scaling(profile.sizes, batch_size, seq_len)
         self.by_node: dict[fx.Node, NodeInfo] = {}
         self.fwd_scale = self.bwd_scale = 1.0
@@ -242,6 +271,8 @@ class MeasuredCost(CostModel):
 
     def prepare(self, gm: fx.GraphModule) -> None:
         self.profile.check(gm)  # same structure: nodes match the profile's by position
+        asked = gm.meta.get(COST_SIZES_KEY)
+        self.scaling = _Scaling(self.profile.sizes, self.batch_size, self.seq_len, asked)
         self.by_node = {node: rec.info for node, rec in zip(gm.graph.nodes, self.profile.nodes, strict=True)}
 
     def node_cost(self, node: fx.Node) -> NodeCost:
@@ -284,7 +315,7 @@ class RooflineCost(CostModel):
 
     def prepare(self, gm: fx.GraphModule) -> None:
         sizes = _example_sizes(gm)
-        self.scaling = _Scaling(sizes, self.batch_size, self.seq_len)
+        self.scaling = _Scaling(sizes, self.batch_size, self.seq_len, cost_sizes(gm))
 
     def node_cost(self, node: fx.Node) -> NodeCost:
         if node.op in _NO_COST_OPS:

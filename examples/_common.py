@@ -35,6 +35,9 @@ def parser(doc: str | None, *, batch: int, full_batch: int) -> argparse.Argument
     p.add_argument("--micro-batches", type=int, default=None, help="default: --gpus")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plan-only", metavar="SPEC", default=None,
+                   help="print the plan for --gpus devices of this kind (h100, a100, v100) from a roofline "
+                   "model, computed here on the CPU, and stop")  # fmt: skip
     p.set_defaults(default_batch=batch, default_full_batch=full_batch)
     return p
 
@@ -49,11 +52,13 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def devices(args: argparse.Namespace) -> list[str] | None:
-    """Where the stages run: each rank's own device under torchrun (None lets compile choose for
-    profiling), else the GPUs with --full, else the CPU once per stage."""
+def devices(args: argparse.Namespace) -> list[str]:
+    """Where the stages are costed and run: under torchrun each rank's own device (every rank
+    compiles, and profiles on its own GPU; rank 0's plan wins), else the GPUs with --full, else
+    the CPU once per stage."""
     if args.runtime == "dist":
-        return None if torch.cuda.is_available() else ["cpu"] * args.gpus
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return [f"cuda:{local}" if torch.cuda.is_available() else "cpu"] * args.gpus
     if args.full:
         if torch.cuda.device_count() < args.gpus:
             raise SystemExit(f"--full needs {args.gpus} GPUs, found {torch.cuda.device_count()}; use --gpus")
@@ -72,19 +77,22 @@ def say(*text: Any) -> None:
 
 def compile_pair(student: torch.nn.Module, teacher: torch.nn.Module, args: argparse.Namespace, example: Any,
                  **options: Any) -> tspipe_fx.Pipeline:  # fmt: skip
-    """Compile on one micro-batch's worth of the example batch, for the whole batch."""
+    """Compile on one micro-batch's worth of the example batch, for the whole batch (with
+    ``--plan-only``: on 2 samples, for devices modelled by a roofline; print the plan and stop)."""
     t0 = time.perf_counter()
-    micro = math.ceil(args.batch / args.micro_batches)
-    if isinstance(example, dict):
-        kwargs = {k: v[:micro] if isinstance(v, torch.Tensor) else v for k, v in example.items()}
-        pipe = tspipe_fx.compile(student, teacher, args.gpus, example_inputs=(), example_kwargs=kwargs,
-                                 batch_size=args.batch, micro_batches=args.micro_batches, devices=devices(args),
-                                 **options)  # fmt: skip
-    else:
-        pipe = tspipe_fx.compile(student, teacher, args.gpus, example_inputs=(example[:micro],),
-                                 batch_size=args.batch, micro_batches=args.micro_batches, devices=devices(args),
-                                 **options)  # fmt: skip
+    micro = 2 if args.plan_only else math.ceil(args.batch / args.micro_batches)
+    if args.plan_only:
+        options.update(cost_model="roofline", device_specs=[args.plan_only] * args.gpus)
+    run_on = ["cpu"] * args.gpus if args.plan_only else devices(args)
+    inputs, kwargs = ((), example) if isinstance(example, dict) else ((example,), {})
+    pipe = tspipe_fx.compile(
+        student, teacher, args.gpus, example_inputs=[x[:micro] for x in inputs],
+        example_kwargs={k: v[:micro] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()} or None,
+        batch_size=args.batch, micro_batches=args.micro_batches, devices=run_on, **options,
+    )  # fmt: skip
     say(f"compiled in {time.perf_counter() - t0:.1f} s\n{pipe.report()}\n")
+    if args.plan_only:
+        raise SystemExit(0)
     return pipe
 
 

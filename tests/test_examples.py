@@ -68,3 +68,14 @@ def test_distilbert_cosine_term_alone_trains_the_student() -> None:
     out = _run_example("distilbert", "--steps", "6", "--alpha-ce", "0", "--alpha-mlm", "0", "--alpha-cos", "1")
     losses = _losses(out)
     assert len(losses) == 6 and losses[-1] < losses[0] - 1e-3, losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_workload_example_plans_the_paper_size_for_8_gpus(name: str) -> None:
+    """``--full --plan-only h100``: the paper's models, captured and partitioned here on the CPU
+    for 8 modelled H100s (a roofline), nothing trained."""
+    out = _run_example(name, "--full", "--plan-only", "h100", "--gpus", "8")
+    assert "8 stages" in out and "cost model roofline" in out
+    assert re.search(r"^period +[\d.]+ ms per batch", out, flags=re.M)
+    assert not _losses(out)

@@ -1,6 +1,7 @@
 """Schedules simulated on profiled costs, and the local runtime's overhead against plain PyTorch.
 
     python benchmarks/schedule/run.py simulate [--pairs ...] [--gpus 2 4 8] [--profiles h100 --link nvlink4]
+    python benchmarks/schedule/run.py balance [--profiles h100] [--links nvlink4 pcie4]
     python benchmarks/schedule/run.py overhead [--repeats 15]
 
 ``simulate``: for each paper pair (CPU profiles of ``benchmarks/partition``, scaled to the
@@ -11,6 +12,10 @@ Transfers cost cut bytes / 10 GB/s, or over ``--link`` (``tspipe_fx.devices.LINK
 and latency; the partitioner sees the same link). ``--profiles h100`` costs with the H100
 profiles of ``benchmarks/gpu/`` instead of the CPU ones (the pairs they exist for). Prints periods
 and tspipe's speed-up over each.
+
+``balance``: the KD pair (ViT-L/16 -> ResNet-152, 4 stages, batch 256) cut by our partitioner
+and by the TSPipe repository's hand-written balance lists mapped onto our graphs, both costed
+alike and simulated under the ``tspipe`` schedule.
 
 ``overhead``: one device, the same KD pair, a tspipe_fx trainer step against a plain eager step
 (teacher forward under no_grad, student forward, loss, backward, SGD step), alternated, medians.
@@ -33,47 +38,23 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from pairs import PAIRS, profiled
 
 import tspipe_fx
-from tspipe_fx.schedule import Task, make_schedule
-from tspipe_fx.simulate import simulate
+from tspipe_fx.devices import LINKS
+from tspipe_fx.simulate import simulate_plan
 
 BATCH = {"kd_vitl_r152": 256, "kd_bertl_distilbertl": 128, "byol_r18": 256, "mocov3_vitb": 256}
 PAPER = {"kd_vitl_r152": "4.68x over sequential (8 V100, KD ViT-L -> ResNet-152)",
          "mocov3_vitb": "12.15x over sequential (16 V100, MoCo v3 ViT)"}  # fmt: skip
 
 
-def costs_of(
-    pipe: tspipe_fx.Pipeline, link: tuple[float, float]
-) -> tuple[dict[tuple[str, int], float], dict[tuple[int, str], float]]:
-    plan = pipe.plan
-    gbs, latency_us = link
-    cost = {}
-    sent = {}
-    for j, (s, t) in enumerate(zip(plan.student.stages, plan.teacher.stages, strict=True)):
-        cost[("sf", j)], cost[("sb", j)], cost[("tf", j)] = s.fwd_ms, s.bwd_ms, t.fwd_ms
-        cost[("opt", j)], cost[("loss", j)] = 0.0, 0.0
-        sent[(j, "sf")] = s.cut_out_bytes / (gbs * 1e6) + latency_us / 1e3  # ms
-        sent[(j, "tf")] = t.cut_out_bytes / (gbs * 1e6) + latency_us / 1e3
-    return cost, sent
-
-
 def period(
     pipe: tspipe_fx.Pipeline, name: str, views: int, mode: str, link: tuple[float, float] = (10.0, 0.0)
 ) -> float:
-    cost, sent = costs_of(pipe, link)
-    s = make_schedule(name, pipe.plan.n_stages, pipe.plan.micro_batches, views=views, mode=mode, n_batches=6)
-
-    def link(dep: Task, task: Task) -> float:
-        if dep.kind in ("sf", "tf"):
-            return sent[(dep.stage, dep.kind)]
-        if dep.kind == "sb":
-            return sent[(task.stage, "sf")]  # a gradient is as large as the activation it belongs to
-        return 0.0
-
-    return simulate(s, lambda t: cost[(t.kind, t.stage)], link=link).period
+    """The steady-state period of schedule ``name`` on the plan's per-stage costs (ms a batch)."""
+    return simulate_plan(pipe.plan, name, views=views, n_batches=6, link=link).period
 
 
 def simulate_pairs(args: argparse.Namespace) -> None:
-    from tspipe_fx.devices import LINKS, device_spec
+    from tspipe_fx.devices import device_spec
 
     rows = []
     link = LINKS[args.link] if args.link else (10.0, 0.0)
@@ -94,6 +75,36 @@ def simulate_pairs(args: argparse.Namespace) -> None:
             print(rows[-1], flush=True)
     print(tabulate(rows, headers=["pair", "gpus", "tspipe s", "gpipe s", "1f1b s", "sequential s", "vs gpipe", "vs 1f1b",
                                   "vs sequential", "paper"], tablefmt="github", disable_numparse=True))  # fmt: skip
+
+
+# The TSPipe repository's hand-written 4-stage split of its soft-target KD benchmark
+# (benchmarks/soft_target/tspipe.yaml: online [7, 8, 16, 26], target [8, 4, 4, 14] layers of its
+# flattened nn.Sequential models). ResNet-152 flattens to conv1, bn1, relu, maxpool, the 50
+# bottlenecks, avgpool, flatten, fc; ViT-L/16 to patch_embed, cls token, pos drop, the 24 blocks,
+# norm, pre-logits, head. As split points of our graphs, by module name:
+TSPIPE_BALANCE = {"kd_vitl_r152": (["layer2.0", "layer3.0", "layer3.16"], ["blocks.5", "blocks.9", "blocks.13"])}
+
+
+def balance(args: argparse.Namespace) -> None:
+    """Our partition against the TSPipe repository's hand-written balance, both scored and
+    simulated on the same costs, for every link."""
+    from tspipe_fx.devices import device_spec
+
+    rows = []
+    for pair, split in TSPIPE_BALANCE.items():
+        pp = profiled(pair, args.profiles)
+        n = len(split[0]) + 1
+        for link_name in args.links:
+            hw = {"device_specs": [device_spec(args.profiles).with_link(link_name)] * n}
+            link = LINKS[link_name]
+            ours = pp.compile(n, micro_batches=n, batch_size=BATCH[pair], **hw)
+            theirs = pp.compile(n, micro_batches=n, batch_size=BATCH[pair], balance=split, **hw)
+            p_ours, p_theirs = (period(x, "tspipe", 1, pp.mode, link) for x in (ours, theirs))
+            rows.append([pair, args.profiles, link_name, n, f"{ours.plan.period_ms:.1f}", f"{theirs.plan.period_ms:.1f}",
+                         f"{p_ours:.1f}", f"{p_theirs:.1f}", f"{p_theirs / p_ours:.2f}x"])  # fmt: skip
+            print(rows[-1], flush=True)
+    print(tabulate(rows, headers=["pair", "costs", "link", "gpus", "load ours ms", "load TSPipe's ms", "tspipe ours ms",
+                                  "tspipe TSPipe's ms", "TSPipe's / ours"], tablefmt="github", disable_numparse=True))  # fmt: skip
 
 
 def overhead(args: argparse.Namespace) -> None:
@@ -156,10 +167,13 @@ def main() -> None:
     sim.add_argument(
         "--link", default=None, help="a tspipe_fx.devices.LINKS name (default: 10 GB/s, no latency)"
     )
+    bal = sub.add_parser("balance", help="ours against the TSPipe repository's hand-written balance")
+    bal.add_argument("--profiles", default="h100", help="h100 (benchmarks/gpu/'s profiles), or cpu")
+    bal.add_argument("--links", nargs="+", default=["nvlink4", "pcie4"])
     ovh = sub.add_parser("overhead")
     ovh.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    simulate_pairs(args) if args.part == "simulate" else overhead(args)
+    {"simulate": simulate_pairs, "balance": balance, "overhead": overhead}[args.part](args)
 
 
 if __name__ == "__main__":

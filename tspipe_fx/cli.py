@@ -133,15 +133,50 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _build(spec: str, role: str, args: argparse.Namespace, batch: int) -> Any:
-    from tspipe_fx.models import build_model, parse_options
+    from tspipe_fx.models import build_model
 
-    options = {}
-    for flag, items in (("--hf-config", args.hf_config), ("--model-arg", args.model_arg)):
-        parsed = parse_options(items, flag=flag)
-        is_hf = spec.startswith("hf:")
-        if (flag == "--hf-config") == is_hf:
-            options.update({**parsed[""], **parsed.get(role, {})})
+    flag = "--hf-config" if spec.startswith("hf:") else "--model-arg"
+    parsed = _options(args)[flag]
+    options = {**parsed[""], **parsed.get(role, {})}
     return build_model(spec, batch=batch, options=options, image_size=args.image_size, seq_len=args.seq_len)
+
+
+def _options(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
+    from tspipe_fx.models import parse_options
+
+    return {
+        "--hf-config": parse_options(args.hf_config, flag="--hf-config"),
+        "--model-arg": parse_options(args.model_arg, flag="--model-arg"),
+    }
+
+
+def _check_options(args: argparse.Namespace, specs: dict[str, str | None]) -> None:
+    """Every option must reach a model: ``--hf-config`` an ``hf:`` one, ``--model-arg`` another,
+    a ``student.``/``teacher.`` prefix that model (an option no model reads would plan another)."""
+    from tspipe_fx.errors import TspipeError
+
+    kinds = {
+        role: ("--hf-config" if spec.startswith("hf:") else "--model-arg")
+        for role, spec in specs.items()
+        if spec
+    }
+    for flag, parsed in _options(args).items():
+        other = "--model-arg" if flag == "--hf-config" else "--hf-config"
+        if parsed[""] and flag not in kinds.values():
+            raise TspipeError(
+                f"{flag} {sorted(parsed[''])}: no model here takes it ({flag} is for "
+                f"{'hf: models' if flag == '--hf-config' else 'timm, torchvision and callable models'}); hint: {other}"
+            )
+        for role in ("student", "teacher"):
+            if parsed[role] and kinds.get(role) != flag:
+                what = (
+                    f"the {role} ({specs[role]}) does not take {flag}"
+                    if specs.get(role)
+                    else f"there is no {role} here"
+                )
+                raise TspipeError(
+                    f"{flag} {role}.{sorted(parsed[role])}: {what}; hint: {other}, or no prefix"
+                )
 
 
 def _check_positive(**values: int | None) -> None:
@@ -164,6 +199,7 @@ def _plan(args: argparse.Namespace) -> None:
         raise TspipeError(
             "a KD plan needs a teacher; hint: tspipe-fx plan STUDENT TEACHER, or --mode momentum"
         )
+    _check_options(args, {"student": args.student, "teacher": args.teacher})
     student = _build(args.student, "student", args, args.example_batch)
     if args.teacher is None:
         teacher_module = copy.deepcopy(student.module)
@@ -227,6 +263,7 @@ def _profile(args: argparse.Namespace) -> None:
     import tspipe_fx
 
     _check_positive(batch=args.batch, repeats=args.repeats)
+    _check_options(args, {"": args.model})
     model = _build(args.model, "", args, args.batch)
     if args.eval:
         model.module.eval()

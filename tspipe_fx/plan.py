@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tspipe_fx.errors import TspipeError
+from tspipe_fx.files import write_text_atomic
 
 __all__ = ["ModelPlan", "Plan", "StagePlan"]
 
@@ -110,7 +111,8 @@ class Plan:
             ) from None
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(self.to_json())
+        """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:

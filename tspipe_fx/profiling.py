@@ -15,7 +15,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 
 from tspipe_fx.capture import CapturedModel, capture
 from tspipe_fx.errors import ProfileError
+from tspipe_fx.files import write_text_atomic
 from tspipe_fx.meta import META_KEY, NodeInfo, info
 from tspipe_fx.passes import annotate_measured, annotate_structure, annotate_symbolic
 from tspipe_fx.passes.measure import Timer
@@ -164,19 +164,7 @@ class Profile:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write JSON atomically: a crash leaves the old file or the new one, never half of one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a profile is plain data
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Profile:

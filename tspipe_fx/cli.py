@@ -270,6 +270,7 @@ def _profile(args: argparse.Namespace) -> None:
     prof = tspipe_fx.profile(model.module, model.args, example_kwargs=model.kwargs or None, device=args.device,
                              repeats=args.repeats, progress=True)  # fmt: skip
     print(prof.report(by=args.by, top=args.top))
+    print(f"\n{prof.summary()}")
     prof.save(args.out)
     print(f"\nprofile written to {args.out}")
 

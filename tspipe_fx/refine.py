@@ -35,8 +35,8 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.partition import Partition, Problem, evaluate, stage_costs
 from tspipe_fx.passes.measure import Timer
 from tspipe_fx.runtime import _written_inputs
-from tspipe_fx.schedule import Schedule, Task
-from tspipe_fx.simulate import simulate
+from tspipe_fx.schedule import Schedule
+from tspipe_fx.simulate import simulate_stages
 from tspipe_fx.split import Stage
 
 __all__ = ["StageTimes", "at_batch", "polish", "simulated_period", "time_stages"]
@@ -168,20 +168,14 @@ def simulated_period(
             f"problem {len(problem.devices)} and {problem.micro_batches}"
         )
     costs = stage_costs(problem, student_cuts, teacher_cuts)
-    work = {
-        (kind, j): ms
-        for j, c in enumerate(costs)
-        for kind, ms in (("sf", c.student_fwd_ms), ("sb", c.student_bwd_ms), ("tf", c.teacher_fwd_ms))
-    }
-
-    def link(dep: Task, task: Task) -> float:
-        if dep.kind == "sf":
-            return costs[dep.stage].student_send_ms
-        if dep.kind == "sb":  # a gradient is as large as the activation it belongs to
-            return costs[task.stage].student_send_ms
-        return costs[dep.stage].teacher_send_ms if dep.kind == "tf" else 0.0
-
-    return simulate(schedule, lambda t: work.get((t.kind, t.stage), 0.0), link=link).period
+    return simulate_stages(
+        schedule,
+        student_fwd_ms=[c.student_fwd_ms for c in costs],
+        student_bwd_ms=[c.student_bwd_ms for c in costs],
+        teacher_fwd_ms=[c.teacher_fwd_ms for c in costs],
+        student_send_ms=[c.student_send_ms for c in costs],
+        teacher_send_ms=[c.teacher_send_ms for c in costs],
+    ).period
 
 
 def polish(problem: Problem, start: Partition, schedule: Schedule, *, budget: int = 400) -> Partition:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tspipe_fx.plan import Plan
 from tspipe_fx.schedule import Schedule, ScheduleError, Task, dependencies, make_schedule
 
-__all__ = ["Timeline", "save_png", "simulate", "simulate_plan", "unit_costs"]
+__all__ = ["Timeline", "save_png", "simulate", "simulate_plan", "simulate_stages", "unit_costs"]
 
 CostFn = Callable[[Task], float]
 
@@ -212,19 +212,49 @@ def simulate_plan(
     scale = plan.micro_batches if whole else 1
     s = make_schedule(schedule, plan.n_stages, 1 if whole else plan.micro_batches, views=views, mode=plan.mode,
                       n_batches=n_batches)  # fmt: skip
-    work: dict[tuple[str, int], float] = {}
-    sent: dict[tuple[str, int], float] = {}
     gbs, latency_us = link if link is not None else (float("inf"), 0.0)
-    for j, (st, te) in enumerate(zip(plan.student.stages, plan.teacher.stages, strict=True)):
-        work["sf", j], work["sb", j], work["tf", j] = st.fwd_ms * scale, st.bwd_ms * scale, te.fwd_ms * scale
-        for kind, stage in (("sf", st), ("tf", te)):
-            sent[kind, j] = (stage.cut_out_bytes * scale / (gbs * 1e6) + latency_us / 1e3) if link else 0.0
+
+    def send_ms(cut_bytes: int) -> float:
+        return cut_bytes * scale / (gbs * 1e6) + latency_us / 1e3 if link is not None else 0.0
+
+    pairs = list(zip(plan.student.stages, plan.teacher.stages, strict=True))
+    return simulate_stages(
+        s,
+        student_fwd_ms=[st.fwd_ms * scale for st, _ in pairs],
+        student_bwd_ms=[st.bwd_ms * scale for st, _ in pairs],
+        teacher_fwd_ms=[te.fwd_ms * scale for _, te in pairs],
+        student_send_ms=[send_ms(st.cut_out_bytes) for st, _ in pairs],
+        teacher_send_ms=[send_ms(te.cut_out_bytes) for _, te in pairs],
+    )
+
+
+def simulate_stages(
+    schedule: Schedule,
+    *,
+    student_fwd_ms: Sequence[float],
+    student_bwd_ms: Sequence[float],
+    teacher_fwd_ms: Sequence[float],
+    student_send_ms: Sequence[float] | None = None,
+    teacher_send_ms: Sequence[float] | None = None,
+) -> Timeline:
+    """Per-stage costs through ``schedule``: stage ``j``'s student forward, backward and teacher
+    forward of one micro-batch on device ``j``, and the time to send that stage's activations
+    to the next device (a gradient travels back as large as the activation it belongs to; none
+    given: free). Optimizer steps and the loss take no time."""
+    n = len(student_fwd_ms)
+    s_send = list(student_send_ms) if student_send_ms is not None else [0.0] * n
+    t_send = list(teacher_send_ms) if teacher_send_ms is not None else [0.0] * n
+    work = {
+        (kind, j): ms
+        for kind, values in (("sf", student_fwd_ms), ("sb", student_bwd_ms), ("tf", teacher_fwd_ms))
+        for j, ms in enumerate(values)
+    }
 
     def transfer(dep: Task, task: Task) -> float:
-        if dep.kind in ("sf", "tf"):
-            return sent[dep.kind, dep.stage]
-        if dep.kind == "sb":  # a gradient is as large as the activation it belongs to
-            return sent["sf", task.stage]
-        return 0.0
+        if dep.kind == "sf":
+            return s_send[dep.stage]
+        if dep.kind == "sb":
+            return s_send[task.stage]
+        return t_send[dep.stage] if dep.kind == "tf" else 0.0
 
-    return simulate(s, lambda t: work.get((t.kind, t.stage), 0.0), link=transfer)
+    return simulate(schedule, lambda t: work.get((t.kind, t.stage), 0.0), link=transfer)

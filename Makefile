@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# torch wheels that lie on this machine's disk (see DEVELOPERS.md); override on other machines.
+# torch wheels that lie on the development machine's disk; override on other machines.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m tspipe_fx.demo
+	$(BIN)/python -m tspipe_fx.cli.demo
 
 test: $(STAMP)
 	$(PYTEST) -q -m "not slow"

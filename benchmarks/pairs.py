@@ -123,7 +123,7 @@ def profiled(pair: str, device: str = "cpu") -> ProfiledPair:
     """Build, capture and attach the shipped profiles: the CPU ones of
     ``benchmarks/partition/profile_pairs.py``, or a GPU's (``device="h100"``)."""
     import tspipe_fx
-    from tspipe_fx import profiles
+    from tspipe_fx.cost import profiles
 
     if device == "cpu":
         names = (f"cpu/{pair}_student_b2", f"cpu/{pair}_teacher_b2")

@@ -19,7 +19,7 @@ import torch.fx as fx
 from tabulate import tabulate
 
 import tspipe_fx
-from tspipe_fx.cost_model import MeasuredCost, NodeCost, RooflineCost, cost_model
+from tspipe_fx.cost import MeasuredCost, NodeCost, RooflineCost, cost_model
 from tspipe_fx.passes import annotate_structure, annotate_symbolic
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from toys import Net, Online, Target, byol_loss, kd_loss, sgd
 
 import tspipe_fx
-from tspipe_fx.checkpoint import load_checkpoint, save_checkpoint, save_consolidated
+from tspipe_fx.runtime.checkpoint import load_checkpoint, save_checkpoint, save_consolidated
 
 BATCH = 8  # rows per step, over all pipelines
 
@@ -126,7 +126,7 @@ def main() -> None:
             "student": student.state_dict(),
             "teacher": teacher.state_dict(),
             "compiled_cuts": (pipe.plan.student.cuts, pipe.plan.teacher.cuts),
-            "cuts": (trainer.pipe.plan.student.cuts, trainer.pipe.plan.teacher.cuts),
+            "cuts": (trainer.plan.student.cuts, trainer.plan.teacher.cuts),
             "time": time.time(),
         },
         args.out / f"rank-{rank}.pt",

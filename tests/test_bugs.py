@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from zoo import BY_NAME
 
 import tspipe_fx
-from tspipe_fx.reference import ReferenceTrainer
+from tspipe_fx.runtime.reference import ReferenceTrainer
 
 
 def _assert_trains_like_the_reference(

@@ -12,8 +12,8 @@ from torch import nn
 
 from tspipe_fx import Plan, TspipeError
 from tspipe_fx.cli import main
-from tspipe_fx.models import build_model, parse_options
-from tspipe_fx.profiling import Profile
+from tspipe_fx.cli.models import build_model, parse_options
+from tspipe_fx.cost.profile import Profile
 
 
 def tiny_net(width: int = 8) -> nn.Module:

@@ -11,9 +11,9 @@ from zoo import BY_NAME
 
 import tspipe_fx
 from tspipe_fx import PartitionError, Plan, TspipeError
-from tspipe_fx.cost_model import UniformCost
-from tspipe_fx.devices import DeviceSpec
-from tspipe_fx.split import run_stages
+from tspipe_fx.cost import UniformCost
+from tspipe_fx.cost.devices import DeviceSpec
+from tspipe_fx.stage import run_stages
 
 
 @pytest.fixture(scope="module")
@@ -254,12 +254,12 @@ def test_score_any_cuts(kd: tspipe_fx.Pipeline) -> None:
 
 
 def test_graph_errors_come_before_any_profiling(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tspipe_fx.compiler
+    import tspipe_fx.compiler.costs
 
     def no_profiling(*args: object, **kwargs: object) -> None:
         raise AssertionError("profiled before checking the request")
 
-    monkeypatch.setattr(tspipe_fx.compiler, "profile", no_profiling)
+    monkeypatch.setattr(tspipe_fx.compiler.costs, "profile", no_profiling)
     online = Byol()
     x = (torch.randn(4, 16),)
     with pytest.raises(TspipeError, match="sums to 3"):

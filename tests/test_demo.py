@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tspipe_fx import demo
+from tspipe_fx.cli import demo
 
 
 def test_demo_distills_digits_through_the_pipeline(capsys: pytest.CaptureFixture[str]) -> None:

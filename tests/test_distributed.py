@@ -19,7 +19,7 @@ import torch
 
 import tspipe_fx
 from tspipe_fx.errors import TspipeError
-from tspipe_fx.reference import ReferenceTrainer
+from tspipe_fx.runtime.reference import ReferenceTrainer
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

@@ -13,9 +13,10 @@ from toys import Net, Online, Target
 
 import tspipe_fx
 from tspipe_fx import TspipeError
-from tspipe_fx.draw import STAGE_COLOURS, graph_dot, save_graph, save_stage_bars
-from tspipe_fx.schedule import make_schedule
-from tspipe_fx.simulate import save_png, simulate, simulate_plan
+from tspipe_fx.plan import simulate_plan
+from tspipe_fx.report.draw import STAGE_COLOURS, graph_dot, save_graph, save_stage_bars
+from tspipe_fx.report.timeline import save_png
+from tspipe_fx.schedule import make_schedule, simulate
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -29,14 +29,14 @@ def test_write_text_atomic_replaces_whole_and_leaves_nothing_on_failure(
 
 
 def test_plan_and_profile_save_through_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tspipe_fx.cost.profile
     import tspipe_fx.plan
-    import tspipe_fx.profiling
 
     written: list[str] = []
-    for module in (tspipe_fx.plan, tspipe_fx.profiling):
+    for module in (tspipe_fx.plan, tspipe_fx.cost.profile):
         monkeypatch.setattr(module, "write_text_atomic", lambda path, text: written.append(str(path)))
     tspipe_fx.plan.Plan.save(_Fake(), tmp_path / "a.json")  # type: ignore[arg-type]
-    tspipe_fx.profiling.Profile.save(_Fake(), tmp_path / "b.json")  # type: ignore[arg-type]
+    tspipe_fx.cost.profile.Profile.save(_Fake(), tmp_path / "b.json")  # type: ignore[arg-type]
     assert written == [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
 
 

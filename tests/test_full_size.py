@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tspipe_fx import capture
-from tspipe_fx.meta import info
 from tspipe_fx.passes import annotate_structure, annotate_symbolic
+from tspipe_fx.passes.meta import info
 from tspipe_fx.passes.symbolic import BATCH, SEQ, evaluate
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from zoo import BY_NAME
 
 from tspipe_fx import capture
-from tspipe_fx.meta import META_KEY, NodeInfo, info
 from tspipe_fx.passes import annotate_measured, annotate_structure, annotate_symbolic
+from tspipe_fx.passes.meta import META_KEY, NodeInfo, info
 from tspipe_fx.passes.symbolic import BATCH, SEQ, evaluate
 
 

@@ -12,6 +12,7 @@ from zoo import BY_NAME
 
 import tspipe_fx
 from tspipe_fx import CaptureError, Profile, ProfileError, capture, profile
+from tspipe_fx.report.profile import render_profile
 
 
 @pytest.fixture(scope="module")
@@ -106,18 +107,18 @@ def test_a_profile_matches_only_its_graph_and_inputs(resnet_profile: Profile) ->
 
 
 def test_reports_are_tables(resnet_profile: Profile) -> None:
-    by_module = resnet_profile.report()
+    by_module = render_profile(resnet_profile)
     lines = by_module.splitlines()
     assert lines[0].split()[:3] == ["module", "type", "nodes"]
     assert any(line.startswith("layer3.1 ") and "BasicBlock" in line for line in lines)
     assert "fidelity" in lines[-1]
-    top = resnet_profile.report(by="node", top=3).splitlines()
+    top = render_profile(resnet_profile, by="node", top=3).splitlines()
     assert top[0].split()[:3] == ["node", "op", "module"]
     assert len(top) == 2 + 3 + 3  # header, rule, 3 rows, 3 summary lines
-    shallow = resnet_profile.report(depth=1)
+    shallow = render_profile(resnet_profile, depth=1)
     assert any(line.startswith("layer3 ") for line in shallow.splitlines())
     with pytest.raises(ProfileError, match="must be 'module' or 'node'"):
-        resnet_profile.report(by="layer")  # type: ignore[arg-type]
+        render_profile(resnet_profile, by="layer")  # type: ignore[arg-type]
 
 
 def test_profile_accepts_a_captured_model_and_hf_kwargs() -> None:
@@ -161,7 +162,7 @@ def test_public_surface() -> None:
 def test_shipped_profiles_load_and_match_their_models() -> None:
     import torchvision
 
-    from tspipe_fx import profiles
+    from tspipe_fx.cost import profiles
 
     assert {"cpu/resnet50_b8", "cpu/vit_b16_b8", "cpu/bert_base_b8"} <= set(profiles.available())
     prof = profiles.load("cpu/resnet50_b8")

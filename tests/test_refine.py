@@ -7,13 +7,14 @@ import torch
 from toys import Net
 
 import tspipe_fx
-import tspipe_fx.compiler as compiler
+import tspipe_fx.compiler.refine as compiler
 from tspipe_fx import TspipeError
-from tspipe_fx.cost_model import UniformCost
+from tspipe_fx.cost import UniformCost
+from tspipe_fx.cost.stage_times import StageTimes, at_batch, time_stages
 from tspipe_fx.partition import Chain, Device, Problem, evaluate, solve, stage_costs
-from tspipe_fx.refine import StageTimes, at_batch, polish, simulated_period, time_stages
+from tspipe_fx.partition.polisher import polish, simulated_period
 from tspipe_fx.schedule import make_schedule
-from tspipe_fx.simulate import simulate
+from tspipe_fx.schedule.simulator import simulate
 
 
 def _problem(s: list[float], t: list[float], *, link_gbs: float = float("inf"), m: int = 4) -> Problem:

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tspipe_fx.report.timeline import render_timeline
 from tspipe_fx.schedule import SCHEDULES, Schedule, ScheduleError, Task, make_schedule, validate
-from tspipe_fx.simulate import simulate, unit_costs
+from tspipe_fx.schedule.simulator import simulate, unit_costs
 
 
 @settings(max_examples=150, deadline=None)
@@ -52,7 +53,7 @@ def test_tspipe_two_views_reaches_the_critical_cycle(n: int) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "DESIGN.md says the steady state has no idle slot (period 8(N-1)+1). With a synchronous "
+    "docs/design.md (TSPipe's facts) says the steady state has no idle slot (period 8(N-1)+1). With a synchronous "
     "student and one loss per batch the dependency cycle above is 9(N-1)+1 long, so every "
     "device idles N-1 slots per batch; removing them needs a stale student or per-micro-batch "
     "losses, which the semantics rule out."
@@ -65,7 +66,7 @@ def test_tspipe_has_no_idle_slot_as_designed() -> None:
 
 def test_ascii_timeline() -> None:
     tl = simulate(make_schedule("tspipe", 2, 1, views=2, mode="momentum", n_batches=3))
-    assert tl.ascii() == (
+    assert render_timeline(tl) == (
         "dev0 |aa00aa.AAAA#00aa.AAAA#00...AAAA#|\n"
         "dev1 |.aa00AAAAaa#.00AAAAaa#.00AAAA#..|"
     )  # fmt: skip
@@ -141,7 +142,7 @@ def test_bad_arguments(kwargs: dict[str, object], match: str) -> None:
 def test_png_gantt_chart(tmp_path: object) -> None:
     from pathlib import Path
 
-    from tspipe_fx.simulate import save_png
+    from tspipe_fx.report.timeline import save_png
 
     path = Path(str(tmp_path)) / "tspipe.png"
     save_png(simulate(make_schedule("tspipe", 3, 2, views=2, mode="momentum", n_batches=3)), str(path))

@@ -8,10 +8,11 @@ from torch import nn
 from zoo import BY_NAME
 
 from tspipe_fx import TspipeError, capture
-from tspipe_fx.chain import GraphChain, _candidates, graph_chain
-from tspipe_fx.meta import META_KEY
 from tspipe_fx.passes import annotate_structure, annotate_symbolic
-from tspipe_fx.split import run_stages, split, tie_groups
+from tspipe_fx.passes.chain import GraphChain, candidate_cuts, graph_chain
+from tspipe_fx.passes.meta import META_KEY
+from tspipe_fx.passes.split import split
+from tspipe_fx.stage import run_stages, tie_groups
 
 
 def _chain(name: str) -> tuple[nn.Module, GraphChain, list[torch.Tensor]]:
@@ -150,7 +151,7 @@ def test_no_cut_sends_a_tuple_of_tensors() -> None:
     assert names[:4] == ["a", "chunk", "getitem", "getitem_1"]
     tuple_live = names.index("getitem")  # the cut before the first getitem: only the tuple is live
     assert [v.name for v in gc.live[tuple_live]] == ["chunk"]
-    assert tuple_live in _candidates(gc.live_bytes, 128)  # a local minimum by bytes alone
+    assert tuple_live in candidate_cuts(gc.live_bytes, 128)  # a local minimum by bytes alone
     assert gc.candidates == (names.index("b"),)
     with pytest.raises(TspipeError, match=r"would send \['chunk'\], tuples of tensors.*hint: cut after"):
         split(gc, [tuple_live])

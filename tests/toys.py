@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,3 +60,19 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
         return 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1).mean()
 
     return one(p1, z2) + one(p2, z1)
+
+
+def run_batches(trainer: Any, batches: list[tuple[Any, ...]], **kw: Any) -> list[float]:
+    losses = []
+    for inputs in batches:
+        r = (
+            trainer.step(*inputs, **kw)
+            if not isinstance(inputs[-1], dict)
+            else trainer.step(*inputs[:-1], **inputs[-1])
+        )
+        if r is not None:
+            losses.append(r)
+    losses.append(trainer.finish())
+    first = losses[0].batch
+    assert [r.batch for r in losses] == list(range(first, first + len(batches)))  # tagged, in order
+    return [r.loss for r in losses]

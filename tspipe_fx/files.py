@@ -1,23 +1,26 @@
-"""Files written whole or not at all."""
+"""Files written whole or not at all: one rule for plans, profiles and checkpoints."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["write_text_atomic"]
+__all__ = ["write_atomic", "write_text_atomic"]
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a crash leaves the old file or the new one, never
-    half of one (a temporary file beside it, renamed over it)."""
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, flush it to disk, then rename it over
+    ``path``: a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; these files are plain data
@@ -25,3 +28,23 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+    _fsync_directory(path.parent)  # the rename itself survives a crash
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`write_atomic`), making its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform whose folders cannot be opened (Windows): nothing to flush
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

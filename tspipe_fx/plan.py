@@ -1,7 +1,10 @@
-"""The compiled plan: which nodes of which model run on which device, and what that costs.
+"""The compiled plan: which nodes of which model run on which device, what that costs, and the
+schedule it was tuned for.
 
 Plain frozen data. ``Plan.from_json(plan.to_json()) == plan``; ``tspipe_fx.compile(...,
-plan=plan)`` rebuilds the same stages from a saved plan.
+plan=plan)`` rebuilds the same stages from a saved plan. The plan records the schedule, its
+micro-batches, views and teacher staleness, and :meth:`Plan.build_schedule` is the one place a
+schedule is made from them: compile's polish, the trainer and :func:`simulate_plan` all call it.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from typing import Any
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.files import write_text_atomic
+from tspipe_fx.schedule.generators import make_schedule
+from tspipe_fx.schedule.simulator import Timeline, simulate_stages, transfer_ms
+from tspipe_fx.schedule.task import Schedule
 
-__all__ = ["ModelPlan", "Plan", "StagePlan"]
+__all__ = ["ModelPlan", "Plan", "StagePlan", "simulate_plan"]
 
-FORMAT_VERSION = 1
+# 2 added schedule, views and staleness; a format-1 plan reads with the defaults it was made with.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,9 @@ class Plan:
     memory_bytes: tuple[float, ...]  # per device estimate
     lower_bound_ms: float  # all the work spread perfectly over the devices, no communication
     baselines: tuple[tuple[str, float], ...]  # (policy, its period under this cost model)
+    schedule: str = "tspipe"  # the schedule the cuts were polished for and the trainer runs
+    views: int = 1  # inputs per sample (two-view SSL: 2)
+    staleness: int = 1  # momentum: batch b's teacher sees the EMA after step b-1-staleness
 
     @property
     def n_stages(self) -> int:
@@ -93,6 +103,11 @@ class Plan:
     def samples_per_s(self) -> float:
         return self.batch_size / self.period_ms * 1e3 if self.period_ms > 0 else float("inf")
 
+    def build_schedule(self, n_batches: int = 4) -> Schedule:
+        """The plan's schedule over ``n_batches`` batches."""
+        return make_schedule(self.schedule, self.n_stages, self.micro_batches, views=self.views,
+                             mode=self.mode, staleness=self.staleness, n_batches=n_batches)  # fmt: skip
+
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["format_version"] = FORMAT_VERSION
@@ -102,8 +117,11 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         try:
             data = json.loads(text)
-            if data.pop("format_version", None) != FORMAT_VERSION:
-                raise ValueError(f"format_version is not {FORMAT_VERSION}")
+            version = data.pop("format_version", None)
+            if version not in (1, FORMAT_VERSION):
+                raise ValueError(f"format_version is not 1 or {FORMAT_VERSION}")
+            if version == 1:  # tuned for one view; simulated with BYOL's two in momentum mode
+                data.update(schedule="tspipe", views=2 if data.get("mode") == "momentum" else 1, staleness=1)
             return _plan(data)
         except (ValueError, KeyError, TypeError) as e:
             raise TspipeError(
@@ -132,3 +150,46 @@ def _plan(d: dict[str, Any]) -> Plan:
     student = _model_plan(d.pop("student"))
     teacher = _model_plan(d.pop("teacher"))
     return Plan(student=student, teacher=teacher, **{k: _tuples(v) for k, v in d.items()})
+
+
+def simulate_plan(
+    plan: Plan,
+    schedule: str | None = None,
+    *,
+    views: int | None = None,
+    n_batches: int = 6,
+    link: tuple[float, float] | None = None,
+) -> Timeline:
+    """The plan's per-stage costs through a schedule.
+
+    Args:
+        plan: a compiled plan; its stage times are per micro-batch.
+        schedule: ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential`` (default: the plan's).
+            ``sequential`` (inter-layer model parallelism, one micro-batch per batch) runs each
+            stage on the whole batch, costed as the plan's micro-batch costs times its
+            ``micro_batches`` (linear in the batch: a GPU's better efficiency on larger batches
+            is not counted).
+        views: 1 or 2 (default: the plan's).
+        link: ``(GB/s, latency µs)`` per transfer between neighbouring devices
+            (:data:`tspipe_fx.cost.devices.LINKS`); None: transfers are free.
+
+    Example:
+        >>> simulate_plan(pipe.plan, "tspipe").period / simulate_plan(pipe.plan, "gpipe").period
+    """
+    name = schedule if schedule is not None else plan.schedule
+    scale = plan.micro_batches if name == "sequential" else 1
+    s = dataclasses.replace(plan, schedule=name, views=views or plan.views).build_schedule(n_batches)
+    gbs, latency_us = link if link is not None else (float("inf"), 0.0)
+
+    def send_ms(cut_bytes: int) -> float:
+        return transfer_ms(cut_bytes * scale, gbs, latency_us / 1e3) if link is not None else 0.0
+
+    pairs = list(zip(plan.student.stages, plan.teacher.stages, strict=True))
+    return simulate_stages(
+        s,
+        student_fwd_ms=[st.fwd_ms * scale for st, _ in pairs],
+        student_bwd_ms=[st.bwd_ms * scale for st, _ in pairs],
+        teacher_fwd_ms=[te.fwd_ms * scale for _, te in pairs],
+        student_send_ms=[send_ms(st.cut_out_bytes) for st, _ in pairs],
+        teacher_send_ms=[send_ms(te.cut_out_bytes) for _, te in pairs],
+    )

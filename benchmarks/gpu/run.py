@@ -5,7 +5,7 @@
 
 1. Profiles the paper's models (ViT-L/16, ResNet-152, ResNet-18, ViT-S/16, ViT-B/16,
    BERT-large, DistilBERT-large) at batch 32 (BERT: 8 x 128 tokens) on the device; writes
-   ``profiles.tar.gz`` holding ``h100/NAME_bB.json`` (unpack into ``tspipe_fx/profiles/``).
+   ``profiles.tar.gz`` holding ``h100/NAME_bB.json`` (unpack into ``tspipe_fx/cost/profiles/``).
 2. Cost-model fidelity: a 4-stage plan of each KD pair from those profiles; each stage
    GraphModule's measured forward and backward time against the plan's prediction.
 3. The local runtime with every stage on the one device equals the reference trainer there.
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import tspipe_fx
-from tspipe_fx.passes.measure import Timer
-from tspipe_fx.reference import ReferenceTrainer
+from tspipe_fx.passes.timer import Timer
+from tspipe_fx.runtime.reference import ReferenceTrainer
 
 
 def models(smoke: bool) -> dict[str, Any]:

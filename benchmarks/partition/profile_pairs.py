@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from pairs import PAIRS, example
 
 import tspipe_fx
-from tspipe_fx import profiles
+from tspipe_fx.cost import profiles
+from tspipe_fx.report.profile import render_summary
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
             prof = tspipe_fx.profile(model, inputs, example_kwargs=kwargs, repeats=args.repeats)
             prof.save(profiles.path_of(f"cpu/{pair}_{role}_b{args.batch}"))
             print(f"{pair} {role}: {len(prof.nodes)} nodes in {time.perf_counter() - t0:.0f} s", flush=True)
-            print(prof.summary(), flush=True)
+            print(render_summary(prof), flush=True)
 
 
 if __name__ == "__main__":

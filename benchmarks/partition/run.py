@@ -11,7 +11,7 @@ what each policy's cut points cost, not what each library would predict.
 Peers, each balancing the student and the teacher separately as their users would:
 
 * torchgpipe ``balance_by_time``: its block-partition solver
-  (``torchgpipe.balance.blockpartition.solve``) on the per-node times;
+  (``torchgpipe.balance.blockpartition.solver``) on the per-node times;
 * PiPPy ``split_into_equal_size``: a greedy walk cutting when a stage's parameter bytes reach
   ``total / n``;
 * DeepSpeed ``partition_method="parameters"``: the exact min-max split of parameter counts
@@ -53,7 +53,7 @@ def torchgpipe_cuts(costs: Sequence[float], n: int) -> list[int]:
     from torchgpipe.balance import blockpartition
 
     # blockpartition wants positive numbers; zero-cost nodes get a tiny weight.
-    parts = blockpartition.solve([max(c, 1e-9) for c in costs], partitions=n)
+    parts = blockpartition.solver([max(c, 1e-9) for c in costs], partitions=n)
     return cuts_from_sizes([len(p) for p in parts])
 
 

@@ -18,7 +18,8 @@ import torch
 from tabulate import tabulate
 
 import tspipe_fx
-from tspipe_fx import profiles
+from tspipe_fx.cost import profiles
+from tspipe_fx.report.profile import render_summary
 
 
 def resnet50(batch: int) -> tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]:
@@ -69,7 +70,7 @@ def main() -> None:
             name, captured.method, len(captured.graph_module.graph.nodes), t1 - t0, t2 - t1, t2 - t0,
             prof.model_fwd_ms, prof.model_fwd_bwd_ms, prof.fidelity_fwd, prof.fidelity_fwd_bwd,
         ])  # fmt: skip
-        print(prof.summary(), flush=True)
+        print(render_summary(prof), flush=True)
         if args.save:
             prof.save(profiles.path_of(f"cpu/{name}_b{args.batch}"))
     print()

@@ -8,7 +8,7 @@
 paper's batch sizes) and device count, compile, take the plan's per-stage costs per micro-batch
 and simulate ``tspipe``, ``gpipe``, ``1f1b`` (M micro-batches) and ``sequential`` (one
 micro-batch: inter-layer model parallelism, the paper's baseline, compiled at full batch).
-Transfers cost cut bytes / 10 GB/s, or over ``--link`` (``tspipe_fx.devices.LINKS``: bandwidth
+Transfers cost cut bytes / 10 GB/s, or over ``--link`` (``tspipe_fx.cost.devices.LINKS``: bandwidth
 and latency; the partitioner sees the same link). ``--profiles h100`` costs with the H100
 profiles of ``benchmarks/gpu/`` instead of the CPU ones (the pairs they exist for). Prints periods
 and tspipe's speed-up over each.
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from pairs import PAIRS, profiled
 
 import tspipe_fx
-from tspipe_fx.devices import LINKS
-from tspipe_fx.simulate import simulate_plan
+from tspipe_fx.cost.devices import LINKS
+from tspipe_fx.plan import simulate_plan
 
 BATCH = {"kd_vitl_r152": 256, "kd_bertl_distilbertl": 128, "byol_r18": 256, "mocov3_vitb": 256}
 PAPER = {"kd_vitl_r152": "4.68x over sequential (8 V100, KD ViT-L -> ResNet-152)",
@@ -54,7 +54,7 @@ def period(
 
 
 def simulate_pairs(args: argparse.Namespace) -> None:
-    from tspipe_fx.devices import device_spec
+    from tspipe_fx.cost.devices import device_spec
 
     rows = []
     link = LINKS[args.link] if args.link else (10.0, 0.0)
@@ -88,7 +88,7 @@ TSPIPE_BALANCE = {"kd_vitl_r152": (["layer2.0", "layer3.0", "layer3.16"], ["bloc
 def balance(args: argparse.Namespace) -> None:
     """Our partition against the TSPipe repository's hand-written balance, both scored and
     simulated on the same costs, for every link."""
-    from tspipe_fx.devices import device_spec
+    from tspipe_fx.cost.devices import device_spec
 
     rows = []
     for pair, split in TSPIPE_BALANCE.items():
@@ -165,7 +165,7 @@ def main() -> None:
     sim.add_argument("--gpus", nargs="+", type=int, default=[2, 4, 8])
     sim.add_argument("--profiles", default="cpu", help="cpu, or h100 (benchmarks/gpu/'s profiles)")
     sim.add_argument(
-        "--link", default=None, help="a tspipe_fx.devices.LINKS name (default: 10 GB/s, no latency)"
+        "--link", default=None, help="a tspipe_fx.cost.devices.LINKS name (default: 10 GB/s, no latency)"
     )
     bal = sub.add_parser("balance", help="ours against the TSPipe repository's hand-written balance")
     bal.add_argument("--profiles", default="h100", help="h100 (benchmarks/gpu/'s profiles), or cpu")

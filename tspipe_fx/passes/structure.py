@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from tspipe_fx.meta import update
+from tspipe_fx.passes.meta import update
 
 __all__ = ["annotate_structure", "module_of"]
 

@@ -10,10 +10,10 @@ Symbols: ``B`` the batch size, ``S`` the sequence length (only where the inputs 
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import sympy
@@ -24,16 +24,13 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from tspipe_fx.meta import update
+from tspipe_fx.passes.meta import update
 
 __all__ = [
     "BATCH",
-    "COST_SIZES_KEY",
     "SEQ",
     "SIZES_KEY",
     "annotate_symbolic",
-    "cost_sizes",
-    "costs_at",
     "evaluate",
     "input_sizes",
 ]
@@ -42,32 +39,7 @@ log = logging.getLogger(__name__)
 
 BATCH = sympy.Symbol("B", positive=True, integer=True)
 SEQ = sympy.Symbol("S", positive=True, integer=True)
-SIZES_KEY = "tspipe_sizes"  # gm.meta: the example's {"B": ..., "S": ...}
-# gm.meta: the sizes costs are asked for (compile writes one micro-batch's); absent: the example's
-COST_SIZES_KEY = "tspipe_cost_sizes"
-
-
-@contextlib.contextmanager
-def costs_at(graphs: Sequence[fx.GraphModule], sizes: dict[str, int]) -> Iterator[None]:
-    """Within the block, cost models cost these graphs at ``sizes`` (what compile asks for one
-    micro-batch); afterwards the graphs are as they were."""
-    before = [gm.meta.get(COST_SIZES_KEY) for gm in graphs]
-    for gm in graphs:
-        gm.meta[COST_SIZES_KEY] = dict(sizes)
-    try:
-        yield
-    finally:
-        for gm, old in zip(graphs, before, strict=True):
-            if old is None:
-                gm.meta.pop(COST_SIZES_KEY, None)
-            else:
-                gm.meta[COST_SIZES_KEY] = old
-
-
-def cost_sizes(gm: fx.GraphModule) -> dict[str, int]:
-    """The ``B``/``S`` a cost model should cost ``gm``'s nodes at: one micro-batch of the plan
-    being compiled, else the example the symbolic pass ran on."""
-    return dict(gm.meta.get(COST_SIZES_KEY) or gm.meta.get(SIZES_KEY) or {})
+SIZES_KEY = "tspipe_sizes"  # gm.meta: the example's {"B": ..., "S": ...} this pass ran on
 
 
 def input_sizes(inputs: Sequence[torch.Tensor]) -> dict[str, int]:
@@ -87,10 +59,13 @@ def _has_seq(x: torch.Tensor) -> bool:
 
 def evaluate(expr: str, sizes: dict[str, int]) -> int:
     """Evaluate an expression of ``B``/``S`` (as written by this pass) at ``sizes``."""
-    value = sympy.sympify(expr, locals={"B": BATCH, "S": SEQ}).subs(
-        {BATCH: sizes.get("B", 1), SEQ: sizes.get("S", 1)}
-    )
-    return int(value)
+    return _at(expr, sizes.get("B", 1), sizes.get("S", 1))
+
+
+@functools.lru_cache(maxsize=65536)
+def _at(expr: str, batch: int, seq: int) -> int:
+    """``expr`` parsed once and evaluated (a graph asks for the same few expressions many times)."""
+    return int(sympy.sympify(expr, locals={"B": BATCH, "S": SEQ}).subs({BATCH: batch, SEQ: seq}))
 
 
 class _Interpreter(fx.Interpreter):

@@ -1,0 +1,272 @@
+"""``tspipe_fx.compile``: capture, cost, partition and split a student and a teacher.
+
+student, teacher, example batch
+  -> capture both                    (tspipe_fx.tracing)
+  -> structure + symbolic passes     (tspipe_fx.passes), once per model
+  -> chains with candidate cuts      (tspipe_fx.passes.chain)
+  -> per-node costs                  (a CostModel, for one micro-batch; by default measured)
+  -> exact min-max partition         (tspipe_fx.partition)
+  -> polished for the schedule       (tspipe_fx.partition.polisher: shortest simulated period nearby)
+  [-> stages timed whole, costs rescaled, partitioned again  (tspipe_fx.compiler.refine; refine=N)]
+  -> stage GraphModules              (tspipe_fx.passes.split)
+  -> Plan + Pipeline                 (tspipe_fx.plan, tspipe_fx.pipeline)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from tspipe_fx.compiler.assemble import baselines, model_plan
+from tspipe_fx.compiler.costs import cost_models
+from tspipe_fx.compiler.cuts import check_momentum_names, check_plan, manual_cuts, shared_names
+from tspipe_fx.compiler.hardware import hardware, resolve_devices, spec_for
+from tspipe_fx.compiler.partitioner import Cuts, Partitioner
+from tspipe_fx.compiler.refine import refine as refine_step
+from tspipe_fx.cost.devices import DeviceSpec, device_spec
+from tspipe_fx.cost.model import CostModel
+from tspipe_fx.cost.profile import Profile
+from tspipe_fx.cost.stage_times import at_batch
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.partition.problem import PartitionError
+from tspipe_fx.passes import annotate_structure, annotate_symbolic
+from tspipe_fx.passes.chain import GraphChain, graph_chain, mirrored_cuts
+from tspipe_fx.passes.split import split
+from tspipe_fx.passes.symbolic import input_sizes
+from tspipe_fx.pipeline import Pipeline
+from tspipe_fx.plan import Plan
+from tspipe_fx.schedule.generators import make_schedule
+from tspipe_fx.tracing import CapturedModel, capture
+
+__all__ = ["compile"]
+
+Mode = Literal["kd", "momentum"]
+Balance = Sequence[int] | Sequence[str]
+
+
+def compile(
+    student: nn.Module,
+    teacher: nn.Module,
+    n_gpus: int,
+    *,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    example_kwargs: dict[str, Any] | None = None,
+    mode: Mode = "kd",
+    micro_batches: int | None = None,
+    batch_size: int | None = None,
+    cost_model: CostModel | str | tuple[CostModel, CostModel] | None = None,
+    profile: tuple[Profile, Profile] | None = None,
+    devices: Sequence[str | torch.device] | None = None,
+    device_specs: Sequence[str | DeviceSpec] | None = None,
+    memory_limit: int | Sequence[int] | None = None,
+    balance: Balance | tuple[Balance, Balance] | None = None,
+    optimizer_factor: float = 2.0,
+    max_candidates: int = 128,
+    plan: Plan | None = None,
+    refine: int = 0,
+    schedule: str | None = "tspipe",
+    views: int | None = None,
+    staleness: int = 1,
+) -> Pipeline:
+    """Cut ``student`` and ``teacher`` into ``n_gpus`` balanced stage pairs.
+
+    Args:
+        student: the trained network (an ``nn.Module`` or a :class:`CapturedModel`).
+        teacher: the frozen (``mode="kd"``) or EMA (``mode="momentum"``) network.
+        n_gpus: pipeline stages, one student and one teacher stage per device.
+        example_inputs: one training batch (positional arguments), the same for both models.
+        example_kwargs: keyword arguments of that batch.
+        mode: ``"kd"`` cuts both models independently, balanced jointly; ``"momentum"`` mirrors
+            the student's cuts in the teacher (matched by parameter name).
+        micro_batches: micro-batches per batch (default ``n_gpus``); costs are per micro-batch.
+        batch_size: the training batch, if larger than the example's (capture and profile a small
+            batch, plan for the real one: costs scale through the symbolic FLOPs and bytes).
+        cost_model: a CostModel for both, a (student, teacher) pair, or "measured",
+            "roofline", "params", "uniform". Default: measured on the first device, or the
+            profiles given.
+        profile: (student, teacher) profiles to cost with, instead of measuring now.
+        devices: where stage ``j`` runs (default ``cuda:0..`` when there are enough GPUs, else
+            ``cpu``).
+        device_specs: per-device specs for heterogeneous devices: relative speed (the costs are
+            taken to be on the first spec's device), memory, links.
+        memory_limit: bytes per device (one number or one per device); overrides the specs.
+        balance: manual partition: nodes per stage (``[30, 55]``) or split points by module
+            name (``["layer3"]``); a ``(student, teacher)`` pair in KD mode.
+        optimizer_factor: optimizer state per parameter byte (Adam 2, SGD with momentum 1).
+        max_candidates: candidate cuts per model (the partitioner's granularity).
+        plan: a saved :class:`Plan` to rebuild instead of partitioning.
+        refine: rounds of checking the plan against its stages run whole on the first device
+            (:func:`tspipe_fx.cost.stage_times.time_stages`): each round times the chosen stages,
+            scales each stage's node costs to its measured times and partitions again, until the
+            cuts repeat; the partition whose measured loads are the most even is kept. With fixed
+            cuts (``plan``, ``balance``) one round corrects the reported costs. 0: off.
+        schedule: the schedule the plan is for (``"tspipe"``, ``"gpipe"``, ``"1f1b"``): from the
+            min-max optimum, the partitioner moves to neighbouring cuts while the simulated
+            period of that schedule gets shorter (:func:`tspipe_fx.partition.polisher.polish`).
+            None: the min-max optimum as it is (the plan records ``"tspipe"`` to train with).
+        views: inputs per sample the plan is for (default: 2 in momentum mode, as BYOL and MoCo v3
+            train, else 1); the trainer's default.
+        staleness: momentum: 1, the teacher one step late as in TSPipe, or 0 (synchronous).
+
+    Example:
+        >>> pipe = tspipe_fx.compile(resnet18, vit_b16, 4, example_inputs=(x,))
+        >>> print(pipe.report())
+    """
+    n, mode = _check_args(student, teacher, n_gpus, mode, micro_batches, max_candidates)
+    _check_options(schedule, refine, batch_size, views, staleness)
+    views = views if views is not None else (2 if mode == "momentum" else 1)
+    run_on = resolve_devices(devices, n)
+    s_cap, t_cap = (
+        _capture(student, example_inputs, example_kwargs),
+        _capture(teacher, example_inputs, example_kwargs),
+    )
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    s_flat = s_cap.flatten_inputs(args, example_kwargs or {})
+    t_flat = t_cap.flatten_inputs(args, example_kwargs or {})
+    sizes = input_sizes(s_flat)
+    batch = batch_size or sizes.get("B", 1)
+    m = micro_batches if micro_batches is not None else n
+    if batch < m:
+        raise TspipeError(
+            f"the batch has {batch} samples, fewer than micro_batches={m}; hint: a larger batch "
+            "(batch_size=...), or fewer micro-batches"
+        )
+    if mode == "momentum":
+        check_momentum_names(s_cap, t_cap)
+    micro = {**sizes, "B": math.ceil(batch / m)}
+    for cap, flat in ((s_cap, s_flat), (t_cap, t_flat)):
+        annotate_structure(cap.graph_module)
+        annotate_symbolic(cap.graph_module, flat)
+    specs = (
+        [device_spec(s) for s in device_specs] if device_specs is not None else [spec_for(d) for d in run_on]
+    )
+    hw = hardware(run_on, specs, device_specs is not None, memory_limit)
+    s_gc = graph_chain(s_cap.graph_module, micro, max_candidates=max_candidates)
+    t_gc = graph_chain(t_cap.graph_module, micro, max_candidates=max_candidates)
+    # Every check that needs only the graphs comes before the costs (which may mean profiling).
+    fixed, pairs = _cut_space(plan, balance, s_cap, t_cap, s_gc, t_gc, n, mode)
+    tuned = make_schedule(schedule, n, m, views=views, mode=mode, staleness=staleness, n_batches=4) \
+        if schedule is not None and n > 1 else None  # fmt: skip
+    partitioner = Partitioner(s_gc, t_gc, hw, m, optimizer_factor, fixed=fixed, pairs=pairs, schedule=tuned)
+
+    s_cm, t_cm, cm_name = cost_models(
+        cost_model, profile, s_cap, t_cap, (args, example_kwargs or {}), run_on[0], specs[0]
+    )
+    s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch
+    t_costs = t_cm.graph_costs(t_cap.graph_module, micro)
+    part = partitioner.best(s_costs, t_costs)
+    if refine:
+        example_batch = sizes.get("B", 1)
+        if micro["B"] != example_batch and not (s_cap.dynamic_batch and t_cap.dynamic_batch):
+            raise TspipeError(
+                f"refine runs the stages on one micro-batch of {micro['B']} samples, but a model was "
+                f"captured for {example_batch} only; hint: example_inputs of {micro['B']} samples"
+            )
+        inputs = (at_batch(s_flat, example_batch, micro["B"]), at_batch(t_flat, example_batch, micro["B"]))
+        part, s_costs, t_costs = refine_step(part, partitioner, refine, (s_costs, t_costs), inputs, run_on[0])
+        cm_name += "+refined"
+
+    s_stages = split(s_gc, part.student_cuts, name=f"{s_cap.model_name}Stage")
+    t_stages = split(t_gc, part.teacher_cuts, name=f"{t_cap.model_name}Stage")
+    total_work = sum(c.fwd_ms + c.bwd_ms for c in s_costs) + sum(c.fwd_ms for c in t_costs)
+    result = Plan(
+        mode=mode,
+        devices=tuple(str(d) for d in run_on),
+        batch_size=batch,
+        micro_batches=m,
+        cost_model=cm_name,
+        student=model_plan(s_cap, s_gc, s_stages, part.student_cuts, s_costs, run_on, micro),
+        teacher=model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, run_on, micro),
+        loads_ms=tuple(float(x) for x in part.loads_ms),
+        memory_bytes=tuple(float(x) for x in part.memory_bytes),
+        lower_bound_ms=m * total_work / sum(d.speed for d in partitioner.devices),
+        baselines=baselines(partitioner, s_costs, t_costs) if fixed is None else (),
+        schedule=schedule or "tspipe",
+        views=views,
+        staleness=staleness,
+    )
+    return Pipeline(
+        result, s_cap, t_cap, s_stages, t_stages, partitioner, s_costs, t_costs,
+        student if not isinstance(student, CapturedModel) else None,
+        teacher if not isinstance(teacher, CapturedModel) else None,
+    )  # fmt: skip
+
+
+def _check_args(
+    student: Any, teacher: Any, n_gpus: Any, mode: str, micro_batches: int | None, max_candidates: int
+) -> tuple[int, Mode]:
+    for role, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(model, nn.Module):
+            raise TspipeError(f"the {role} must be an nn.Module, got {type(model).__name__}")
+    if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or n_gpus < 1:
+        raise TspipeError(f"n_gpus must be an integer >= 1, got {n_gpus!r}")
+    if mode not in ("kd", "momentum"):
+        raise TspipeError(f"mode must be 'kd' or 'momentum', got {mode!r}")
+    if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
+        raise TspipeError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+    if max_candidates < 1:
+        raise TspipeError(f"max_candidates must be >= 1, got {max_candidates}")
+    return n_gpus, mode  # type: ignore[return-value]
+
+
+def _check_options(schedule: Any, refine: Any, batch_size: Any, views: Any, staleness: Any) -> None:
+    if schedule not in (None, "tspipe", "gpipe", "1f1b"):
+        raise TspipeError(
+            f"schedule must be 'tspipe', 'gpipe', '1f1b' or None (the plan's min-max optimum as it "
+            f"is), got {schedule!r}"
+        )
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise TspipeError(f"refine must be an integer >= 0 (rounds of stage timing), got {refine!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise TspipeError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if views not in (None, 1, 2):
+        raise TspipeError(f"views must be 1 or 2 (inputs per sample), got {views!r}")
+    if staleness not in (0, 1):
+        raise TspipeError(f"staleness must be 0 (synchronous) or 1 (TSPipe), got {staleness!r}")
+
+
+def _capture(model: nn.Module, inputs: Any, kwargs: dict[str, Any] | None) -> CapturedModel:
+    if isinstance(model, CapturedModel):
+        return model
+    return capture(model, inputs, example_kwargs=kwargs)
+
+
+def _cut_space(
+    plan: Plan | None,
+    balance: Any,
+    s_cap: CapturedModel,
+    t_cap: CapturedModel,
+    s_gc: GraphChain,
+    t_gc: GraphChain,
+    n: int,
+    mode: str,
+) -> tuple[Cuts | None, tuple[tuple[int, int], ...] | None]:
+    """The cuts given (a saved plan, a manual balance), or a momentum pair's mirrored cut pairs;
+    an error where there are too few positions for ``n`` stages."""
+    if plan is not None:
+        check_plan(plan, s_cap, t_cap, n)
+        return (
+            [s_gc.position_of(name) for name in plan.student.cuts],
+            [t_gc.position_of(name) for name in plan.teacher.cuts],
+        ), None
+    if balance is not None:
+        return manual_cuts(balance, s_gc, t_gc, n, mode, s_cap, t_cap), None
+    if mode == "momentum":
+        pairs = mirrored_cuts(s_gc, t_gc, shared_names(s_cap, t_cap))
+        if len(pairs) < n - 1:
+            raise PartitionError(
+                f"the momentum pair has {len(pairs)} cut positions that split the student and the "
+                f"teacher alike: too few for {n} stages; hint: use fewer devices"
+            )
+        return None, tuple(pairs)
+    for role, gc in (("student", s_gc), ("teacher", t_gc)):
+        if len(gc.candidates) < n - 1:
+            raise PartitionError(
+                f"the {role} graph has {len(gc.candidates)} candidate cuts: too few for {n} stages; "
+                "hint: use fewer devices, or allow more cut positions (max_candidates)"
+            )
+    return None, None

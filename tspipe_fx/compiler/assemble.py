@@ -1,0 +1,90 @@
+"""The plan written down: each model's stages with their costs, and what simple policies'
+partitions would cost under the same model (the report's baselines)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tspipe_fx.compiler.partitioner import Partitioner
+from tspipe_fx.cost.builtin import ParamCountCost, UniformCost
+from tspipe_fx.cost.model import NodeCost
+from tspipe_fx.partition.objective import evaluate
+from tspipe_fx.partition.problem import PartitionError
+from tspipe_fx.partition.solver import solve
+from tspipe_fx.passes.chain import GraphChain
+from tspipe_fx.passes.fingerprint import graph_fingerprint
+from tspipe_fx.passes.meta import info
+from tspipe_fx.passes.symbolic import evaluate as eval_expr
+from tspipe_fx.plan import ModelPlan, StagePlan
+from tspipe_fx.stage import Stage, tie_groups
+from tspipe_fx.tracing.model import CapturedModel
+
+__all__ = ["baselines", "model_plan"]
+
+
+def baselines(
+    partitioner: Partitioner, sc: Sequence[NodeCost], tc: Sequence[NodeCost]
+) -> tuple[tuple[str, float], ...]:
+    """The period of simple policies' partitions under our cost model ``sc``/``tc`` (what the
+    model bought).
+
+    Each policy balances its own proxy cost (node count, parameter bytes) and knows nothing of
+    links or memory, as in the libraries that use it; its cuts are then scored like ours.
+    """
+    out = []
+    for name, policy in (("equal nodes", UniformCost()), ("equal parameters", ParamCountCost())):
+        proxy_s = policy.graph_costs(partitioner.student.gm)
+        proxy_t = policy.graph_costs(partitioner.teacher.gm)
+        try:
+            cuts = solve(partitioner.problem(proxy_s, proxy_t, blind=True))
+        except PartitionError:
+            continue
+        at = (list(cuts.student_cuts), list(cuts.teacher_cuts))
+        out.append((name, float(evaluate(partitioner.problem(sc, tc, at), *at).period_ms)))
+    return tuple(out)
+
+
+def model_plan(
+    cap: CapturedModel,
+    gc: GraphChain,
+    stages: list[Stage],
+    cuts: Sequence[int],
+    costs: Sequence[NodeCost],
+    run_on: Sequence[torch.device],
+    micro: dict[str, int],
+) -> ModelPlan:
+    """One model's stages, each with its nodes, modules and costs per micro-batch."""
+    sums = gc.to_partition_chain(costs).stage_sums(cuts)
+    bounds = [0, *cuts, gc.n]
+    plans = []
+    for k, (stage, total) in enumerate(zip(stages, sums, strict=True)):
+        lo, hi = bounds[k], bounds[k + 1]
+        nodes = gc.nodes[lo:hi]
+        plans.append(
+            StagePlan(
+                index=k,
+                device=str(run_on[k]),
+                nodes=stage.nodes,
+                inputs=stage.inputs,
+                outputs=stage.outputs,
+                first_module=info(nodes[0]).module_path,
+                last_module=info(nodes[-1]).module_path,
+                param_bytes=total.param_bytes,
+                fwd_flops=sum(eval_expr(info(node).flops_expr, micro) for node in nodes),
+                fwd_ms=total.fwd_ms,
+                bwd_ms=total.bwd_ms,
+                activation_bytes=total.act_bytes,
+                cut_in_bytes=gc.live_bytes[lo] if k > 0 else 0,
+                cut_out_bytes=gc.live_bytes[hi] if k < len(stages) - 1 else 0,
+            )
+        )
+    return ModelPlan(
+        model_name=cap.model_name,
+        method=cap.method,
+        graph_hash=graph_fingerprint(cap.graph_module),
+        cuts=tuple(gc.nodes[p].name for p in cuts),
+        stages=tuple(plans),
+        tie_groups=tuple(tie_groups(stages)),
+    )

@@ -1,0 +1,74 @@
+"""Costs -> a partition, with everything else fixed once: the graphs' chains, the devices, the
+micro-batches, the cut constraints (a saved plan, a manual balance, a momentum teacher's
+mirrored pairs) and the schedule the partition is polished for.
+
+compile asks it once for the best partition; the refine step asks again on rescaled costs, and
+the baselines ask it to score other policies' cuts under the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tspipe_fx.cost.model import NodeCost
+from tspipe_fx.partition.objective import evaluate
+from tspipe_fx.partition.polisher import polish
+from tspipe_fx.partition.problem import Device, Partition, Problem
+from tspipe_fx.partition.solver import solve
+from tspipe_fx.passes.chain import GraphChain
+from tspipe_fx.schedule.task import Schedule
+
+__all__ = ["Cuts", "Partitioner", "cuts_of"]
+
+Cuts = tuple[list[int], list[int]]  # student and teacher chain positions
+
+
+def cuts_of(part: Partition) -> Cuts:
+    """A partition's cut positions, student and teacher."""
+    return list(part.student_cuts), list(part.teacher_cuts)
+
+
+@dataclass(frozen=True)
+class Partitioner:
+    """The partition problem of one compile, less the costs (see the module docstring)."""
+
+    student: GraphChain
+    teacher: GraphChain
+    devices: tuple[Device, ...]
+    micro_batches: int
+    optimizer_factor: float
+    fixed: Cuts | None = None  # cuts given (a saved plan, a manual balance): only scored
+    pairs: tuple[tuple[int, int], ...] | None = None  # momentum: (student, teacher) positions cut alike
+    schedule: Schedule | None = None  # polish toward this schedule's simulated period (None: min-max as is)
+
+    def problem(
+        self, sc: Sequence[NodeCost], tc: Sequence[NodeCost], cuts: Cuts | None = None, *, blind: bool = False
+    ) -> Problem:
+        """The problem on costs ``sc``/``tc``: over the candidate cuts (the mirrored pairs in
+        momentum mode), or over ``cuts`` alone; ``blind``: on equal devices without links or
+        memory limits (how a simple policy sees them)."""
+        mirror = cuts is None and self.pairs is not None
+        if cuts is None and self.pairs is not None:
+            cuts = [p for p, _ in self.pairs], [q for _, q in self.pairs]
+        s_cuts, t_cuts = cuts if cuts is not None else (None, None)
+        return Problem(
+            student=self.student.to_partition_chain(sc, s_cuts),
+            teacher=self.teacher.to_partition_chain(tc, t_cuts),
+            devices=tuple(Device() for _ in self.devices) if blind else self.devices,
+            micro_batches=self.micro_batches,
+            optimizer_factor=self.optimizer_factor,
+            mirror=mirror,
+        )
+
+    def at(self, sc: Sequence[NodeCost], tc: Sequence[NodeCost], cuts: Cuts) -> Partition:
+        """The partition at ``cuts``, scored on costs ``sc``/``tc``."""
+        return evaluate(self.problem(sc, tc, cuts), *cuts)
+
+    def best(self, sc: Sequence[NodeCost], tc: Sequence[NodeCost]) -> Partition:
+        """The best partition on costs ``sc``/``tc`` (the fixed cuts scored, if given)."""
+        if self.fixed is not None:
+            return self.at(sc, tc, self.fixed)
+        problem = self.problem(sc, tc)
+        best = solve(problem)
+        return polish(problem, best, self.schedule) if self.schedule is not None else best

@@ -1,0 +1,171 @@
+"""``tspipe_fx.profile``: measure every node of a model on a device, into a :class:`Profile`."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from tspipe_fx.cost.profile import NodeProfile, Profile, input_specs
+from tspipe_fx.errors import ProfileError
+from tspipe_fx.passes import annotate_measured, annotate_structure, annotate_symbolic
+from tspipe_fx.passes.fingerprint import graph_fingerprint, target_name
+from tspipe_fx.passes.meta import info
+from tspipe_fx.passes.symbolic import SIZES_KEY, input_sizes
+from tspipe_fx.passes.timer import Timer
+from tspipe_fx.tracing import CapturedModel, capture
+
+__all__ = ["device_name", "profile"]
+
+
+def device_name(device: torch.device) -> str:
+    """A human name of the device: the GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or device.type
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ProfileError(f"not a device: {device!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ProfileError(
+                f"cannot profile on {dev}: torch.cuda.is_available() is False; hint: device='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ProfileError(f"cannot profile on {dev}: only {torch.cuda.device_count()} CUDA devices")
+    elif dev.type != "cpu":
+        raise ProfileError(f"cannot profile on {dev}: only 'cpu' and 'cuda' devices are supported")
+    return dev
+
+
+def profile(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    progress: bool | None = None,
+) -> Profile:
+    """Measure every node of ``model`` (captured first if it is a plain module).
+
+    Works on a deep copy on ``device``, with the RNG forked: the user's parameters, buffers,
+    ``.grad`` and train/eval flags are untouched.
+
+    Args:
+        model: an ``nn.Module`` or a :class:`CapturedModel`.
+        example_inputs: positional arguments of one training batch.
+        example_kwargs: keyword arguments of that call.
+        device: where to measure (``"cpu"``, ``"cuda:0"``).
+        repeats: timed runs per node; the median is kept.
+        warmup: untimed runs per node before timing.
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Example:
+        >>> prof = profile(timm.create_model("resnet18"), (torch.randn(8, 3, 224, 224),))
+        >>> prof.fidelity_fwd_bwd  # doctest: +SKIP
+        0.97
+    """
+    if repeats < 1 or warmup < 0:
+        raise ProfileError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    dev = _resolve_device(device)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+        captured, gm, inputs, fwd_ms, fwd_bwd_ms = _profile(
+            model, example_inputs, example_kwargs, dev, repeats, warmup, progress
+        )
+    return Profile(
+        model_name=captured.model_name,
+        graph_hash=graph_fingerprint(captured.graph_module),
+        inputs=input_specs(gm, inputs),
+        device_name=device_name(dev),
+        torch_version=torch.__version__,
+        repeats=repeats,
+        model_fwd_ms=fwd_ms,
+        model_fwd_bwd_ms=fwd_bwd_ms,
+        nodes=tuple(NodeProfile(n.name, n.op, target_name(n.target), info(n)) for n in gm.graph.nodes),
+    )
+
+
+def _profile(
+    model: nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor,
+    example_kwargs: dict[str, Any] | None,
+    dev: torch.device,
+    repeats: int,
+    warmup: int,
+    progress: bool | None,
+) -> tuple[CapturedModel, fx.GraphModule, list[torch.Tensor], float, float]:
+    if isinstance(model, CapturedModel):
+        captured = model
+    elif isinstance(model, nn.Module):
+        captured = capture(model, example_inputs, example_kwargs=example_kwargs)
+    else:
+        raise ProfileError(f"profile() needs an nn.Module or a CapturedModel, got {type(model).__name__}")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    flat = captured.flatten_inputs(args, example_kwargs or {})
+    gm = copy.deepcopy(captured.graph_module).to(dev)
+    inputs = [x.to(dev) for x in flat]
+    show = sys.stderr.isatty() if progress is None else progress
+    fwd_ms, fwd_bwd_ms = _whole_model_ms(gm, inputs, captured.model_name, repeats, max(warmup, 1))
+    if gm.meta.get(SIZES_KEY) != input_sizes(inputs):  # compile ran both passes already: once a model
+        annotate_structure(gm)
+        annotate_symbolic(gm, inputs)
+    annotate_measured(gm, inputs, repeats=repeats, warmup=warmup, progress=show)
+    return captured, gm, inputs, fwd_ms, fwd_bwd_ms
+
+
+def _whole_model_ms(
+    gm: fx.GraphModule, inputs: list[torch.Tensor], name: str, repeats: int, warmup: int
+) -> tuple[float, float]:
+    """Median forward and forward+backward time of the whole graph (the fidelity reference)."""
+    timer = Timer(inputs[0].device)
+    try:
+        with torch.enable_grad():
+            gm(*inputs)
+    except Exception as e:
+        shapes = ", ".join(f"{tuple(x.shape)}:{x.dtype}" for x in inputs)
+        raise ProfileError(
+            f"the example inputs ({shapes}) do not fit {name}: {type(e).__name__}: {e}; "
+            "hint: check the batch's shape and dtype against what the model expects"
+        ) from e
+
+    def forward() -> None:
+        with torch.enable_grad():
+            gm(*inputs)
+
+    def forward_backward() -> None:
+        with torch.enable_grad():
+            outs = [t for t in gm(*inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if outs:
+                torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+        for p in gm.parameters():
+            p.grad = None
+
+    # Warm up with full steps (the first backward allocates the gradients), then alternate the
+    # two measurements so that drifts in machine load hit both alike.
+    timer.median_ms(forward_backward, repeats=1, warmup=warmup)
+    fwd, fwd_bwd = [], []
+    for _ in range(repeats):
+        fwd.append(timer.median_ms(forward, repeats=1, warmup=0))
+        fwd_bwd.append(timer.median_ms(forward_backward, repeats=1, warmup=0))
+    return statistics.median(fwd), statistics.median(fwd_bwd)

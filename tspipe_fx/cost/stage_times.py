@@ -1,0 +1,142 @@
+"""Stages timed whole: what compile's ``refine=`` rescales node costs to.
+
+Node costs come from nodes run one at a time (or from a model of them); a stage runs its nodes
+back to back, where caches, the allocator and autograd's bookkeeping make it cost more or less
+than their sum (on this project's CPU a stage's backward ran up to 1.9x the sum of its nodes';
+on an H100 ResNet stages ran up to 1.5x). :func:`time_stages` runs each student stage's forward
+and backward and each teacher stage's forward on one micro-batch, round after round, every
+stage once per round, so a slow spell of a noisy machine falls on all stages alike; the medians
+are what :func:`tspipe_fx.compile` (``refine=``) scales each stage's node costs to before it
+partitions again.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.passes.timer import Timer
+from tspipe_fx.stage import Stage
+
+__all__ = ["StageTimes", "at_batch", "time_stages"]
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Median milliseconds per micro-batch of each stage, as run whole."""
+
+    student_fwd_ms: tuple[float, ...]
+    student_bwd_ms: tuple[float, ...]
+    teacher_fwd_ms: tuple[float, ...]
+
+    def loads_ms(self, micro_batches: int) -> list[float]:
+        """Each device's compute per batch (no transfers)."""
+        return [
+            micro_batches * (f + b + t)
+            for f, b, t in zip(self.student_fwd_ms, self.student_bwd_ms, self.teacher_fwd_ms, strict=True)
+        ]
+
+
+def time_stages(
+    student: Sequence[Stage],
+    teacher: Sequence[Stage],
+    student_inputs: Sequence[Any],
+    teacher_inputs: Sequence[Any],
+    device: torch.device | str,
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+) -> StageTimes:
+    """Time every stage whole on ``device``, on copies (the models' buffers stay as they are).
+
+    Args:
+        student, teacher: the stages of each model, in order.
+        student_inputs, teacher_inputs: one micro-batch, as each model's flat graph inputs.
+        repeats: timed rounds (the medians are kept); warmup: untimed rounds first.
+    """
+    if repeats < 1 or warmup < 0:
+        raise TspipeError(f"time_stages needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    device = torch.device(device)
+    timer = Timer(device)
+    s_mods = [copy.deepcopy(s.module).to(device) for s in student]
+    t_mods = [copy.deepcopy(t.module).to(device) for t in teacher]
+    samples: dict[tuple[str, int], list[float]] = {}
+
+    def record(kind: str, j: int, ms: float, r: int) -> None:
+        if r >= warmup:
+            samples.setdefault((kind, j), []).append(ms)
+
+    for r in range(warmup + repeats):
+        env: dict[str, Any] = dict(zip(student[0].inputs, _on(student_inputs, device), strict=True))
+        roots: list[tuple[int, list[torch.Tensor]]] = []
+        for j, (stage, mod) in enumerate(zip(student, s_mods, strict=True)):
+            # A stage's inputs are leaves, as received; those an in-place op writes are cloned
+            # inside the timed call, as the runtime does.
+            args = [_leaf(env[n]) for n in stage.inputs]
+            call = [
+                a.clone() if n in stage.written_inputs and a.requires_grad else a
+                for n, a in zip(stage.inputs, args, strict=True)
+            ]
+            out: tuple[Any, ...] = ()
+
+            def forward(mod: Any = mod, call: list[Any] = call) -> None:
+                nonlocal out
+                out = tuple(mod(*call))
+
+            record("sf", j, timer.once(forward), r)
+            roots.append((j, [o for o in out if isinstance(o, torch.Tensor) and o.requires_grad]))
+            env.update(zip(stage.outputs, out, strict=True))
+        for j, outs in reversed(roots):  # each stage's backward from its own outputs
+            if not outs:
+                record("sb", j, 0.0, r)
+                continue
+            grads = [torch.ones_like(o) for o in outs]
+
+            def backward(outs: list[torch.Tensor] = outs, grads: list[torch.Tensor] = grads) -> None:
+                torch.autograd.backward(outs, grads)
+
+            record("sb", j, timer.once(backward), r)
+        env = dict(zip(teacher[0].inputs, _on(teacher_inputs, device), strict=True))
+        with torch.no_grad():
+            for j, (stage, mod) in enumerate(zip(teacher, t_mods, strict=True)):
+                args = [env[n] for n in stage.inputs]
+                t_out: tuple[Any, ...] = ()
+
+                def t_forward(mod: Any = mod, args: list[Any] = args) -> None:
+                    nonlocal t_out
+                    t_out = tuple(mod(*args))
+
+                record("tf", j, timer.once(t_forward), r)
+                env.update(zip(stage.outputs, t_out, strict=True))
+
+    def medians(kind: str, n: int) -> tuple[float, ...]:
+        return tuple(statistics.median(samples[(kind, j)]) for j in range(n))
+
+    return StageTimes(medians("sf", len(student)), medians("sb", len(student)), medians("tf", len(teacher)))
+
+
+def at_batch(inputs: Sequence[Any], batch: int, size: int) -> list[Any]:
+    """``inputs`` (flat, batch-first) cut or repeated from ``batch`` to ``size`` samples."""
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == batch and batch != size:
+            reps = -(-size // batch)
+            x = x.repeat(reps, *([1] * (x.dim() - 1)))[:size] if reps > 1 else x[:size]
+        out.append(x)
+    return out
+
+
+def _on(values: Sequence[Any], device: torch.device) -> list[Any]:
+    return [v.to(device) if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def _leaf(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.detach().requires_grad_(value.requires_grad)

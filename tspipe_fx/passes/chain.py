@@ -1,0 +1,252 @@
+"""A captured graph seen as a chain: its compute nodes in order and what crosses each cut.
+
+The partitioner (:mod:`tspipe_fx.partition`) works on plain numbers; this module derives them
+from an annotated ``fx.GraphModule``:
+
+* the *chain*: ``call_module`` / ``call_function`` / ``call_method`` nodes in topological order.
+  Graph inputs count as produced before the first node; ``get_attr`` nodes (parameters) are not
+  values that travel: each stage reads its own, so their bytes count at the nodes that use them.
+* the *live set* of the cut before chain position ``p``: every value made before ``p`` and used
+  at or after it (the graph's outputs are used at the end). Skip connections make it several
+  tensors; they all travel over the link at that cut.
+* *candidate cuts*: positions whose live bytes are a local minimum (block boundaries, where only
+  the residual stream crosses), at most ``max_candidates`` of them, spread along the chain. A
+  position where a tuple of tensors is live (``q, k, v = qkv.unbind(0)`` before the ``getitem``
+  nodes) is never one: stage boundaries carry tensors and plain values, not containers of tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from tspipe_fx.cost.model import NodeCost
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.partition.problem import Chain
+from tspipe_fx.passes.meta import info
+from tspipe_fx.passes.symbolic import evaluate
+
+__all__ = ["GraphChain", "candidate_cuts", "graph_chain", "mirror_map", "mirrored_cuts"]
+
+COMPUTE_OPS = ("call_module", "call_function", "call_method")
+
+
+@dataclass(frozen=True)
+class GraphChain:
+    """The chain of one graph at one micro-batch size.
+
+    Attributes:
+        nodes: compute nodes in topological order; position ``p`` is the cut before ``nodes[p]``.
+        live: per position ``0..n``, the values crossing the cut there (position 0: the inputs).
+        live_bytes: their bytes per micro-batch.
+        candidates: positions ``1..n-1`` the partitioner may cut at.
+    """
+
+    gm: fx.GraphModule
+    nodes: tuple[fx.Node, ...]
+    live: tuple[tuple[fx.Node, ...], ...]
+    live_bytes: tuple[int, ...]
+    candidates: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.nodes)
+
+    def position_of(self, node_name: str) -> int:
+        """The chain position of the compute node called ``node_name``."""
+        for p, node in enumerate(self.nodes):
+            if node.name == node_name:
+                return p
+        raise TspipeError(f"no compute node named {node_name!r} in {self.gm.__class__.__name__}")
+
+    def module_position(self, module_path: str) -> int:
+        """The first position whose node belongs to ``module_path`` (a split point "layer3")."""
+        paths = []
+        for p, node in enumerate(self.nodes):
+            path = info(node).module_path
+            if path == module_path or path.startswith(module_path + "."):
+                return p
+            paths.append(path.split(".")[0])
+        known = sorted(set(paths) - {""})
+        raise TspipeError(f"no module {module_path!r} in the graph; top-level modules: {known[:20]}")
+
+    def costs(self, node_costs: Sequence[NodeCost]) -> list[NodeCost]:
+        """Per chain node: its own cost plus that of the inputs and parameters it reads first."""
+        out = [NodeCost()] * self.n
+        for node, cost in zip(self.gm.graph.nodes, node_costs, strict=True):
+            p = self._position(node)
+            if p is not None and self.n:
+                out[p] = out[p] + cost
+        return out
+
+    def rescaled(
+        self, node_costs: Sequence[NodeCost], cuts: Sequence[int], fwd: Sequence[float], bwd: Sequence[float]
+    ) -> list[NodeCost]:
+        """``node_costs`` with stage ``k``'s (the chain cut at ``cuts``) scaled by ``fwd[k]``, ``bwd[k]``."""
+        bounds = [0, *cuts, self.n]
+        out = []
+        for node, cost in zip(self.gm.graph.nodes, node_costs, strict=True):
+            p = self._position(node)
+            k = 0 if p is None else next(k for k in range(len(bounds) - 1) if p < bounds[k + 1])
+            out.append(cost.scaled(fwd[k], bwd[k]))
+        return out
+
+    def _position(self, node: fx.Node) -> int | None:
+        """The chain position a graph node's cost counts at: its own, or (inputs, parameters) that
+        of its first reader; None for the output."""
+        if node.op in COMPUTE_OPS:
+            return self._index[node]
+        if node.op in ("placeholder", "get_attr"):
+            return min((self._index[u] for u in node.users if u in self._index), default=0)
+        return None
+
+    @functools.cached_property
+    def _index(self) -> dict[fx.Node, int]:
+        return {n: p for p, n in enumerate(self.nodes)}
+
+    def param_bytes(self) -> list[int]:
+        """Per chain node: bytes of the parameters it reads (a module's own, or through get_attr)."""
+        out = []
+        for node in self.nodes:
+            total = info(node).param_bytes
+            for arg in node.all_input_nodes:
+                if arg.op == "get_attr":
+                    total += info(arg).param_bytes
+            out.append(total)
+        return out
+
+    def to_partition_chain(self, node_costs: Sequence[NodeCost], cuts: Sequence[int] | None = None) -> Chain:
+        """The partitioner's view: costs, parameter and activation bytes, candidate cuts."""
+        costs = self.costs(node_costs)
+        positions = self.candidates if cuts is None else tuple(cuts)
+        return Chain(
+            fwd_ms=tuple(c.fwd_ms for c in costs),
+            bwd_ms=tuple(c.bwd_ms for c in costs),
+            param_bytes=tuple(self.param_bytes()),
+            act_bytes=tuple(c.memory_bytes for c in costs),
+            cuts=tuple((p, self.live_bytes[p]) for p in positions),
+        )
+
+
+def graph_chain(gm: fx.GraphModule, sizes: dict[str, int], *, max_candidates: int = 128) -> GraphChain:
+    """Build the chain of an annotated graph (structure and symbolic passes have run).
+
+    Args:
+        gm: the captured graph.
+        sizes: symbol values of one micro-batch, ``{"B": 4}`` or ``{"B": 4, "S": 128}``.
+        max_candidates: at most this many candidate cuts (the cheapest in each of as many windows).
+    """
+    nodes = tuple(n for n in gm.graph.nodes if n.op in COMPUTE_OPS)
+    n = len(nodes)
+    index = {node: p for p, node in enumerate(nodes)}
+    values = [v for v in gm.graph.nodes if v.op == "placeholder"] + list(nodes)
+    starts: list[list[fx.Node]] = [[] for _ in range(n + 1)]  # live from position p
+    ends: list[list[fx.Node]] = [[] for _ in range(n + 2)]  # no longer live from position p
+    for v in values:
+        first = index[v] + 1 if v in index else 0
+        uses = [index[u] if u in index else n for u in v.users]  # the output node uses at the end
+        if not uses:
+            continue
+        last = max(uses)
+        if last >= first:
+            starts[first].append(v)
+            ends[last + 1].append(v)
+    live: list[tuple[fx.Node, ...]] = []
+    current: dict[fx.Node, None] = {}
+    for p in range(n + 1):
+        for v in ends[p]:
+            current.pop(v, None)
+        for v in starts[p]:
+            current[v] = None
+        live.append(tuple(current))
+    nbytes = tuple(sum(evaluate(info(v).output_bytes_expr, sizes) for v in vs) for vs in live)
+    blocked = [any(info(v).tensor_container for v in vs) for vs in live]
+    return GraphChain(gm, nodes, tuple(live), nbytes, candidate_cuts(nbytes, max_candidates, blocked))
+
+
+def candidate_cuts(
+    nbytes: Sequence[int], max_candidates: int, blocked: Sequence[bool] = ()
+) -> tuple[int, ...]:
+    """Positions 1..n-1 whose live bytes are a local minimum; at most ``max_candidates``.
+
+    When there are more, the chain is divided into ``max_candidates`` equal windows and each
+    keeps its smallest cut (the later one on ties): cuts stay spread along the whole chain,
+    which is what balance needs, and each is the cheapest to send in its neighbourhood.
+    """
+    n = len(nbytes) - 1
+    minima = [
+        p
+        for p in range(1, n)
+        if nbytes[p] <= nbytes[p - 1] and nbytes[p] <= nbytes[p + 1] and not (blocked and blocked[p])
+    ]
+    if len(minima) <= max_candidates:
+        return tuple(minima)
+    best: dict[int, int] = {}
+    for p in minima:
+        window = (p - 1) * max_candidates // (n - 1)
+        if window not in best or nbytes[p] <= nbytes[best[window]]:
+            best[window] = p
+    return tuple(sorted(best.values()))
+
+
+# --- momentum: teacher cuts mirroring the student's -----------------------------------------
+
+
+def _param_split_keys(gc: GraphChain, shared: set[str]) -> list[str]:
+    """Per position, a digest of which shared parameters are used before it."""
+    acc = 0
+    keys = []
+    for p in range(gc.n + 1):
+        keys.append(f"{acc:032x}")
+        if p < gc.n:
+            node = gc.nodes[p]
+            names = list(info(node).param_names) + [
+                name for a in node.all_input_nodes if a.op == "get_attr" for name in info(a).param_names
+            ]
+            for name in names:
+                if name in shared:
+                    acc ^= int(hashlib.blake2b(name.encode(), digest_size=16).hexdigest(), 16)
+                    shared = shared - {name}  # a tied or reused parameter counts at its first use
+    return keys
+
+
+def mirror_map(
+    student: GraphChain, teacher: GraphChain, shared: set[str], positions: Sequence[int]
+) -> dict[int, int]:
+    """For each student position, the teacher candidate that splits the shared parameters alike.
+
+    Among equal teacher candidates the one with the fewest live bytes wins, the later one on
+    ties (module boundaries). Student positions no teacher cut can mirror are left out.
+    """
+    s_keys = _param_split_keys(student, set(shared))
+    t_keys = _param_split_keys(teacher, set(shared))
+    best_t: dict[str, int] = {}
+    for q in teacher.candidates:
+        k = t_keys[q]
+        if k not in best_t or teacher.live_bytes[q] <= teacher.live_bytes[best_t[k]]:
+            best_t[k] = q
+    return {p: best_t[s_keys[p]] for p in positions if s_keys[p] in best_t}
+
+
+def mirrored_cuts(student: GraphChain, teacher: GraphChain, shared: set[str]) -> list[tuple[int, int]]:
+    """Pairs ``(student position, teacher position)`` that split the shared parameters alike.
+
+    One pair per way of splitting the shared parameters (the one with the fewest live bytes,
+    the later one on ties): positions between two parameter users differ only by
+    parameter-free nodes. Pairs increase in both positions.
+    """
+    mapping = mirror_map(student, teacher, shared, student.candidates)
+    best: dict[int, tuple[int, int]] = {}  # keyed by teacher position: one per split
+    for p, q in mapping.items():
+        cost = student.live_bytes[p] + teacher.live_bytes[q]
+        if q not in best or cost <= student.live_bytes[best[q][0]] + teacher.live_bytes[q]:
+            best[q] = (p, q)
+    out: list[tuple[int, int]] = []
+    for p, q in sorted(best.values()):
+        if not out or q > out[-1][1]:  # a graph that reorders first uses: keep the increasing chain
+            out.append((p, q))
+    return out

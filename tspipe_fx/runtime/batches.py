@@ -1,0 +1,88 @@
+"""Batches cut and joined: views, micro-batches, outputs joined back, moved between devices.
+
+Keeping them in one place is what makes "same semantics" checkable: the reference trainer and
+every runtime split batches and join outputs with these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from tspipe_fx.errors import TspipeError
+
+__all__ = [
+    "batch_size",
+    "join_micro",
+    "split_micro",
+    "split_tree",
+    "to_device",
+    "tree_to_device",
+    "view_inputs",
+]
+
+
+def view_inputs(views: int, inputs: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The positional inputs of each view: one view is ``inputs``; two views are ``inputs[0]``
+    and ``inputs[1]``, each a tensor or a tuple of the model's inputs."""
+    if views == 1:
+        return [tuple(inputs)]
+    if len(inputs) != views:
+        raise TspipeError(f"{views} views need {views} inputs (one per view), got {len(inputs)}")
+    return [tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in inputs]
+
+
+def split_tree(tree: Any, parts: int) -> list[Any]:
+    """Split every tensor leaf of ``tree`` with a batch dimension into ``parts`` chunks along
+    dim 0 (``tensor_split``: the first chunks are one sample larger when the batch does not
+    divide); other leaves are repeated in every part."""
+    leaves, spec = tree_flatten(tree)
+    chunks = [
+        torch.tensor_split(x, parts) if isinstance(x, torch.Tensor) and x.dim() > 0 else [x] * parts
+        for x in leaves
+    ]
+    return [tree_unflatten([c[i] for c in chunks], spec) for i in range(parts)]
+
+
+def split_micro(
+    args: Sequence[Any], kwargs: dict[str, Any], micro_batches: int
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The ``(args, kwargs)`` of each micro-batch (see :func:`split_tree`)."""
+    leaves = tree_flatten((tuple(args), dict(kwargs)))[0]
+    batch = next((x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    if batch is None:
+        raise TspipeError("the batch has no tensor with a batch dimension")
+    if batch < micro_batches:
+        raise TspipeError(f"a batch of {batch} samples cannot be split into {micro_batches} micro-batches")
+    return split_tree((tuple(args), dict(kwargs)), micro_batches)
+
+
+def join_micro(parts: Sequence[Any]) -> Any:
+    """Concatenate micro-batch outputs (any pytree of tensors) along dim 0."""
+    flat = [tree_flatten(p) for p in parts]
+    spec = flat[0][1]
+    joined = [
+        torch.cat(list(leaves)) if isinstance(leaves[0], torch.Tensor) and leaves[0].dim() > 0 else leaves[0]
+        for leaves in zip(*(f[0] for f in flat), strict=True)
+    ]
+    return tree_unflatten(joined, spec)
+
+
+def batch_size(args: tuple[Any, ...]) -> int:
+    """Samples in a micro-batch: the first dimension of its first tensor with one (1 if none)."""
+    leaves = [x for x in tree_flatten(args)[0] if isinstance(x, torch.Tensor) and x.dim() > 0]
+    return int(leaves[0].shape[0]) if leaves else 1
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """A tensor moved to ``device``; anything else as it is."""
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def tree_to_device(tree: Any, device: torch.device) -> Any:
+    """Every tensor leaf of ``tree`` moved to ``device``."""
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([to_device(x, device) for x in leaves], spec)

@@ -1,0 +1,378 @@
+"""The distributed runtime: one rank per device under torchrun, pipeline x data parallel.
+
+``pipe.trainer(..., runtime="dist")`` in a script started by ``torchrun --nproc-per-node N
+[--nnodes K --rdzv-backend c10d --rdzv-endpoint HOST:PORT]``. Ranks form ``world / n_stages``
+pipelines of consecutive ranks: rank ``r`` runs stage ``r % n_stages`` of pipeline
+``r // n_stages``. Every rank of a pipeline calls ``trainer.step`` with the same batch (the
+first stage reads the inputs, the last the target); each pipeline gets its own share of the
+data, as with DistributedDataParallel.
+
+Rank ``r`` executes the task list of its stage, the very list the local runtime gives a thread,
+through the same task code (:class:`~tspipe_fx.runtime.local.LocalRuntime`); only the messages,
+collectives and failures differ:
+
+- Activations and gradients move with batched ``isend``/``irecv`` on one process group per
+  neighbour pair and direction. Their shapes and dtypes are known without asking: each rank
+  runs the stage modules on fake tensors for the batch's shapes (cached per shape), and a
+  gradient has the shape of the output it belongs to. On a channel the receiver posts its
+  receives in the sender's task order (every rank knows every stage's task list), so messages
+  match on NCCL, which pairs them by order alone, as on gloo.
+- The loss is computed on the last stage and all-reduced to every rank (averaged over
+  pipelines). Student gradients are averaged over the pipelines before the optimizer step, so
+  replicas and their EMA teachers stay equal; gradient clipping all-reduces the per-parameter
+  norms of the pipeline; tied weights travel between their stages point to point.
+- A failing rank posts its error to the rendezvous store; a watchdog thread on every rank
+  reads it, and heartbeats, and ends its process with a message naming the failed rank (or the
+  rank that stopped answering) instead of leaving it blocked in a receive.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.runtime.board import Board
+from tspipe_fx.runtime.device import NOTES_ATTR, DeviceState, parameter_of
+from tspipe_fx.runtime.dist.collectives import by_dtype, flatten, unflatten
+from tspipe_fx.runtime.dist.layout import Layout
+from tspipe_fx.runtime.dist.shapes import Spec, boundary_specs, signature
+from tspipe_fx.runtime.dist.watchdog import PeerLost, Watchdog
+from tspipe_fx.runtime.local import LocalRuntime, RuntimeFailure
+from tspipe_fx.runtime.optim import optimizer_params
+from tspipe_fx.schedule.task import Task
+from tspipe_fx.stage import StagedModel
+
+__all__ = ["DistRuntime"]
+
+_FWD = ("tf", "sf")
+
+
+class DistRuntime(LocalRuntime):
+    """The local runtime's task code with one stage per rank; see the module docstring."""
+
+    def __init__(
+        self,
+        student: StagedModel,
+        teacher: StagedModel,
+        layout: Layout,
+        device: torch.device,
+        loss_fn: Callable[..., torch.Tensor],
+        **options: Any,
+    ):
+        self.layout = layout
+        n = layout.n_stages
+        super().__init__(student, teacher, [device] * n, loss_fn, held=[layout.stage], **options)
+        self.comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        # Every group is created by every rank, in one order.
+        self.channels: dict[tuple[int, int, int], Any] = {}  # (pipeline, from, to) -> group
+        pipeline_groups, replica_groups = [], []
+        for p in range(layout.pipelines):
+            for j in range(n - 1):
+                a, b = layout.rank_of(j, p), layout.rank_of(j + 1, p)
+                self.channels[(p, j, j + 1)] = dist.new_group([a, b])
+                self.channels[(p, j + 1, j)] = dist.new_group([a, b])
+            pipeline_groups.append(dist.new_group([layout.rank_of(j, p) for j in range(n)]))
+        for j in range(n):
+            replica_groups.append(dist.new_group([layout.rank_of(j, p) for p in range(layout.pipelines)]))
+        self.pipeline_group: Any = pipeline_groups[layout.pipeline]
+        self.replica_group: Any = replica_groups[layout.stage]
+        # Which stage owns each trainable student parameter, in the model's order (clipping).
+        owners: dict[str, int] = {}
+        for j, st in enumerate(self.student.stages):
+            for name in self.owned_parameters(j, st.module):
+                owners.setdefault(name, j)
+        self.norm_names = [n for n in self.param_order if n in owners] + [
+            n for n in owners if n not in self.param_order
+        ]
+        self.specs: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+        self.watchdog = Watchdog(layout) if "MASTER_ADDR" in os.environ else None
+        self._sends: list[tuple[Any, list[torch.Tensor], int]] = []  # work, its tensors, peer rank
+
+    # --- a window ------------------------------------------------------------------------------
+
+    def run(self, lists: Sequence[Sequence[Task]], data: dict[int, tuple[list[Any], list[Any], Any]]) -> None:
+        if self.broken is not None:
+            raise RuntimeFailure(f"the runtime failed earlier and cannot go on: {self.broken}")
+        d = self.devices[0]
+        tasks = lists[d.index]
+        board = Board(self.timeout_s)
+        self._lists, self._data = lists, data
+        self._posted: dict[Any, tuple[list[Any], dict[str, Any]]] = {}
+        self._cursor: dict[tuple[int, str], int] = {}
+        self._window_specs: dict[tuple[str, int, int, int], list[dict[str, Any]]] = {}
+        task = tasks[0] if tasks else Task("opt", d.index, -1)
+        batch = next(t.batch for t in tasks if t.kind == "opt")
+        try:
+            inbox = self._expect_losses()
+            last_loss = max((i for i, t in enumerate(tasks) if t.kind == "loss"), default=-1)
+            for i, task in enumerate(tasks):
+                self.run_task(d, task, data, board)
+                if i == last_loss:
+                    self._tell_loss(batch)
+            if self._posted:
+                raise TspipeError(
+                    f"messages {sorted(self._posted)} were received but not used (a schedule bug)"
+                )
+            values = []
+            for p in range(self.layout.pipelines):
+                sender = self.layout.rank_of(self.n_stages - 1, p)
+                if sender in inbox:
+                    work, value = inbox[sender]
+                    self._wait(work, f"receiving the loss of batch {batch}", sender)
+                    values.append(float(value))
+                else:
+                    values.append(self.losses[batch])
+            # Sends complete in their own time: no barrier between windows, so the next one's
+            # work starts while the peers finish this one.
+            self._sends = [s for s in self._sends if not s[0].is_completed()]
+        except Exception as e:
+            where = "".join(f" ({note})" for note in getattr(e, NOTES_ATTR, []))
+            message = f"task {task}{where}: {type(e).__name__}: {e}"
+            notice = self.watchdog.notice() if self.watchdog is not None else None
+            if notice is not None:  # a peer failed first; this is the echo (a closed connection)
+                self.broken = RuntimeFailure(f"rank {self.layout.rank} stops: {notice}")
+            else:
+                if self.watchdog is not None:
+                    self.watchdog.fail(message)
+                self.broken = RuntimeFailure(f"rank {self.layout.rank} (stage {d.index}) failed at {message}")
+            raise self.broken from e
+        self.losses[batch] = sum(values) / len(values)  # the mean over pipelines
+
+    def _expect_losses(self) -> dict[int, tuple[Any, torch.Tensor]]:
+        """Post the receives of this window's loss from every pipeline's last rank."""
+        me = self.layout.rank
+        inbox = {}
+        for p in range(self.layout.pipelines):
+            sender = self.layout.rank_of(self.n_stages - 1, p)
+            if sender != me:
+                value = torch.zeros(1, dtype=torch.float64, device=self.comm)
+                (work,) = dist.batch_isend_irecv([dist.P2POp(dist.irecv, value, sender)])
+                inbox[sender] = (work, value)
+        return inbox
+
+    def _tell_loss(self, batch: int) -> None:
+        """The last stage, once its batch's loss is whole: to every other rank, at once."""
+        value = torch.tensor([self.losses[batch]], dtype=torch.float64, device=self.comm)
+        peers = [r for r in range(self.layout.world) if r != self.layout.rank]
+        if peers:
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, value, r) for r in peers])
+            self._sends.extend((w, [value], r) for w, r in zip(works, peers, strict=True))
+
+    def drain(self) -> None:
+        """Wait until every message this rank sent has left."""
+        for work, _, peer in self._sends:
+            self._wait(work, "sending", peer)
+        self._sends.clear()
+
+    # --- messages ------------------------------------------------------------------------------
+
+    def send(self, d: DeviceState, board: Board, key: Any, payload: Any) -> None:
+        kind, j = key[0], key[1]
+        to = j + 1 if kind in _FWD else j - 1
+        if kind in _FWD:
+            specs = self._specs_of(kind, j, key[2], key[3], key[4])
+            tensors = []
+            for name, (value, _) in payload.items():
+                spec = specs[name]
+                if isinstance(spec, Spec):
+                    if tuple(value.shape) != spec.shape or value.dtype != spec.dtype:
+                        raise TspipeError(
+                            f"{'teacher' if kind == 'tf' else 'student'} stage {j} output {name} is "
+                            f"{tuple(value.shape)} {value.dtype}, where the fake run of the plan gave "
+                            f"{spec.shape} {spec.dtype}; hint: a stage whose output shapes depend on "
+                            "the data cannot be pipelined across processes"
+                        )
+                    tensors.append(value)
+        else:  # a leaf autograd gave no gradient still sends one: the receiver expects it
+            specs = self._specs_of("sf", j - 1, key[2], key[3], key[4])
+            tensors = [
+                payload[n]
+                if payload[n] is not None
+                else torch.zeros(specs[n].shape, dtype=specs[n].dtype, device=d.device)
+                for n in self._grad_names(j, key)
+            ]
+        self._isend(tensors, to)
+
+    def _isend(self, tensors: list[torch.Tensor], to: int) -> None:
+        group = self.channels[(self.layout.pipeline, self.layout.stage, to)]
+        peer = self.layout.rank_of(to)
+        sent = [t.detach().contiguous() for t in tensors if t.numel()]
+        if sent:
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer, group) for t in sent])
+            self._sends.extend((w, sent, peer) for w in works)
+
+    def receive(self, d: DeviceState, board: Board, key: Any) -> Any:
+        kind, j = key[0], key[1]
+        channel = "fwd" if kind in _FWD else "bwd"
+        # Post this channel's receives in the sender's order, up to and including ``key``.
+        kinds = _FWD if channel == "fwd" else ("sb",)
+        order = [(t.kind, j, t.batch, t.view, t.micro) for t in self._lists[j] if t.kind in kinds]
+        at = self._cursor.get((j, channel), 0)
+        while key not in self._posted:
+            if at >= len(order):
+                raise TspipeError(f"stage {j} sends no message {key} in this window (a schedule bug)")
+            self._post(d, order[at])
+            at += 1
+        self._cursor[(j, channel)] = at
+        works, payload = self._posted.pop(key)
+        for w in works:
+            self._wait(w, f"receiving {key}", self.layout.rank_of(j))
+        return payload
+
+    def _wait(self, work: Any, what: str, peer: int) -> None:
+        """Wait for a point-to-point message; a lost peer is named, not left as a socket error."""
+        stage = peer % self.n_stages
+        try:
+            done = work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            raise PeerLost(
+                f"lost rank {peer} (stage {stage}) while {what}: {str(e).splitlines()[0]}; hint: that "
+                "rank died (killed, out of memory?) or hangs; its own log says which"
+            ) from e
+        if done is False:
+            raise TimeoutError(f"waited {self.timeout_s:.0f} s {what} from rank {peer} (stage {stage})")
+
+    def _post(self, d: DeviceState, key: Any) -> None:
+        kind, j = key[0], key[1]
+        if kind in _FWD:
+            specs = self._specs_of(kind, j, key[2], key[3], key[4])
+            payload: dict[str, Any] = {}
+            buffers = []
+            for name, spec in specs.items():
+                if isinstance(spec, Spec):
+                    x = torch.empty(spec.shape, dtype=spec.dtype, device=d.device)
+                    payload[name] = (x, spec.requires_grad and kind == "sf")
+                    buffers.append(x)
+                else:
+                    payload[name] = (spec, False)
+        else:  # the gradients of this stage's outputs that stage j took as leaves
+            specs = self._specs_of("sf", d.index, key[2], key[3], key[4])
+            names = self._grad_names(j, key)
+            buffers = [torch.empty(specs[n].shape, dtype=specs[n].dtype, device=d.device) for n in names]
+            payload = dict(zip(names, buffers, strict=True))
+        group = self.channels[(self.layout.pipeline, j, d.index)]
+        peer = self.layout.rank_of(j)
+        live = [b for b in buffers if b.numel()]
+        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer, group) for b in live]) if live else []
+        self._posted[key] = (works, payload)
+
+    def _grad_names(self, j: int, key: Any) -> list[str]:
+        """Stage ``j``'s student inputs that take a gradient, in its input order."""
+        specs = self._specs_of("sf", j - 1, key[2], key[3], key[4])
+        return [
+            n for n in self.student.stages[j].inputs if isinstance(specs[n], Spec) and specs[n].requires_grad
+        ]
+
+    def _specs_of(self, kind: str, j: int, batch: int, view: int, micro: int) -> dict[str, Any]:
+        """The outputs of stage ``j`` of the student (``sf``) or teacher (``tf``) for a micro-batch."""
+        key = (kind, batch, view, micro)
+        if key not in self._window_specs:  # flattening the inputs costs ms: once per micro-batch
+            student = kind == "sf"
+            model = self.student if student else self.teacher
+            args, kwargs, _ = self._data[batch]
+            flat = model.io.flatten_inputs(args[view][micro], kwargs[view][micro])
+            sig = (kind, signature(flat))
+            if sig not in self.specs:
+                self.specs[sig] = boundary_specs(model.stages, flat, grad=student)
+            self._window_specs[key] = self.specs[sig]
+        return self._window_specs[key][j]
+
+    # --- collectives ---------------------------------------------------------------------------
+
+    def reduce_replicas(self, d: DeviceState) -> None:
+        """Average the student gradients over the pipelines; their buffers (BatchNorm statistics)
+        become pipeline 0's, as DistributedDataParallel's ``broadcast_buffers`` does."""
+        if self.layout.pipelines == 1:
+            return
+        grads = [p.grad for p in optimizer_params(d.optimizer) if p.grad is not None]
+        for same in by_dtype(grads):
+            flat = flatten(same).to(self.comm)
+            dist.all_reduce(flat, group=self.replica_group)
+            flat /= self.layout.pipelines
+            for g, r in zip(same, unflatten(flat.to(same[0].device), same), strict=True):
+                g.copy_(r)
+        for same in by_dtype([b for b in d.student.buffers()]):
+            flat = flatten(same).to(self.comm)
+            dist.broadcast(flat, src=self.layout.rank_of(d.index, 0), group=self.replica_group)
+            with torch.no_grad():
+                for b, r in zip(same, unflatten(flat.to(same[0].device), same), strict=True):
+                    b.copy_(r)
+
+    def all_norms(
+        self, d: DeviceState, batch: int, mine: dict[str, torch.Tensor], board: Board
+    ) -> dict[str, torch.Tensor]:
+        dtype = next(iter(mine.values())).dtype if mine else torch.float32
+        vec = torch.zeros(len(self.norm_names), dtype=dtype)
+        index = {n: i for i, n in enumerate(self.norm_names)}
+        for n, v in mine.items():
+            vec[index[n]] = v
+        vec = vec.to(self.comm)
+        dist.all_reduce(vec, group=self.pipeline_group)  # x + 0 + 0: every stage's norms, exactly
+        vec = vec.cpu()
+        return {n: vec[i] for i, n in enumerate(self.norm_names)}
+
+    def sum_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
+        mine = parameter_of(d.student, names)
+        if d.index != stages[0]:
+            grad = mine.grad if mine.grad is not None else torch.zeros_like(mine)
+            self._p2p(dist.isend, grad.detach().contiguous(), stages[0], wait=False)
+            mine.grad = None
+            return
+        for k in stages[1:]:
+            other = torch.empty_like(mine)
+            self._p2p(dist.irecv, other, k, wait=True)
+            mine.grad = other if mine.grad is None else mine.grad + other
+
+    def copy_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
+        mine = parameter_of(d.student, names)
+        if d.index == stages[0]:
+            for k in stages[1:]:
+                self._p2p(dist.isend, mine.detach().clone(), k, wait=False)
+            return
+        value = torch.empty_like(mine)
+        self._p2p(dist.irecv, value, stages[0], wait=True)
+        with torch.no_grad():
+            mine.copy_(value)
+
+    def _p2p(self, op: Callable[..., Any], tensor: torch.Tensor, stage: int, *, wait: bool) -> None:
+        (work,) = dist.batch_isend_irecv(
+            [dist.P2POp(op, tensor, self.layout.rank_of(stage), self.pipeline_group)]
+        )
+        if wait:
+            self._wait(work, "exchanging a tied weight", self.layout.rank_of(stage))
+        else:
+            self._sends.append((work, [tensor], self.layout.rank_of(stage)))
+
+    # --- weights of every stage ---------------------------------------------------------------
+
+    def stage_state_dicts(self, which: str) -> list[dict[str, torch.Tensor]]:
+        """Every stage's state_dict on every rank (pipeline 0's, broadcast), on the CPU."""
+        self.drain()
+        out = []
+        for j in range(self.n_stages):
+            src = self.layout.rank_of(j, 0)
+            if self.layout.rank == src:
+                d = self.devices[0]
+                state = (d.student if which == "student" else d.teacher).state_dict()
+            else:
+                template = (self.student if which == "student" else self.teacher).stages[j].module.state_dict()
+                state = {n: torch.empty_like(v, device=self.comm) for n, v in template.items()}
+            names = list(state)
+            for dtype in sorted({state[n].dtype for n in names}, key=str):
+                keys = [n for n in names if state[n].dtype == dtype]
+                flat = flatten([state[n].detach().to(self.comm) for n in keys])
+                dist.broadcast(flat, src=src)
+                for n, v in zip(keys, unflatten(flat, [state[n] for n in keys]), strict=True):
+                    state[n] = v.cpu()
+            out.append({n: state[n].cpu() for n in names})
+        return out
+
+    def barrier(self) -> None:
+        self.drain()
+        dist.barrier()

@@ -1,0 +1,148 @@
+"""The reference trainer: plain, sequential PyTorch with the pipeline's exact semantics.
+
+It is the oracle of every runtime test and a check users can run themselves: same micro-batch
+split (BatchNorm sees the same micro-batches in the same order), one loss per batch over the
+whole batch, the same teacher staleness, the same EMA. Nothing is pipelined.
+
+Per batch ``b``::
+
+    teacher outputs  = join(teacher(micro) for each view, micro-batch)   # weights: version b-1-s
+    student outputs  = join(student(micro) for each view, micro-batch)
+    loss             = loss_fn(student_out, teacher_out, target)          # KD
+                     | loss_fn(s1, s2, t1, t2)                            # two views
+    loss.backward(); clip; optimizer.step(); scheduler.step(); zero_grad
+    teacher          <- m * teacher + (1 - m) * student                  # momentum: version b
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.runtime.batches import join_micro, split_micro, view_inputs
+from tspipe_fx.runtime.optim import OptimizerSpec, build_optimizer, parameter_names
+from tspipe_fx.runtime.options import TrainOptions
+from tspipe_fx.runtime.teacher import ema_update
+
+__all__ = ["ReferenceTrainer"]
+
+
+class ReferenceTrainer:
+    """Train ``student`` (and a momentum ``teacher``) one batch at a time, in place.
+
+    The options are :class:`~tspipe_fx.runtime.options.TrainOptions`' fields, as for the
+    pipelined trainer; ``micro_major`` runs micro-batches before views (as ``1f1b`` does).
+
+    Example:
+        >>> ref = ReferenceTrainer(student, teacher, kd_loss, optimizer=lambda p: SGD(p, lr=0.1),
+        ...                        micro_batches=4)
+        >>> ref.step(x, target=y)
+        2.31
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        optimizer: OptimizerSpec,
+        mode: str = "kd",
+        micro_major: bool = False,
+        **options: Any,
+    ):
+        if mode not in ("kd", "momentum"):
+            raise TspipeError(f"mode must be 'kd' or 'momentum', got {mode!r}")
+        opts = TrainOptions.of(optimizer, options, where="ReferenceTrainer")
+        self.student, self.teacher, self.loss_fn = student, teacher, loss_fn
+        self.mode, self.micro_batches, self.views = mode, opts.micro_batches or 1, opts.views or 1
+        self.staleness = (opts.staleness if opts.staleness is not None else 1) if mode == "momentum" else 0
+        self.momentum, self.ema_buffers, self.clip_grad_norm = (
+            opts.momentum,
+            opts.ema_buffers,
+            opts.clip_grad_norm,
+        )
+        # BatchNorm statistics depend on the order micro-batches pass: views first (tspipe, gpipe)
+        # or micro-batches first (1f1b, which needs both views of a micro-batch for its loss).
+        self.micro_major = micro_major
+        built = build_optimizer(opts.optimizer, dict(student.named_parameters()), parameter_names(student))
+        if built is None:
+            raise TspipeError("the optimizer holds none of the student's parameters")
+        self.optimizer = built
+        self.scheduler = opts.lr_scheduler(self.optimizer) if opts.lr_scheduler else None
+        self.steps = 0
+        # Momentum: the EMA's versions; batch b's teacher reads version b-1-staleness.
+        self.versions: collections.deque[dict[str, torch.Tensor]] = collections.deque(
+            maxlen=self.staleness + 1
+        )
+        if mode == "momentum":
+            self.versions.append(self._teacher_state())
+
+    def update_momentum(self, m: float) -> None:
+        """Set the EMA momentum for the next steps (cosine schedules)."""
+        self.momentum = m
+
+    def _ema_tensors(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        items: list[tuple[str, torch.Tensor]] = list(module.named_parameters())
+        if self.ema_buffers:
+            items += list(module.named_buffers())
+        return items
+
+    def _teacher_state(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().clone() for n, t in self._ema_tensors(self.teacher)}
+
+    @torch.no_grad()
+    def _load_teacher(self, state: dict[str, torch.Tensor]) -> None:
+        for n, t in self._ema_tensors(self.teacher):
+            t.copy_(state[n])
+
+    def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> float:
+        """Train on one batch; returns its loss."""
+        views = view_inputs(self.views, inputs)
+        if self.mode == "momentum":  # the version this batch may see: the oldest one kept
+            self._load_teacher(self.versions[0])
+        micro = [split_micro(args, kwargs, self.micro_batches) for args in views]
+        order = [(v, m) for v in range(len(views)) for m in range(self.micro_batches)]
+        if self.micro_major:
+            order.sort(key=lambda vm: (vm[1], vm[0]))
+        t_parts: dict[tuple[int, int], Any] = {}
+        s_parts: dict[tuple[int, int], Any] = {}
+        for v, m in order:
+            a, k = micro[v][m]
+            with torch.no_grad():
+                t_parts[(v, m)] = self.teacher(*a, **k)
+            s_parts[(v, m)] = self.student(*a, **k)
+        teacher_out = [
+            join_micro([t_parts[(v, m)] for m in range(self.micro_batches)]) for v in range(len(views))
+        ]
+        student_out = [
+            join_micro([s_parts[(v, m)] for m in range(self.micro_batches)]) for v in range(len(views))
+        ]
+        if self.views == 1:
+            loss = self.loss_fn(student_out[0], teacher_out[0], target)
+        else:
+            loss = self.loss_fn(*student_out, *teacher_out)
+        loss.backward()  # type: ignore[no-untyped-call]
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.clip_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.mode == "momentum":
+            new = {n: t.clone() for n, t in self.versions[-1].items()}
+            student = dict(self._ema_tensors(self.student))
+            ema_update(new.items(), {n: student[n] for n in new}, self.momentum)
+            self.versions.append(new)
+            self._load_teacher(new)  # the user's teacher holds the newest EMA between steps
+        self.steps += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TspipeError(f"the loss of step {self.steps - 1} is {value}")
+        return value

@@ -1,0 +1,241 @@
+"""``pipe.trainer(...)``: train a compiled pipeline under a schedule on a runtime.
+
+Batches are executed in *windows*: window ``b`` is each device's tasks from just after its
+optimizer step of ``b-1`` through its step of ``b``. The ``tspipe`` schedule runs the teacher
+forward of batch ``b+1`` inside window ``b``, so window ``b`` can only run once batch ``b+1`` is
+known: :meth:`Trainer.step` with batch ``b+1`` runs window ``b`` and returns the loss of batch
+``b`` (a :class:`StepLoss` tagged with its batch); :meth:`Trainer.finish` runs the last window.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.plan import Plan
+from tspipe_fx.runtime.batches import split_micro, view_inputs
+from tspipe_fx.runtime.local import LocalRuntime
+from tspipe_fx.runtime.optim import OptimizerSpec
+from tspipe_fx.runtime.options import TrainOptions
+from tspipe_fx.runtime.teacher import TeacherVersions
+from tspipe_fx.schedule.task import Schedule, Task
+from tspipe_fx.schedule.validator import validate
+from tspipe_fx.stage import StagedModel
+
+__all__ = ["StepLoss", "Trainer"]
+
+
+class StepLoss(NamedTuple):
+    """The loss of one batch; it comes back one ``step`` call after its batch."""
+
+    batch: int
+    loss: float
+
+
+@dataclass
+class _Pending:
+    index: int
+    data: tuple[list[Any], list[Any], Any]
+
+
+class Trainer:
+    """Train a staged student (and teacher) under the plan's schedule on a runtime.
+
+    Made by :meth:`tspipe_fx.Pipeline.trainer`; the options are :class:`TrainOptions`' fields.
+
+    Args:
+        plan: the compiled plan: devices, and the schedule, micro-batches, views and staleness
+            trained with (``schedule=`` and the options override them).
+        student, teacher: the staged models.
+        loss_fn: ``loss_fn(student_out, teacher_out, target)``, or with two views
+            ``loss_fn(s1, s2, t1, t2)``; outputs as the models return them, joined over the batch.
+        optimizer: a factory ``params -> optimizer``, or an optimizer over the student's parameters.
+        schedule: ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential`` (default: the plan's).
+        runtime: ``"local"`` (one process, a thread per device) or ``"dist"`` (one rank per stage
+            under torchrun).
+        timeout_s: how long a task waits for its inputs before the step fails.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        student: StagedModel,
+        teacher: StagedModel,
+        loss_fn: Callable[..., torch.Tensor],
+        *,
+        optimizer: OptimizerSpec,
+        schedule: str | None = None,
+        runtime: str = "local",
+        timeout_s: float = 60.0,
+        **options: Any,
+    ):
+        if runtime not in ("local", "dist"):
+            raise TspipeError(
+                f"runtime must be 'local' (one process, a thread per device) or 'dist' (one rank per "
+                f"device under torchrun), got {runtime!r}"
+            )
+        opts = TrainOptions.of(optimizer, options, where="trainer()")
+        self.plan = dataclasses.replace(
+            plan,
+            schedule=schedule if schedule is not None else plan.schedule,
+            micro_batches=opts.micro_batches or plan.micro_batches,
+            views=opts.views or plan.views,
+            staleness=opts.staleness if opts.staleness is not None else plan.staleness,
+        )
+        self.student, self.teacher = student, teacher
+        self.n = self.plan.n_stages
+        # Every window is cut from one of three short schedules (1, 2 or 3 batches): built once,
+        # the longest proven once.
+        self.schedules: dict[int, Schedule] = {k: self.plan.build_schedule(k) for k in (1, 2, 3)}
+        validate(self.schedules[3])
+        longest = self.schedules[3]
+        self.m, self.views, self.mode, self.staleness = (
+            longest.micro_batches, longest.views, longest.mode, longest.staleness,
+        )  # fmt: skip
+        self.versions = TeacherVersions(self.mode, self.staleness, opts.momentum, opts.ema_buffers)
+        common: dict[str, Any] = dict(
+            schedule=longest, options=opts, versions=self.versions, timeout_s=timeout_s
+        )
+        self.runtime: LocalRuntime
+        if runtime == "dist":
+            from tspipe_fx.runtime.dist.layout import init
+            from tspipe_fx.runtime.dist.runtime import DistRuntime
+
+            layout, device = init(self.n)
+            self.runtime = DistRuntime(student, teacher, layout, device, loss_fn, **common)
+        else:
+            devices = [torch.device(d) for d in self.plan.devices]
+            self.runtime = LocalRuntime(student, teacher, devices, loss_fn, **common)
+        # The order micro-batches pass each stage (BatchNorm statistics depend on it); a
+        # ReferenceTrainer with micro_major=... reproduces it. Only 1f1b, with its loss per
+        # micro-batch, runs them micro-batch-major.
+        self.micro_major = longest.loss_per_micro
+        self.pending: _Pending | None = None
+        self.next_index = 0
+        self.segment_start = 0
+
+    # --- schedule windows -------------------------------------------------------------------
+
+    def _window(self, index: int, last: bool) -> list[list[Task]]:
+        """Device lists of the window of batch ``index``, cut from a short schedule and renumbered.
+
+        Windows count from the start of the current run of batches: the first one (after
+        construction, ``finish`` or a resume) has the prologue, the teacher forward of its batch.
+        """
+        b = index - self.segment_start
+        s = self.schedules[(1 if b == 0 else 2) if last else (2 if b == 0 else 3)]
+        local = min(b, 1)  # window 0 of a short schedule, or its window 1 renumbered
+        shift = index - local
+        out = []
+        for tasks in s.devices:
+            ends = [i for i, t in enumerate(tasks) if t.kind == "opt"]
+            lo = ends[local - 1] + 1 if local > 0 else 0
+            hi = ends[local] + 1
+            out.append([t.with_batch(t.batch + shift) for t in tasks[lo:hi]])
+        return out
+
+    # --- public -----------------------------------------------------------------------------
+
+    def _prepare(
+        self, inputs: tuple[Any, ...], target: Any, kwargs: dict[str, Any]
+    ) -> tuple[list[Any], list[Any], Any]:
+        views = view_inputs(self.views, inputs)
+        args, kws = [], []
+        for v in views:
+            micro = split_micro(v, kwargs, self.m)
+            args.append([a for a, _ in micro])
+            kws.append([k for _, k in micro])
+        return args, kws, target
+
+    def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> StepLoss | None:
+        """Feed one batch; returns the loss of the batch before it (None on the first call)."""
+        data = self._prepare(inputs, target, kwargs)
+        current = _Pending(self.next_index, data)
+        if self.pending is None:
+            self.segment_start = self.next_index
+        self.next_index += 1
+        previous, self.pending = self.pending, current
+        if previous is None:
+            return None
+        return self._run(previous, current)
+
+    def finish(self) -> StepLoss | None:
+        """Run the last fed batch to the end (its backward and optimizer step), then bring the
+        trained weights home to the user's modules (:meth:`sync_to_modules`)."""
+        previous, self.pending = self.pending, None
+        result = self._run(previous, None) if previous is not None else None
+        self.sync_to_modules()
+        return result
+
+    def _run(self, batch: _Pending, nxt: _Pending | None) -> StepLoss:
+        lists = self._window(batch.index, last=nxt is None)
+        data = {batch.index: batch.data}
+        if nxt is not None:
+            data[nxt.index] = nxt.data
+        first, drains = batch.index == self.segment_start, nxt is None
+        self.versions.start_window(batch.index, first=first, drains=drains)
+        self.runtime.run(lists, data)
+        self.versions.end_window(first=first, drains=drains)
+        return StepLoss(batch.index, self.runtime.losses.pop(batch.index))
+
+    def update_momentum(self, m: float) -> None:
+        """Set the EMA momentum for the next optimizer steps (cosine schedules)."""
+        self.versions.set_momentum(m)
+
+    @torch.no_grad()
+    def sync_to_modules(self, student: nn.Module | None = None, teacher: nn.Module | None = None) -> None:
+        """Copy the trained weights (parameters and buffers) into the user's modules (those given
+        to ``compile``, or the ones passed here)."""
+        for module, which in (
+            (student or self.student.home, "student"),
+            (teacher or self.teacher.home, "teacher"),
+        ):
+            if module is None:
+                continue
+            target = module.state_dict(keep_vars=True)
+            for state in self.runtime.stage_state_dicts(which):
+                for name, value in state.items():
+                    if name in target:
+                        target[name].copy_(value.to(target[name].device))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume: stage weights, optimizers, schedulers, EMA momentum, step."""
+        if self.pending is not None:
+            raise TspipeError("a batch is still in flight: call finish() before state_dict()")
+        self.runtime.drain()
+        return {
+            "stages": [d.index for d in self.runtime.devices],  # those this process holds
+            "student": [copy.deepcopy(d.student.state_dict()) for d in self.runtime.devices],
+            "teacher": [copy.deepcopy(d.teacher.state_dict()) for d in self.runtime.devices],
+            "optimizers": [d.optimizer.state_dict() if d.optimizer else None for d in self.runtime.devices],
+            "schedulers": [d.scheduler.state_dict() if d.scheduler else None for d in self.runtime.devices],
+            "teacher_prev": [self.versions.kept.get(d.index) for d in self.runtime.devices],
+            "momentum": self.versions.momentum,
+            "next_index": self.next_index,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for d, s, t, o, sch in zip(self.runtime.devices, state["student"], state["teacher"], state["optimizers"],
+                                   state["schedulers"], strict=True):  # fmt: skip
+            d.student.load_state_dict(s)
+            d.teacher.load_state_dict(t)
+            if d.optimizer and o:
+                d.optimizer.load_state_dict(o)
+            if d.scheduler and sch:
+                d.scheduler.load_state_dict(sch)
+        self.versions.kept = {
+            d.index: prev
+            for d, prev in zip(
+                self.runtime.devices, state.get("teacher_prev") or [None] * self.n, strict=False
+            )
+            if prev is not None
+        }
+        self.versions.set_momentum(state["momentum"])
+        self.next_index = state["next_index"]

@@ -1,0 +1,147 @@
+"""A discrete-event simulator: a schedule plus task costs -> a timeline.
+
+Each device runs its list in order; a task starts when its device is free and every task it
+depends on has finished (plus the link time when that task ran on another device). The result
+gives the steady-state period per batch, per-device utilisation and the bubble fraction
+(:mod:`tspipe_fx.report.timeline` draws it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tspipe_fx.schedule.task import Schedule, ScheduleError, Task, dependencies
+
+__all__ = ["Timeline", "simulate", "simulate_stages", "transfer_ms", "unit_costs"]
+
+CostFn = Callable[[Task], float]
+
+
+def transfer_ms(nbytes: float, gbs: float, latency_ms: float) -> float:
+    """Milliseconds to send ``nbytes`` over a link of ``gbs`` GB/s and ``latency_ms`` per message
+    (nothing to send over a link without latency is free). The partitioner's objective and the
+    simulator both price a transfer with this rule."""
+    if nbytes <= 0 and latency_ms == 0:
+        return 0.0
+    return nbytes / (gbs * 1e6) + latency_ms
+
+
+def unit_costs(task: Task) -> float:
+    """TSPipe's unit model: forward 1, backward 2, optimizer step 1, loss free."""
+    return {"tf": 1.0, "sf": 1.0, "sb": 2.0, "opt": 1.0, "loss": 0.0}[task.kind]
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """When every task ran: ``spans[device]`` is a list of ``(start, end, task)``."""
+
+    schedule: Schedule
+    spans: tuple[tuple[tuple[float, float, Task], ...], ...]
+
+    @property
+    def makespan(self) -> float:
+        return max((s[-1][1] for s in self.spans if s), default=0.0)
+
+    def batch_end(self, b: int) -> float:
+        """When the last optimizer step of batch ``b`` finished."""
+        return max(end for spans in self.spans for _, end, t in spans if t.kind == "opt" and t.batch == b)
+
+    @property
+    def period(self) -> float:
+        """Steady-state time per batch: the mean gap between consecutive batches' last steps,
+        leaving out the first batch (pipeline fill) and the last (drain: no next teacher)."""
+        n = self.schedule.n_batches
+        if n <= 2:
+            return self.batch_end(n - 1) / n
+        first = 2 if n >= 4 else 1
+        return (self.batch_end(n - 2) - self.batch_end(first - 1)) / (n - 1 - first)
+
+    def utilisation(self) -> list[float]:
+        """Busy fraction of each device between the start and the end of the whole run."""
+        total = self.makespan
+        return [sum(e - s for s, e, _ in spans) / total if total else 0.0 for spans in self.spans]
+
+    def steady_utilisation(self) -> list[float]:
+        """Busy fraction of each device within the steady-state window (batches 1..n-2)."""
+        n = self.schedule.n_batches
+        lo, hi = (self.batch_end(0), self.batch_end(n - 2)) if n >= 3 else (0.0, self.makespan)
+        out = []
+        for spans in self.spans:
+            busy = sum(max(0.0, min(e, hi) - max(s, lo)) for s, e, _ in spans)
+            out.append(busy / (hi - lo) if hi > lo else 0.0)
+        return out
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of the devices in steady state."""
+        u = self.steady_utilisation()
+        return 1.0 - sum(u) / len(u)
+
+
+def simulate(
+    s: Schedule, cost: CostFn = unit_costs, *, link: Callable[[Task, Task], float] | None = None
+) -> Timeline:
+    """Run the schedule's lists against ``cost(task)``; ``link(dep, task)`` is the transfer time
+    when ``dep`` ran on another device (default 0)."""
+    device_of = {t: d for d, t in s.tasks()}
+    finish: dict[Task, float] = {}
+    free = [0.0] * len(s.devices)
+    heads = [0] * len(s.devices)
+    spans: list[list[tuple[float, float, Task]]] = [[] for _ in s.devices]
+    remaining = sum(len(d) for d in s.devices)
+    while remaining:
+        progressed = False
+        for d, tasks in enumerate(s.devices):
+            while heads[d] < len(tasks):
+                t = tasks[heads[d]]
+                deps = dependencies(s, t)
+                if any(dep not in finish for dep in deps):
+                    break
+                ready = max(
+                    (finish[dep] + (link(dep, t) if link and device_of[dep] != d else 0.0) for dep in deps),
+                    default=0.0,
+                )
+                start = max(free[d], ready)
+                end = start + cost(t)
+                finish[t] = end
+                free[d] = end
+                spans[d].append((start, end, t))
+                heads[d] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ScheduleError(f"{s.name}: deadlock in simulation; run schedule.validator() for details")
+    return Timeline(s, tuple(tuple(x) for x in spans))
+
+
+def simulate_stages(
+    schedule: Schedule,
+    *,
+    student_fwd_ms: Sequence[float],
+    student_bwd_ms: Sequence[float],
+    teacher_fwd_ms: Sequence[float],
+    student_send_ms: Sequence[float] | None = None,
+    teacher_send_ms: Sequence[float] | None = None,
+) -> Timeline:
+    """Per-stage costs through ``schedule``: stage ``j``'s student forward, backward and teacher
+    forward of one micro-batch on device ``j``, and the time to send that stage's activations
+    to the next device (a gradient travels back as large as the activation it belongs to; none
+    given: free). Optimizer steps and the loss take no time."""
+    n = len(student_fwd_ms)
+    s_send = list(student_send_ms) if student_send_ms is not None else [0.0] * n
+    t_send = list(teacher_send_ms) if teacher_send_ms is not None else [0.0] * n
+    work = {
+        (kind, j): ms
+        for kind, values in (("sf", student_fwd_ms), ("sb", student_bwd_ms), ("tf", teacher_fwd_ms))
+        for j, ms in enumerate(values)
+    }
+
+    def transfer(dep: Task, task: Task) -> float:
+        if dep.kind == "sf":
+            return s_send[dep.stage]
+        if dep.kind == "sb":
+            return s_send[task.stage]
+        return t_send[dep.stage] if dep.kind == "tf" else 0.0
+
+    return simulate(schedule, lambda t: work.get((t.kind, t.stage), 0.0), link=transfer)

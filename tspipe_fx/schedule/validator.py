@@ -1,0 +1,97 @@
+"""The schedule validator: a schedule is proven before anything runs it."""
+
+from __future__ import annotations
+
+from tspipe_fx.schedule.task import Schedule, ScheduleError, Task, dependencies, must_precede
+
+__all__ = ["validate"]
+
+
+def _expected(s: Schedule) -> dict[Task, int]:
+    """Every task the schedule must contain, with its device."""
+    out: dict[Task, int] = {}
+    for b in range(s.n_batches):
+        for j in range(s.n_stages):
+            for v in range(s.views):
+                for i in range(s.micro_batches):
+                    for kind in ("tf", "sf", "sb"):
+                        out[Task(kind, j, b, v, i)] = j
+            out[Task("opt", j, b)] = j
+        for i in range(s.micro_batches if s.loss_per_micro else 1):
+            out[Task("loss", s.n_stages - 1, b, 0, i)] = s.n_stages - 1
+    return out
+
+
+def validate(s: Schedule, *, max_in_flight: int | None = None) -> dict[str, int]:
+    """Prove ``s``: every task once on its device, dependencies satisfiable without deadlock,
+    stale-teacher orderings kept, activations in flight bounded.
+
+    Returns ``{"max_in_flight": ...}`` (student micro-batches forwarded but not yet backwarded
+    on one device, at most). Raises :class:`ScheduleError` naming the first violation.
+    """
+    expected = _expected(s)
+    seen: dict[Task, int] = {}
+    for d, t in s.tasks():
+        if t in seen:
+            raise ScheduleError(f"{s.name}: task {t} appears twice (devices {seen[t]} and {d})")
+        if t not in expected:
+            raise ScheduleError(f"{s.name}: unexpected task {t} on device {d}")
+        if expected[t] != d:
+            raise ScheduleError(f"{s.name}: task {t} is on device {d}, it belongs on device {expected[t]}")
+        seen[t] = d
+    missing = [str(t) for t in expected if t not in seen]
+    if missing:
+        raise ScheduleError(f"{s.name}: {len(missing)} tasks missing, e.g. {missing[:5]}")
+    position = {t: (d, i) for d, tasks in enumerate(s.devices) for i, t in enumerate(tasks)}
+    for d, tasks in enumerate(s.devices):
+        for i, t in enumerate(tasks):
+            for dep in dependencies(s, t):
+                dd, di = position[dep]
+                if dd == d and di > i:
+                    raise ScheduleError(f"{s.name}: device {d} runs {t} before {dep}, which it needs")
+            for later in must_precede(s, t):
+                if position[later][1] < i:
+                    raise ScheduleError(
+                        f"{s.name}: device {d} runs {later} before {t}, so the teacher would see weights "
+                        f"newer than staleness {s.staleness} allows"
+                    )
+    _check_deadlock(s, position)
+    return {"max_in_flight": _in_flight(s, max_in_flight)}
+
+
+def _check_deadlock(s: Schedule, position: dict[Task, tuple[int, int]]) -> None:
+    """Run the lists with blocking receives and zero costs; every task must complete."""
+    done: set[Task] = set()
+    heads = [0] * len(s.devices)
+    progress = True
+    while progress:
+        progress = False
+        for d, tasks in enumerate(s.devices):
+            while heads[d] < len(tasks) and all(dep in done for dep in dependencies(s, tasks[heads[d]])):
+                done.add(tasks[heads[d]])
+                heads[d] += 1
+                progress = True
+    stuck = [(d, s.devices[d][h]) for d, h in enumerate(heads) if h < len(s.devices[d])]
+    if stuck:
+        waits = "; ".join(
+            f"device {d} at {t} waits for {[str(x) for x in dependencies(s, t) if x not in done][:3]}"
+            for d, t in stuck
+        )
+        raise ScheduleError(f"{s.name}: deadlock: {waits}")
+
+
+def _in_flight(s: Schedule, bound: int | None) -> int:
+    worst = 0
+    for d, tasks in enumerate(s.devices):
+        live = 0
+        for t in tasks:
+            if t.kind == "sf":
+                live += 1
+                worst = max(worst, live)
+                if bound is not None and live > bound:
+                    raise ScheduleError(
+                        f"{s.name}: device {d} holds {live} micro-batches' activations at {t}, more than {bound}"
+                    )
+            elif t.kind == "sb":
+                live -= 1
+    return worst

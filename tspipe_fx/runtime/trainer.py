@@ -123,7 +123,7 @@ class Trainer:
 
     # --- schedule windows -------------------------------------------------------------------
 
-    def _window(self, index: int, last: bool) -> list[list[Task]]:
+    def window(self, index: int, last: bool) -> list[list[Task]]:
         """Device lists of the window of batch ``index``, cut from a short schedule and renumbered.
 
         Windows count from the start of the current run of batches: the first one (after
@@ -175,7 +175,7 @@ class Trainer:
         return result
 
     def _run(self, batch: _Pending, nxt: _Pending | None) -> StepLoss:
-        lists = self._window(batch.index, last=nxt is None)
+        lists = self.window(batch.index, last=nxt is None)
         data = {batch.index: batch.data}
         if nxt is not None:
             data[nxt.index] = nxt.data

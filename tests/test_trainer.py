@@ -1,0 +1,57 @@
+"""The trainer: options shared with the reference trainer, defaults from the plan, windows cut
+from short schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toys import Net, Online, Target, kd_loss, sgd
+
+import tspipe_fx
+from tspipe_fx import TspipeError
+from tspipe_fx.runtime import ReferenceTrainer, TrainOptions
+
+
+@pytest.fixture(scope="module")
+def kd() -> tspipe_fx.Pipeline:
+    torch.manual_seed(0)
+    return tspipe_fx.compile(Net(), Net(32).eval(), 2, example_inputs=(torch.randn(8, 8),), micro_batches=4,
+                             cost_model="uniform")  # fmt: skip
+
+
+def test_defaults_come_from_the_plan_and_options_override_them(kd: tspipe_fx.Pipeline) -> None:
+    trainer = kd.trainer(kd_loss, optimizer=sgd)
+    assert (trainer.plan.schedule, trainer.m, trainer.views) == ("tspipe", 4, 1)
+    assert trainer.schedules[3] == trainer.plan.build_schedule(3)
+    other = kd.trainer(kd_loss, optimizer=sgd, schedule="1f1b", micro_batches=2)
+    assert (other.plan.schedule, other.m, other.micro_major) == ("1f1b", 2, True)
+    assert kd.trainer(kd_loss, optimizer=sgd, schedule="sequential").m == 1  # no micro-batching
+    online = Online()
+    momentum = tspipe_fx.compile(online, Target(online), 2, example_inputs=(torch.randn(8, 8),), mode="momentum",
+                                 cost_model="uniform")  # fmt: skip
+    assert momentum.trainer(kd_loss, optimizer=sgd).views == 2  # the plan's two views
+
+
+def test_unknown_options_are_named(kd: tspipe_fx.Pipeline) -> None:
+    with pytest.raises(TspipeError, match=r"trainer\(\) got unknown options \['lr'\]; known: \[.*'momentum'"):
+        kd.trainer(kd_loss, optimizer=sgd, lr=0.1)
+    with pytest.raises(TspipeError, match=r"ReferenceTrainer got unknown options \['runtime'\]"):
+        ReferenceTrainer(Net(), Net(), kd_loss, optimizer=sgd, runtime="local")
+    with pytest.raises(TspipeError, match="runtime must be 'local'"):
+        kd.trainer(kd_loss, optimizer=sgd, runtime="gpu")
+    assert TrainOptions.of(sgd, {"momentum": 0.5}, where="x") == TrainOptions(optimizer=sgd, momentum=0.5)
+
+
+def test_windows_are_cut_from_short_schedules_and_renumbered(kd: tspipe_fx.Pipeline) -> None:
+    """Window b runs each device's tasks from after its step b-1 through its step b; the first
+    window of a run also holds the prologue (the teacher forward of its own batch)."""
+    trainer = kd.trainer(kd_loss, optimizer=sgd)
+    first = trainer.window(0, last=False)
+    middle = trainer.window(5, last=False)
+    for tasks in (first, middle):
+        assert all(t[-1].kind == "opt" for t in tasks)
+    assert {t.batch for t in first[0] if t.kind == "sf"} == {0}
+    assert {t.batch for t in first[0] if t.kind == "tf"} == {0, 1}  # the prologue and the next batch's
+    assert {t.batch for t in middle[0] if t.kind == "sf"} == {5}
+    assert {t.batch for t in middle[0] if t.kind == "tf"} == {6}
+    assert not [t for t in trainer.window(5, last=True)[0] if t.kind == "tf"]  # nothing after the last

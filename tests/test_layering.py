@@ -207,3 +207,13 @@ def _is_module_import(path: Path, name: str) -> bool:
     """Whether ``__init__`` binds ``name`` to the submodule itself (``from pkg import sub``)."""
     me = _module_name(path)
     return any(module == me and name in names for module, names, _ in _imports(path))
+
+
+def test_no_module_is_ignored_by_git() -> None:
+    """A ``.gitignore`` pattern such as ``dist/`` once hid ``tspipe_fx/runtime/dist/`` from git
+    (and from ruff): a clean clone lacked the distributed runtime."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [str(p.relative_to(ROOT)) for p in MODULES.values()]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert done.stdout.split() == [], f"git ignores {done.stdout.split()}"

@@ -2,6 +2,7 @@
 costing or partitioning (they get Stages, a Plan and a Schedule).
 
 * :class:`~tspipe_fx.runtime.trainer.Trainer`: windows of the schedule, one batch in flight.
+* :class:`~tspipe_fx.runtime.tasks.StageTasks`: the task code both runtimes run.
 * :class:`~tspipe_fx.runtime.local.LocalRuntime`: one process, a thread per device.
 * :mod:`tspipe_fx.runtime.dist`: one rank per stage under torchrun, pipeline x data parallel.
 * :class:`~tspipe_fx.runtime.reference.ReferenceTrainer`: the same semantics, not pipelined.
@@ -9,9 +10,10 @@ costing or partitioning (they get Stages, a Plan and a Schedule).
 """
 
 from tspipe_fx.runtime.checkpoint import load_checkpoint, save_checkpoint, save_consolidated
-from tspipe_fx.runtime.local import LocalRuntime, RuntimeFailure
+from tspipe_fx.runtime.local import LocalRuntime
 from tspipe_fx.runtime.options import TrainOptions
 from tspipe_fx.runtime.reference import ReferenceTrainer
+from tspipe_fx.runtime.tasks import RuntimeFailure, StageTasks
 from tspipe_fx.runtime.teacher import TeacherVersions
 from tspipe_fx.runtime.trainer import StepLoss, Trainer
 
@@ -19,6 +21,7 @@ __all__ = [
     "LocalRuntime",
     "ReferenceTrainer",
     "RuntimeFailure",
+    "StageTasks",
     "StepLoss",
     "TeacherVersions",
     "TrainOptions",

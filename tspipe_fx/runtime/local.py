@@ -1,114 +1,33 @@
 """The local runtime: one process, one worker thread per device, executing schedule task lists.
 
-Each device holds its own copies of one student stage and one teacher stage. Values cross stages
-through a :class:`~tspipe_fx.runtime.board.Board` (a blocking mailbox keyed by task): a stage's
-forward outputs, detached, go to the next stage, which makes them leaves that require grad where
-they did; its backward sends the gradients of those leaves back. The last device computes the
-loss once per batch over the whole batch and hands each micro-batch's output gradients to its
-backward.
-
+Values cross stages through a :class:`~tspipe_fx.runtime.board.Board` (a blocking mailbox keyed
+by task); on a GPU each stage runs on its own CUDA stream and a message carries an event.
 An exception in any task aborts every worker at its next wait; :meth:`LocalRuntime.run` then
-raises a :class:`RuntimeFailure` naming the device, the task and, for a forward, the graph
-node, with the original exception chained.
+raises a :class:`~tspipe_fx.runtime.tasks.RuntimeFailure` naming the device, the task and, for a
+forward, the graph node, with the original exception chained.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from tspipe_fx.errors import TspipeError
-from tspipe_fx.runtime.batches import batch_size, join_micro, split_tree, to_device, tree_to_device
 from tspipe_fx.runtime.board import Aborted, Board
-from tspipe_fx.runtime.device import NOTES_ATTR, DeviceState, call_stage, parameter_of
-from tspipe_fx.runtime.optim import build_optimizer, optimizer_params, parameter_names
-from tspipe_fx.runtime.options import TrainOptions
-from tspipe_fx.runtime.teacher import TeacherVersions
-from tspipe_fx.schedule.task import Schedule, Task
-from tspipe_fx.stage import ModelIO, Stage, StagedModel
+from tspipe_fx.runtime.device import NOTES_ATTR, DeviceState, parameter_of
+from tspipe_fx.runtime.tasks import RuntimeFailure, StageTasks
+from tspipe_fx.schedule.task import Task
 
-__all__ = ["LocalRuntime", "RuntimeFailure"]
+__all__ = ["LocalRuntime"]
 
 
-class RuntimeFailure(TspipeError):
-    """A task failed on a device; the message names where, the cause is chained."""
-
-
-class LocalRuntime:
-    """Executes windows of schedule task lists on local devices (CPU or CUDA).
-
-    Args:
-        student, teacher: the staged models (their stages are copied onto the devices).
-        devices: one per stage.
-        loss_fn: ``(student_out, teacher_out, target)`` or, with two views, ``(s1, s2, t1, t2)``.
-        schedule: the schedule the windows come from (views, mode, loss granularity).
-        options: the optimizer, LR scheduler and clipping.
-        versions: the momentum teacher's EMA and stale reads.
-        timeout_s: how long a task waits for a message before it gives up.
-        held: the stages this process runs (default: all).
-
-    Subclasses (the distributed runtime) replace the messages and collectives: :meth:`send`,
-    :meth:`receive`, :meth:`reduce_replicas`, :meth:`all_norms`, :meth:`sum_tied`,
-    :meth:`copy_tied`.
-    """
-
-    def __init__(
-        self,
-        student: StagedModel,
-        teacher: StagedModel,
-        devices: Sequence[torch.device],
-        loss_fn: Callable[..., torch.Tensor],
-        *,
-        schedule: Schedule,
-        options: TrainOptions,
-        versions: TeacherVersions,
-        timeout_s: float,
-        held: Sequence[int] | None = None,
-    ):
-        self.student, self.teacher = student, teacher
-        self.loss_fn, self.views, self.mode = loss_fn, schedule.views, schedule.mode
-        self.versions, self.clip = versions, options.clip_grad_norm
-        self.timeout_s = timeout_s
-        self.loss_per_micro = schedule.loss_per_micro
-        self.param_order = [n for n, _ in student.parameters.named_parameters()]
-        self.n_stages = len(student.stages)
-        # The stages this process runs (all of them here; one per rank in the distributed runtime).
-        self.devices: list[DeviceState] = []
-        for j in range(self.n_stages) if held is None else held:
-            s, t, dev = student.stages[j], teacher.stages[j], torch.device(devices[j])
-            self.devices.append(
-                DeviceState(j, dev, copy.deepcopy(s.module).to(dev), copy.deepcopy(t.module).to(dev), s, t)
-            )
-        self.stage = {d.index: d for d in self.devices}
-        for d in self.devices:
-            if d.device.type == "cuda":
-                d.stream = torch.cuda.Stream(d.device)  # type: ignore[no-untyped-call]
-        # Tied student tensors: the first stage holding one owns it; the others hold copies.
-        self.ties = list(student.ties)
-        self.not_owned = {(k, n) for names, stages in self.ties for k in stages[1:] for n in names}
-        originals = parameter_names(student.parameters)
-        for d in self.devices:
-            params = self.owned_parameters(d.index, d.student)
-            d.optimizer = build_optimizer(options.optimizer, params, originals) if params else None
-            d.scheduler = options.lr_scheduler(d.optimizer) if options.lr_scheduler and d.optimizer else None
-        self.losses: dict[int, float] = {}
-        self.broken: RuntimeFailure | None = None
-
-    def owned_parameters(self, stage: int, module: nn.Module) -> dict[str, nn.Parameter]:
-        """The trainable parameters stage ``stage``'s optimizer steps (not the tied copies)."""
-        return {
-            n: p for n, p in module.named_parameters() if p.requires_grad and (stage, n) not in self.not_owned
-        }
-
-    # --- running a window -----------------------------------------------------------------
+class LocalRuntime(StageTasks):
+    """Executes windows of schedule task lists on local devices (CPU or CUDA), a thread each
+    (arguments: :class:`~tspipe_fx.runtime.tasks.StageTasks`)."""
 
     def run(
         self,
@@ -151,12 +70,6 @@ class LocalRuntime:
         except BaseException as e:  # noqa: BLE001 - every failure reaches the caller, named
             board.abort(d.index, task, e)
 
-    def run_task(self, d: DeviceState, task: Task, data: dict[int, Any], board: Board) -> None:
-        """Run one task of device ``d``'s list."""
-        getattr(self, f"_{task.kind}")(d, task, data, board)
-
-    # --- messages ---------------------------------------------------------------------------
-
     def send(self, d: DeviceState, board: Board, key: Any, payload: Any) -> None:
         """Post ``payload``; on a GPU with an event marking when the stage's stream made it."""
         event = None
@@ -175,167 +88,6 @@ class LocalRuntime:
                     x.record_stream(d.stream)  # the allocator must not reuse it under our feet
         return payload
 
-    # --- tasks ------------------------------------------------------------------------------
-
-    def _inputs(
-        self, d: DeviceState, model: ModelIO, io: Stage, t: Task, data: dict[int, Any], board: Board
-    ) -> dict[str, Any]:
-        if d.index == 0:
-            args, kwargs, _ = data[t.batch]
-            flat = model.flatten_inputs(args[t.view][t.micro], kwargs[t.view][t.micro])
-            return {name: to_device(x, d.device) for name, x in zip(io.inputs, flat, strict=True)}
-        received = self.receive(d, board, (t.kind, d.index - 1, t.batch, t.view, t.micro))
-        return {name: received[name] for name in io.inputs}
-
-    def _tf(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
-        received = self._inputs(d, self.teacher.io, d.t_io, t, data, board)
-        values = received if d.index == 0 else {n: to_device(v, d.device) for n, (v, _) in received.items()}
-        args = [values[n] for n in d.t_io.inputs]
-        with torch.no_grad():
-            kept = self.versions.weights_for(d.index, t.batch)
-            if kept is not None:  # a one-step-late teacher across a drained pipeline
-                out = tuple(torch.func.functional_call(d.teacher, kept, tuple(args), strict=False))
-            else:
-                out = call_stage(d.teacher, args, f"teacher stage {d.index}")
-        if d.index == self.n_stages - 1:
-            d.teacher_out[(t.batch, t.view, t.micro)] = out
-        else:
-            self.send(
-                d,
-                board,
-                ("tf", d.index, t.batch, t.view, t.micro),
-                {n: (o, False) for n, o in zip(d.t_io.outputs, out, strict=True)},
-            )
-
-    def _sf(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
-        received = self._inputs(d, self.student.io, d.s_io, t, data, board)
-        leaves: dict[str, torch.Tensor] = {}
-        values: dict[str, Any] = {}
-        for name, item in received.items():
-            if d.index == 0:
-                values[name] = item
-                continue
-            x, needs_grad = item  # (value, whether it requires grad where it was made)
-            x = to_device(x, d.device)
-            if needs_grad:
-                x = leaves[name] = x.detach().requires_grad_()
-                if name in d.s_io.written_inputs:
-                    with torch.enable_grad():
-                        x = x.clone()
-            values[name] = x
-        with torch.enable_grad():
-            out = call_stage(d.student, [values[n] for n in d.s_io.inputs], f"student stage {d.index}")
-        d.saved[(t.batch, t.view, t.micro)] = (leaves, out)
-        if d.index == self.n_stages - 1:
-            d.student_out[(t.batch, t.view, t.micro)] = out
-            return
-        sent = {
-            name: (o.detach(), o.requires_grad) if isinstance(o, torch.Tensor) else (o, False)
-            for name, o in zip(d.s_io.outputs, out, strict=True)
-        }
-        self.send(d, board, ("sf", d.index, t.batch, t.view, t.micro), sent)
-
-    def _loss(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
-        b = t.batch
-        args, _, target = data[b]
-        micro = sorted(
-            {(v, m) for (bb, v, m) in d.student_out if bb == b and (not self.loss_per_micro or m == t.micro)}
-        )
-        weight = 1.0
-        if self.loss_per_micro:  # a mean over samples: micro-batch m weighs its share of the batch
-            sizes = [batch_size(a) for a in args[0]]
-            weight = sizes[t.micro] / sum(sizes)
-            target = split_tree(target, len(sizes))[t.micro]
-        per_view_s, per_view_t, leaves = [], [], {}
-        for v in range(self.views):
-            s_parts, t_parts = [], []
-            for vv, m in micro:
-                if vv != v:
-                    continue
-                outs = []
-                for i, o in enumerate(d.student_out.pop((b, v, m))):
-                    if isinstance(o, torch.Tensor) and o.requires_grad:
-                        leaf = o.detach().requires_grad_()
-                        leaves[(v, m, i)] = leaf
-                        o = leaf
-                    outs.append(o)
-                s_parts.append(outs)
-                t_parts.append(list(d.teacher_out.pop((b, v, m))))
-            per_view_s.append(self.student.io.unflatten_outputs(join_micro(s_parts)))
-            per_view_t.append(self.teacher.io.unflatten_outputs(join_micro(t_parts)))
-        with torch.enable_grad():
-            if self.views == 1:
-                loss = self.loss_fn(per_view_s[0], per_view_t[0], tree_to_device(target, d.device))
-            else:
-                loss = self.loss_fn(*per_view_s, *per_view_t)
-            loss = loss * weight
-            keys = list(leaves)
-            grads = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True) if keys else ()
-        for (v, m, i), g in zip(keys, grads, strict=True):
-            board.put(("grad", b, v, m, i), g)
-        for v, m in micro:  # outputs without a gradient still need a message
-            for i in range(len(d.s_io.outputs)):
-                if (v, m, i) not in leaves:
-                    board.put(("grad", b, v, m, i), None)
-        value = float(loss.detach())
-        self.losses[b] = self.losses.get(b, 0.0) + value
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss of batch {b} is {value}")
-
-    def _sb(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
-        leaves, out = d.saved.pop((t.batch, t.view, t.micro))
-        if d.index == self.n_stages - 1:
-            grads = [board.take(("grad", t.batch, t.view, t.micro, i)) for i in range(len(out))]
-        else:
-            received = self.receive(d, board, ("sb", d.index + 1, t.batch, t.view, t.micro))
-            grads = [received.get(name) for name in d.s_io.outputs]
-        pairs = [
-            (o, to_device(g, o.device))
-            for o, g in zip(out, grads, strict=True)
-            if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
-        ]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        if d.index > 0:
-            self.send(
-                d,
-                board,
-                ("sb", d.index, t.batch, t.view, t.micro),
-                {n: leaf.grad for n, leaf in leaves.items()},
-            )
-
-    def _opt(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
-        for names, stages in self.ties:  # the owner sums its copies' gradients
-            if d.index in stages:
-                self.sum_tied(d, names, stages)
-        self.reduce_replicas(d)
-        if self.clip is not None:
-            # As torch.nn.utils.clip_grad_norm_ computes it on one device: the norm of every
-            # parameter's gradient norm, stacked in the model's parameter order.
-            owned = {id(q) for q in optimizer_params(d.optimizer)}
-            grads = {
-                n: p.grad for n, p in d.student.named_parameters() if p.grad is not None and id(p) in owned
-            }
-            norms = self.all_norms(
-                d, t.batch, {n: torch.linalg.vector_norm(g).cpu() for n, g in grads.items()}, board
-            )
-            ordered = [norms[n] for n in self.param_order if n in norms] + [
-                v for n, v in norms.items() if n not in self.param_order
-            ]
-            total = torch.linalg.vector_norm(torch.stack(ordered)) if ordered else torch.tensor(0.0)
-            coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
-            for g in grads.values():
-                g.mul_(coef.to(g.device))
-        if d.optimizer is not None:
-            d.optimizer.step()
-            if d.scheduler is not None:
-                d.scheduler.step()
-            d.optimizer.zero_grad(set_to_none=True)
-        for names, stages in self.ties:  # ... and hands out the new value
-            if d.index in stages:
-                self.copy_tied(d, names, stages)
-        self.versions.update(d.index, d.teacher, d.student)
-
     def reduce_replicas(self, d: DeviceState) -> None:
         """Average the student gradients over data-parallel replicas (none here)."""
 
@@ -349,8 +101,6 @@ class LocalRuntime:
             norms.update(board.take(("norm", k, batch), keep=True))
         return norms
 
-    # --- weights ---------------------------------------------------------------------------
-
     def stage_state_dicts(self, which: str) -> list[dict[str, torch.Tensor]]:
         """Every stage's ``state_dict`` of the ``"student"`` or the ``"teacher"``."""
         return [
@@ -362,8 +112,6 @@ class LocalRuntime:
 
     def drain(self) -> None:
         """Wait until every message sent has left (they are in memory here)."""
-
-    # --- tied tensors -----------------------------------------------------------------------
 
     def sum_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
         """At the owner (the group's first stage): add the copies' gradients to its own."""

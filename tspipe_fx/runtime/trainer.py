@@ -24,6 +24,7 @@ from tspipe_fx.runtime.batches import split_micro, view_inputs
 from tspipe_fx.runtime.local import LocalRuntime
 from tspipe_fx.runtime.optim import OptimizerSpec
 from tspipe_fx.runtime.options import TrainOptions
+from tspipe_fx.runtime.tasks import StageTasks
 from tspipe_fx.runtime.teacher import TeacherVersions
 from tspipe_fx.schedule.task import Schedule, Task
 from tspipe_fx.schedule.validator import validate
@@ -103,7 +104,7 @@ class Trainer:
         common: dict[str, Any] = dict(
             schedule=longest, options=opts, versions=self.versions, timeout_s=timeout_s
         )
-        self.runtime: LocalRuntime
+        self.runtime: StageTasks
         if runtime == "dist":
             from tspipe_fx.runtime.dist.layout import init
             from tspipe_fx.runtime.dist.runtime import DistRuntime

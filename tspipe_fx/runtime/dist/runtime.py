@@ -8,7 +8,7 @@ first stage reads the inputs, the last the target); each pipeline gets its own s
 data, as with DistributedDataParallel.
 
 Rank ``r`` executes the task list of its stage, the very list the local runtime gives a thread,
-through the same task code (:class:`~tspipe_fx.runtime.local.LocalRuntime`); only the messages,
+through the same task code (:class:`~tspipe_fx.runtime.tasks.StageTasks`); only the messages,
 collectives and failures differ:
 
 - Activations and gradients move with batched ``isend``/``irecv`` on one process group per
@@ -41,9 +41,10 @@ from tspipe_fx.runtime.board import Board
 from tspipe_fx.runtime.device import NOTES_ATTR, DeviceState, parameter_of
 from tspipe_fx.runtime.dist.collectives import by_dtype, flatten, unflatten
 from tspipe_fx.runtime.dist.layout import Layout
+from tspipe_fx.runtime.dist.messages import Messages
 from tspipe_fx.runtime.dist.shapes import Spec, boundary_specs, signature
 from tspipe_fx.runtime.dist.watchdog import PeerLost, Watchdog
-from tspipe_fx.runtime.local import LocalRuntime, RuntimeFailure
+from tspipe_fx.runtime.tasks import RuntimeFailure, StageTasks
 from tspipe_fx.runtime.optim import optimizer_params
 from tspipe_fx.schedule.task import Task
 from tspipe_fx.stage import StagedModel
@@ -53,7 +54,7 @@ __all__ = ["DistRuntime"]
 _FWD = ("tf", "sf")
 
 
-class DistRuntime(LocalRuntime):
+class DistRuntime(StageTasks):
     """The local runtime's task code with one stage per rank; see the module docstring."""
 
     def __init__(
@@ -70,13 +71,13 @@ class DistRuntime(LocalRuntime):
         super().__init__(student, teacher, [device] * n, loss_fn, held=[layout.stage], **options)
         self.comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
         # Every group is created by every rank, in one order.
-        self.channels: dict[tuple[int, int, int], Any] = {}  # (pipeline, from, to) -> group
+        channels: dict[tuple[int, int, int], Any] = {}  # (pipeline, from, to) -> group
         pipeline_groups, replica_groups = [], []
         for p in range(layout.pipelines):
             for j in range(n - 1):
                 a, b = layout.rank_of(j, p), layout.rank_of(j + 1, p)
-                self.channels[(p, j, j + 1)] = dist.new_group([a, b])
-                self.channels[(p, j + 1, j)] = dist.new_group([a, b])
+                channels[(p, j, j + 1)] = dist.new_group([a, b])
+                channels[(p, j + 1, j)] = dist.new_group([a, b])
             pipeline_groups.append(dist.new_group([layout.rank_of(j, p) for j in range(n)]))
         for j in range(n):
             replica_groups.append(dist.new_group([layout.rank_of(j, p) for p in range(layout.pipelines)]))
@@ -90,9 +91,8 @@ class DistRuntime(LocalRuntime):
         self.norm_names = [n for n in self.param_order if n in owners] + [
             n for n in owners if n not in self.param_order
         ]
-        self.specs: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+        self.messages = Messages(layout, channels, student, teacher, self.timeout_s)
         self.watchdog = Watchdog(layout) if "MASTER_ADDR" in os.environ else None
-        self._sends: list[tuple[Any, list[torch.Tensor], int]] = []  # work, its tensors, peer rank
 
     # --- a window ------------------------------------------------------------------------------
 
@@ -102,10 +102,7 @@ class DistRuntime(LocalRuntime):
         d = self.devices[0]
         tasks = lists[d.index]
         board = Board(self.timeout_s)
-        self._lists, self._data = lists, data
-        self._posted: dict[Any, tuple[list[Any], dict[str, Any]]] = {}
-        self._cursor: dict[tuple[int, str], int] = {}
-        self._window_specs: dict[tuple[str, int, int, int], list[dict[str, Any]]] = {}
+        self.messages.start_window(lists, data)
         task = tasks[0] if tasks else Task("opt", d.index, -1)
         batch = next(t.batch for t in tasks if t.kind == "opt")
         try:
@@ -115,22 +112,19 @@ class DistRuntime(LocalRuntime):
                 self.run_task(d, task, data, board)
                 if i == last_loss:
                     self._tell_loss(batch)
-            if self._posted:
-                raise TspipeError(
-                    f"messages {sorted(self._posted)} were received but not used (a schedule bug)"
-                )
+            self.messages.check_used()
             values = []
             for p in range(self.layout.pipelines):
                 sender = self.layout.rank_of(self.n_stages - 1, p)
                 if sender in inbox:
                     work, value = inbox[sender]
-                    self._wait(work, f"receiving the loss of batch {batch}", sender)
+                    self.messages.wait(work, f"receiving the loss of batch {batch}", sender)
                     values.append(float(value))
                 else:
                     values.append(self.losses[batch])
             # Sends complete in their own time: no barrier between windows, so the next one's
             # work starts while the peers finish this one.
-            self._sends = [s for s in self._sends if not s[0].is_completed()]
+            self.messages.settle()
         except Exception as e:
             where = "".join(f" ({note})" for note in getattr(e, NOTES_ATTR, []))
             message = f"task {task}{where}: {type(e).__name__}: {e}"
@@ -162,126 +156,20 @@ class DistRuntime(LocalRuntime):
         peers = [r for r in range(self.layout.world) if r != self.layout.rank]
         if peers:
             works = dist.batch_isend_irecv([dist.P2POp(dist.isend, value, r) for r in peers])
-            self._sends.extend((w, [value], r) for w, r in zip(works, peers, strict=True))
+            for w, r in zip(works, peers, strict=True):
+                self.messages.track(w, [value], r)
 
     def drain(self) -> None:
         """Wait until every message this rank sent has left."""
-        for work, _, peer in self._sends:
-            self._wait(work, "sending", peer)
-        self._sends.clear()
+        self.messages.drain()
 
     # --- messages ------------------------------------------------------------------------------
 
     def send(self, d: DeviceState, board: Board, key: Any, payload: Any) -> None:
-        kind, j = key[0], key[1]
-        to = j + 1 if kind in _FWD else j - 1
-        if kind in _FWD:
-            specs = self._specs_of(kind, j, key[2], key[3], key[4])
-            tensors = []
-            for name, (value, _) in payload.items():
-                spec = specs[name]
-                if isinstance(spec, Spec):
-                    if tuple(value.shape) != spec.shape or value.dtype != spec.dtype:
-                        raise TspipeError(
-                            f"{'teacher' if kind == 'tf' else 'student'} stage {j} output {name} is "
-                            f"{tuple(value.shape)} {value.dtype}, where the fake run of the plan gave "
-                            f"{spec.shape} {spec.dtype}; hint: a stage whose output shapes depend on "
-                            "the data cannot be pipelined across processes"
-                        )
-                    tensors.append(value)
-        else:  # a leaf autograd gave no gradient still sends one: the receiver expects it
-            specs = self._specs_of("sf", j - 1, key[2], key[3], key[4])
-            tensors = [
-                payload[n]
-                if payload[n] is not None
-                else torch.zeros(specs[n].shape, dtype=specs[n].dtype, device=d.device)
-                for n in self._grad_names(j, key)
-            ]
-        self._isend(tensors, to)
-
-    def _isend(self, tensors: list[torch.Tensor], to: int) -> None:
-        group = self.channels[(self.layout.pipeline, self.layout.stage, to)]
-        peer = self.layout.rank_of(to)
-        sent = [t.detach().contiguous() for t in tensors if t.numel()]
-        if sent:
-            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer, group) for t in sent])
-            self._sends.extend((w, sent, peer) for w in works)
+        self.messages.send(d, key, payload)
 
     def receive(self, d: DeviceState, board: Board, key: Any) -> Any:
-        kind, j = key[0], key[1]
-        channel = "fwd" if kind in _FWD else "bwd"
-        # Post this channel's receives in the sender's order, up to and including ``key``.
-        kinds = _FWD if channel == "fwd" else ("sb",)
-        order = [(t.kind, j, t.batch, t.view, t.micro) for t in self._lists[j] if t.kind in kinds]
-        at = self._cursor.get((j, channel), 0)
-        while key not in self._posted:
-            if at >= len(order):
-                raise TspipeError(f"stage {j} sends no message {key} in this window (a schedule bug)")
-            self._post(d, order[at])
-            at += 1
-        self._cursor[(j, channel)] = at
-        works, payload = self._posted.pop(key)
-        for w in works:
-            self._wait(w, f"receiving {key}", self.layout.rank_of(j))
-        return payload
-
-    def _wait(self, work: Any, what: str, peer: int) -> None:
-        """Wait for a point-to-point message; a lost peer is named, not left as a socket error."""
-        stage = peer % self.n_stages
-        try:
-            done = work.wait(timeout=timedelta(seconds=self.timeout_s))
-        except RuntimeError as e:
-            raise PeerLost(
-                f"lost rank {peer} (stage {stage}) while {what}: {str(e).splitlines()[0]}; hint: that "
-                "rank died (killed, out of memory?) or hangs; its own log says which"
-            ) from e
-        if done is False:
-            raise TimeoutError(f"waited {self.timeout_s:.0f} s {what} from rank {peer} (stage {stage})")
-
-    def _post(self, d: DeviceState, key: Any) -> None:
-        kind, j = key[0], key[1]
-        if kind in _FWD:
-            specs = self._specs_of(kind, j, key[2], key[3], key[4])
-            payload: dict[str, Any] = {}
-            buffers = []
-            for name, spec in specs.items():
-                if isinstance(spec, Spec):
-                    x = torch.empty(spec.shape, dtype=spec.dtype, device=d.device)
-                    payload[name] = (x, spec.requires_grad and kind == "sf")
-                    buffers.append(x)
-                else:
-                    payload[name] = (spec, False)
-        else:  # the gradients of this stage's outputs that stage j took as leaves
-            specs = self._specs_of("sf", d.index, key[2], key[3], key[4])
-            names = self._grad_names(j, key)
-            buffers = [torch.empty(specs[n].shape, dtype=specs[n].dtype, device=d.device) for n in names]
-            payload = dict(zip(names, buffers, strict=True))
-        group = self.channels[(self.layout.pipeline, j, d.index)]
-        peer = self.layout.rank_of(j)
-        live = [b for b in buffers if b.numel()]
-        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer, group) for b in live]) if live else []
-        self._posted[key] = (works, payload)
-
-    def _grad_names(self, j: int, key: Any) -> list[str]:
-        """Stage ``j``'s student inputs that take a gradient, in its input order."""
-        specs = self._specs_of("sf", j - 1, key[2], key[3], key[4])
-        return [
-            n for n in self.student.stages[j].inputs if isinstance(specs[n], Spec) and specs[n].requires_grad
-        ]
-
-    def _specs_of(self, kind: str, j: int, batch: int, view: int, micro: int) -> dict[str, Any]:
-        """The outputs of stage ``j`` of the student (``sf``) or teacher (``tf``) for a micro-batch."""
-        key = (kind, batch, view, micro)
-        if key not in self._window_specs:  # flattening the inputs costs ms: once per micro-batch
-            student = kind == "sf"
-            model = self.student if student else self.teacher
-            args, kwargs, _ = self._data[batch]
-            flat = model.io.flatten_inputs(args[view][micro], kwargs[view][micro])
-            sig = (kind, signature(flat))
-            if sig not in self.specs:
-                self.specs[sig] = boundary_specs(model.stages, flat, grad=student)
-            self._window_specs[key] = self.specs[sig]
-        return self._window_specs[key][j]
+        return self.messages.receive(d, key)
 
     # --- collectives ---------------------------------------------------------------------------
 
@@ -345,9 +233,9 @@ class DistRuntime(LocalRuntime):
             [dist.P2POp(op, tensor, self.layout.rank_of(stage), self.pipeline_group)]
         )
         if wait:
-            self._wait(work, "exchanging a tied weight", self.layout.rank_of(stage))
+            self.messages.wait(work, "exchanging a tied weight", self.layout.rank_of(stage))
         else:
-            self._sends.append((work, [tensor], self.layout.rank_of(stage)))
+            self.messages.track(work, [tensor], self.layout.rank_of(stage))
 
     # --- weights of every stage ---------------------------------------------------------------
 

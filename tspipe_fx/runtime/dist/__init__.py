@@ -1,0 +1,1 @@
+"""The distributed runtime: one rank per stage under torchrun (see :mod:`.runtime`)."""

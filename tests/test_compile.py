@@ -266,3 +266,35 @@ def test_graph_errors_come_before_any_profiling(monkeypatch: pytest.MonkeyPatch)
         tspipe_fx.compile(online, Target(online), 2, example_inputs=x, mode="momentum", balance=[1, 2])
     with pytest.raises(PartitionError, match="too few for 40 stages"):
         tspipe_fx.compile(online, Target(online), 40, example_inputs=x, micro_batches=1)
+
+
+def test_the_symbolic_run_and_the_fingerprint_happen_once_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A measured compile profiles both models; the profile reuses the graph's symbolic results
+    (one fake-tensor run per model), and every check reuses the graph's fingerprint."""
+    import hashlib
+
+    import tspipe_fx.api
+    import tspipe_fx.cost.profiling
+    from tspipe_fx.passes import symbolic
+
+    runs: list[int] = []
+    real = symbolic.annotate_symbolic
+
+    def counting(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+        runs.append(id(gm))
+        return real(gm, inputs)
+
+    monkeypatch.setattr(tspipe_fx.api, "annotate_symbolic", counting)
+    monkeypatch.setattr(tspipe_fx.cost.profiling, "annotate_symbolic", counting)
+    hashes: list[bytes] = []
+    real_sha = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda data=b"": hashes.append(data) or real_sha(data))
+    from toys import Net
+
+    torch.manual_seed(0)
+    pipe = tspipe_fx.compile(Net(), Net(32).eval(), 2, example_inputs=(torch.randn(8, 8),))  # measured
+    assert len(runs) == 2 and pipe.plan.cost_model == "measured"
+    fingerprints = [h for h in hashes if h.startswith(b'[["placeholder"')]  # torch hashes things of its own
+    assert len(fingerprints) == 2  # one per graph: the profiles, their checks and the plan share it
+    assert tspipe_fx.compile(Net(), Net(32).eval(), 2, example_inputs=(torch.randn(8, 8),), plan=pipe.plan,
+                             cost_model="uniform").plan.student.cuts == pipe.plan.student.cuts  # fmt: skip

@@ -1,10 +1,4 @@
-"""The ``tspipe-fx`` command line: plan, profile, simulate, demo.
-
-    tspipe-fx plan timm:resnet152 timm:vit_large_patch16_224 --gpus 8 --batch 256 \\
-        --cost-model roofline --device-spec h100 --json plan.json
-    tspipe-fx profile timm:resnet50 --batch 8 --out resnet50.json
-    tspipe-fx simulate plan.json --png schedules.png
-    tspipe-fx demo
+"""The ``tspipe-fx`` commands: plan, profile, simulate, demo (arguments: :mod:`.parser`).
 
 Exit status: 0 done, 1 the request could not be carried out (the message says why and what to
 change), 2 the command line itself is wrong (usage).
@@ -19,26 +13,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+from tspipe_fx.cli.parser import build_parser
 
-MODEL_HELP = (
-    "timm:NAME, torchvision:NAME, hf:CONFIGCLASS[:MODELCLASS] (with --hf-config key=value) or "
-    "module.path:callable"
-)
-SCHEDULES = ("tspipe", "gpipe", "1f1b", "sequential")
+__all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     from tspipe_fx.errors import TspipeError
 
+    commands = {"plan": _plan, "profile": _profile, "simulate": _simulate, "demo": _demo}
     try:
-        args.run(args)
+        commands[args.command](args)
     except TspipeError as e:
         print(f"tspipe-fx {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -46,87 +37,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tspipe-fx {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tspipe-fx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("plan", help="partition a student and a teacher, print the report",
-                       description="Capture, cost and partition a teacher-student pair; print the partition report.")  # fmt: skip
-    p.add_argument("student", help=MODEL_HELP)
-    p.add_argument(
-        "teacher", nargs="?", help=f"{MODEL_HELP}; in momentum mode default: a copy of the student"
-    )
-    p.add_argument("--gpus", type=int, default=2, help="pipeline stages (default 2)")
-    p.add_argument("--batch", type=int, default=32, help="training batch the plan is for (default 32)")
-    p.add_argument(
-        "--micro-batches", type=int, default=None, help="micro-batches per batch (default: --gpus)"
-    )
-    p.add_argument("--mode", choices=["kd", "momentum"], default="kd")
-    p.add_argument("--cost-model", default="measured",
-                   choices=["measured", "calibrated", "roofline", "params", "uniform"],
-                   help="measured/calibrated profile here on the CPU; roofline models --device-spec (default measured)")  # fmt: skip
-    p.add_argument("--device-spec", nargs="+", default=None, metavar="SPEC",
-                   help="the devices planned for (h100, a100, v100, cpu): one for all, or one per stage")  # fmt: skip
-    p.add_argument("--link", default=None, help="the link between the devices (nvlink4, pcie4, ...)")
-    p.add_argument("--profiles", nargs=2, metavar=("STUDENT", "TEACHER"), default=None,
-                   help="cost with these profiles (JSON files, or shipped names like h100/resnet152_b32)")  # fmt: skip
-    _model_flags(p)
-    p.add_argument("--example-batch", type=int, default=2,
-                   help="samples to capture and profile with (costs scale to --batch; default 2)")  # fmt: skip
-    p.add_argument("--json", type=Path, default=None, help="write the plan here")
-    p.add_argument("--png", type=Path, default=None, help="draw each device's costs here (needs matplotlib)")
-    p.add_argument("--graph", type=Path, default=None,
-                   help="draw both graphs coloured by stage: .dot text, or .png/.svg (needs pydot and graphviz)")  # fmt: skip
-    p.set_defaults(run=_plan)
-
-    p = sub.add_parser("profile", help="measure every node of a model, write a profile JSON",
-                       description="Capture a model and measure each graph node's forward and backward time.")  # fmt: skip
-    p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--batch", type=int, default=8, help="samples per measured batch (default 8)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per node (median kept)")
-    p.add_argument("--by", choices=["module", "node"], default="module", help="rows of the printed table")
-    p.add_argument("--top", type=int, default=None, help="the most expensive rows only")
-    p.add_argument("--out", type=Path, required=True, help="the profile JSON to write")
-    p.add_argument("--eval", action="store_true", help="profile in eval mode (a KD teacher)")
-    _model_flags(p)
-    p.set_defaults(run=_profile)
-
-    p = sub.add_parser("simulate", help="simulate the schedules on a plan's costs",
-                       description="Timelines and periods of the schedules on a saved plan's per-stage costs.")  # fmt: skip
-    p.add_argument("plan", type=Path, help="a plan JSON (tspipe-fx plan --json)")
-    p.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
-    p.add_argument("--views", type=int, choices=[1, 2], default=None,
-                   help="inputs per sample (default: the plan's)")  # fmt: skip
-    p.add_argument("--batches", type=int, default=6, help="batches simulated (default 6)")
-    p.add_argument(
-        "--link", default=None, help="transfers over this link (nvlink4, pcie4, ...); default free"
-    )
-    p.add_argument("--width", type=int, default=100, help="characters per timeline")
-    p.add_argument("--png", type=Path, default=None, help="draw the timelines here (needs matplotlib)")
-    p.set_defaults(run=_simulate)
-
-    p = sub.add_parser("demo", help="distill a digits classifier through a 2-stage pipeline",
-                       description="The make demo run: real data (scikit-learn's digits), a teacher, a student "
-                       "trained alone and one distilled through the pipeline.", add_help=False)  # fmt: skip
-    p.add_argument("demo_args", nargs=argparse.REMAINDER, help="the demo's own flags (tspipe-fx demo --help)")
-    p.set_defaults(run=_demo)
-    return parser
-
-
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hf-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="a Hugging Face config field (student.KEY or teacher.KEY for one model); repeatable")  # fmt: skip
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="a keyword for timm/torchvision/callable constructors (student./teacher. prefix); repeatable")  # fmt: skip
-    p.add_argument("--image-size", type=int, default=None, help="image side of the example batch")
-    p.add_argument(
-        "--seq-len", type=int, default=128, help="tokens per sequence for text models (default 128)"
-    )
 
 
 # --- commands -----------------------------------------------------------------------------------

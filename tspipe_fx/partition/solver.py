@@ -33,6 +33,7 @@ import math
 
 import numpy as np
 
+from tspipe_fx.partition.memory_grid import reach_with_memory
 from tspipe_fx.partition.objective import Objective, evaluate, fits
 from tspipe_fx.partition.problem import Chain, Device, Partition, PartitionError, Problem
 
@@ -207,7 +208,7 @@ def _reach(model: Objective, period: float, memory: bool) -> list[np.ndarray] | 
                 best[1:, :] = pm[:-1, :]
             nxt = best >= need - _tol(period) / model.m
         else:
-            nxt = _reach_memory(
+            nxt = reach_with_memory(
                 reach,
                 a,
                 b,
@@ -232,73 +233,6 @@ def _reach(model: Objective, period: float, memory: bool) -> list[np.ndarray] | 
         reach = nxt
         grids.append(reach)
     return grids
-
-
-def _reach_memory(
-    reach: np.ndarray, a: np.ndarray, b: np.ndarray, need: np.ndarray, ms: np.ndarray, mt: np.ndarray,
-    limit: float, pair: bool, tol: float,
-) -> np.ndarray:  # fmt: skip
-    """The reachable grid with the memory bound: per source row, a range maximum over ``v``."""
-    ls1, lt1 = need.shape
-    out = np.zeros_like(reach)
-    for u in np.flatnonzero(reach.any(axis=1)):
-        row = np.where(reach[u], b, -np.inf)  # potential b(v) of reachable (u, v)
-        table = _sparse_table(row)
-        u2 = np.arange(u + 1, ls1)
-        if not len(u2):
-            continue
-        if not pair:
-            ok_mem = ms[u2] - ms[u] <= limit * (1 + 1e-12)
-            ok = (a[u] + row[0] >= need[u2, 0] - tol) & ok_mem
-            out[u2, 0] |= ok
-            continue
-        # memory: mt[v] >= mt[v2] + ms[u2] - ms[u] - limit  ->  v >= vmin (mt is non-decreasing)
-        slack = limit * (1 + 1e-12) - (ms[u2] - ms[u])  # memory left for the teacher segment
-        fits = slack >= 0
-        u2, slack = u2[fits], slack[fits]
-        if not len(u2):
-            continue
-        # Rows where even the whole teacher prefix fits need no lower bound: a prefix maximum.
-        free = slack >= mt[-1] - mt[0]
-        prefix = np.concatenate(([-np.inf], np.maximum.accumulate(row)[:-1]))  # max over v < v2
-        if free.any():
-            out[u2[free], :] |= a[u] + prefix[None, :] >= need[u2[free], :] - tol
-        bound = u2[~free]
-        if len(bound):
-            thr = mt[None, :] - slack[~free][:, None]
-            vmin = np.searchsorted(mt, thr, side="left")
-            v2 = np.arange(lt1)[None, :].repeat(len(bound), axis=0)
-            best = _range_max(table, vmin, v2)  # max over v in [vmin, v2)
-            out[bound, :] |= a[u] + best >= need[bound, :] - tol
-    return out
-
-
-def _sparse_table(row: np.ndarray) -> list[np.ndarray]:
-    table = [row]
-    k = 1
-    while 2 * k <= len(row):
-        prev = table[-1]
-        table.append(np.maximum(prev[:-k], prev[k:]))
-        k *= 2
-    return table
-
-
-def _range_max(table: list[np.ndarray], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """max(row[lo:hi]) elementwise; -inf for empty ranges."""
-    length = hi - lo
-    out = np.full(lo.shape, -np.inf)
-    valid = length > 0
-    if not valid.any():
-        return out
-    lv, hv = lo[valid], hi[valid]
-    k = np.floor(np.log2(hv - lv)).astype(int)
-    res = np.empty(len(lv))
-    for level in np.unique(k):
-        sel = k == level
-        t = table[level]
-        res[sel] = np.maximum(t[lv[sel]], t[hv[sel] - (1 << level)])
-    out[valid] = res
-    return out
 
 
 def _backtrack(

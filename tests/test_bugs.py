@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from zoo import BY_NAME
@@ -101,3 +102,26 @@ def test_compile_profiles_models_called_with_keywords() -> None:
     pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(), example_kwargs=kwargs)
     assert pipe.plan.cost_model == "measured"
     assert all(s.fwd_ms > 0 for s in pipe.plan.student.stages)
+
+
+def test_one_module_as_student_and_teacher_is_refused() -> None:
+    """Issue 13.2: compile(m, m) trained, then finish() wrote the teacher's weights over the
+    student: all training silently lost. A shared parameter object coupled the two the same way."""
+    from toys import Net, Online
+
+    import tspipe_fx
+
+    x = (torch.randn(8, 8),)
+    online = Online()
+    for mode in ("kd", "momentum"):
+        with pytest.raises(tspipe_fx.TspipeError, match=r"the same Online object.*copy\.deepcopy\(student\)"):
+            tspipe_fx.compile(online, online, 2, example_inputs=x, mode=mode, cost_model="uniform")
+    cap = tspipe_fx.capture(Net(), x)
+    with pytest.raises(tspipe_fx.TspipeError, match="the same CapturedModel object"):
+        tspipe_fx.compile(cap, cap, 2, example_inputs=x, cost_model="uniform")
+    student, teacher = Net(), Net()
+    teacher.a.weight = student.a.weight  # a shared parameter object
+    with pytest.raises(
+        tspipe_fx.TspipeError, match=r"share 1 parameter objects \(student a\.weight = teacher a\.weight\)"
+    ):
+        tspipe_fx.compile(student, teacher.eval(), 2, example_inputs=x, cost_model="uniform")

@@ -202,6 +202,7 @@ def _check_args(
     for role, model in (("student", student), ("teacher", teacher)):
         if not isinstance(model, nn.Module):
             raise TspipeError(f"the {role} must be an nn.Module, got {type(model).__name__}")
+    _check_separate(student, teacher)
     if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or n_gpus < 1:
         raise TspipeError(f"n_gpus must be an integer >= 1, got {n_gpus!r}")
     if mode not in ("kd", "momentum"):
@@ -211,6 +212,31 @@ def _check_args(
     if max_candidates < 1:
         raise TspipeError(f"max_candidates must be >= 1, got {max_candidates}")
     return n_gpus, mode  # type: ignore[return-value]
+
+
+def _check_separate(student: nn.Module, teacher: nn.Module) -> None:
+    """The teacher must be a model of its own: trained weights come home into both modules, and
+    the teacher's would overwrite the student's."""
+    hint = (
+        "hint: a momentum teacher is a copy of the student (teacher = copy.deepcopy(student)); a KD "
+        "teacher is a separate model"
+    )
+    if student is teacher or (
+        isinstance(student, CapturedModel) and isinstance(teacher, CapturedModel)
+        and student.graph_module is teacher.graph_module
+    ):  # fmt: skip
+        raise TspipeError(
+            f"the student and the teacher are the same {type(student).__name__} object: the teacher's "
+            f"weights would overwrite the trained student's; {hint}"
+        )
+    teacher_ids = {id(p): n for n, p in teacher.named_parameters()}
+    shared = [(n, teacher_ids[id(p)]) for n, p in student.named_parameters() if id(p) in teacher_ids]
+    if shared:
+        pairs = ", ".join(f"student {s} = teacher {t}" for s, t in shared[:5])
+        raise TspipeError(
+            f"the student and the teacher share {len(shared)} parameter objects ({pairs}"
+            f"{', ...' if len(shared) > 5 else ''}): the teacher would move with the student; {hint}"
+        )
 
 
 def _check_options(schedule: Any, refine: Any, batch_size: Any, views: Any, staleness: Any) -> None:

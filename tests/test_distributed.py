@@ -214,7 +214,8 @@ def test_resume_in_a_new_process_group_is_bit_identical(tmp_path: Path) -> None:
             assert torch.equal(second[which][name], value), name
     ckpt = tmp_path / "first" / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "COMPLETE", "rng-0.pt", "rng-1.pt", "rng-2.pt", "rng-3.pt", "stage-0.pt", "stage-1.pt", "trainer.pt",
+        "rng-0.g1.pt", "rng-1.g1.pt", "rng-2.g1.pt", "rng-3.g1.pt", "stage-0.g1.pt", "stage-1.g1.pt",
+        "trainer.g1.pt", "tspipe-checkpoint.json",
     ]  # fmt: skip
     consolidated = torch.load(tmp_path / "first" / "consolidated.pt", weights_only=True)
     for which in ("student", "teacher"):

@@ -1,37 +1,41 @@
 """Checkpoints of a trainer: one file per stage, written atomically, loaded with ``weights_only``.
 
-Layout of a checkpoint directory::
+A checkpoint only ever touches its own files, so it can go into a folder that holds other
+things (``results/``, ``.``). Each save is a new *generation* ``G``::
 
-    stage-0.pt ... stage-{N-1}.pt   student and teacher stage weights, optimizer, LR scheduler
-    rng-0.pt ... rng-{R-1}.pt       each process's RNG states (one process: rng-0.pt)
-    trainer.pt                      batch counter, EMA momentum
-    COMPLETE                        written last
+    stage-0.gG.pt ... stage-{N-1}.gG.pt   student and teacher stage weights, optimizer, LR scheduler
+    rng-0.gG.pt ... rng-{R-1}.gG.pt       each process's RNG states (one process: rng-0.gG.pt)
+    trainer.gG.pt                         batch counter, EMA momentum
+    tspipe-checkpoint.json                the manifest: generation, stages, the plan's cuts
 
-A save goes to ``DIR.tmp`` first and is renamed into place; the previous checkpoint survives as
-``DIR.old`` until the new one is complete, so a crash leaves one whole checkpoint, never half
-of one. :func:`load_checkpoint` reads ``DIR`` (or ``DIR.old`` after such a crash).
+The manifest is written last, atomically: it is the commit point. A crash before it leaves the
+previous generation whole (its files are removed only after the new manifest is in place), so
+a folder always holds one whole checkpoint or none. Checkpoints written before generations (a
+``COMPLETE`` file, or ``DIR.old`` after a crash) still load.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tspipe_fx.errors import TspipeError
-from tspipe_fx.files import write_atomic
+from tspipe_fx.files import write_atomic, write_text_atomic
 
-__all__ = ["load_checkpoint", "save_checkpoint", "save_consolidated"]
+__all__ = ["MANIFEST", "load_checkpoint", "save_checkpoint", "save_consolidated"]
+
+MANIFEST = "tspipe-checkpoint.json"
+_OURS = re.compile(r"(stage-\d+|rng-\d+|trainer)\.g(\d+)\.pt")  # the files a checkpoint owns
+_STAGE_KEYS = ("student", "teacher", "optimizers", "schedulers", "teacher_prev")
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
-
-
-_STAGE_KEYS = ("student", "teacher", "optimizers", "schedulers", "teacher_prev")
 
 
 def _where(trainer: Any) -> tuple[int, bool]:
@@ -47,57 +51,97 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return rng
 
 
+def _manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's checkpoint manifest, or None where there is none."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        int(data["generation"]), int(data["stages"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TspipeError(
+            f"{path} is not a tspipe_fx checkpoint manifest ({type(e).__name__}: {e})"
+        ) from None
+    return dict(data)
+
+
+def _cuts(trainer: Any) -> dict[str, list[str]]:
+    return {"student": list(trainer.plan.student.cuts), "teacher": list(trainer.plan.teacher.cuts)}
+
+
 def save_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> Path:
-    """Write ``trainer``'s full state (call ``finish()`` first: nothing may be in flight).
+    """Write ``trainer``'s full state into ``directory`` (call ``finish()`` first: nothing may be
+    in flight). Files that are not the checkpoint's own stay as they are.
 
     Under the distributed runtime every rank calls it with the same directory (on a file system
     they share): pipeline 0's ranks write their stage files, every rank its RNG state, rank 0
-    the rest; the barriers between keep the directory whole or absent.
+    the rest; the barriers between keep the checkpoint whole.
     """
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise TspipeError(
+            f"cannot save a checkpoint into {folder}: it is a file, not a folder; hint: a folder name "
+            "(created if missing; anything else in it is left alone)"
+        )
     state = trainer.state_dict()
     rank, writes = _where(trainer)
-    final = Path(directory)
-    staging = final.with_name(final.name + ".tmp")
-    old = final.with_name(final.name + ".old")
+    before = _manifest(folder)  # every rank reads it before anyone writes a new one
+    generation = before["generation"] + 1 if before is not None else 1
     if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
     trainer.runtime.barrier()
     if writes:
         for i, j in enumerate(state["stages"]):
-            _atomic_save({k: state[k][i] for k in _STAGE_KEYS}, staging / f"stage-{j}.pt")
-    _atomic_save(_rng_state(), staging / f"rng-{rank}.pt")
+            _atomic_save({k: state[k][i] for k in _STAGE_KEYS}, folder / f"stage-{j}.g{generation}.pt")
+    _atomic_save(_rng_state(), folder / f"rng-{rank}.g{generation}.pt")
     trainer.runtime.barrier()
     if rank == 0:
-        _atomic_save({"momentum": state["momentum"], "next_index": state["next_index"],
-                      "stages": trainer.runtime.n_stages}, staging / "trainer.pt")  # fmt: skip
-        (staging / "COMPLETE").write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _atomic_save({"momentum": state["momentum"], "next_index": state["next_index"]},
+                     folder / f"trainer.g{generation}.pt")  # fmt: skip
+        manifest = {
+            "format": 2,
+            "generation": generation,
+            "stages": trainer.runtime.n_stages,
+            "cuts": _cuts(trainer),
+        }
+        write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))  # the commit point
+        for path in folder.iterdir():  # earlier generations, ours alone
+            found = _OURS.fullmatch(path.name)
+            if found and int(found.group(2)) != generation:
+                path.unlink(missing_ok=True)
     trainer.runtime.barrier()
-    return final
+    return folder
 
 
 def load_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> None:
     """Restore a checkpoint written by :func:`save_checkpoint` into a trainer of the same plan
     (under the distributed runtime: on every rank, with any number of pipelines)."""
-    path = Path(directory)
-    if not (path / "COMPLETE").exists():
-        old = path.with_name(path.name + ".old")
-        if (old / "COMPLETE").exists():
-            path = old  # a save crashed after moving the previous checkpoint aside
-        else:
-            raise TspipeError(f"no complete checkpoint at {path}; hint: the directory save_checkpoint wrote")
-    meta = torch.load(path / "trainer.pt", weights_only=True)
-    if meta["stages"] != trainer.runtime.n_stages:
+    if trainer.pending is not None:
         raise TspipeError(
-            f"the checkpoint has {meta['stages']} stages, the trainer {trainer.runtime.n_stages}"
+            f"batch {trainer.pending.index} is still in flight: a checkpoint loads into a trainer with "
+            "nothing in flight; hint: call finish() first, or load into a new trainer"
         )
+    folder = Path(directory)
+    manifest = _manifest(folder)
+    if manifest is not None:
+        suffix = f".g{manifest['generation']}"
+        if manifest.get("cuts", _cuts(trainer)) != _cuts(trainer):
+            raise TspipeError(
+                f"the checkpoint at {folder} was saved from a plan cut at {manifest['cuts']}, this trainer's "
+                f"plan is cut at {_cuts(trainer)}; hint: compile with plan=Plan.load(...) of the run that "
+                "saved it"
+            )
+    else:
+        suffix, folder = "", _legacy(folder)
+        manifest = {"stages": torch.load(folder / "trainer.pt", weights_only=True)["stages"]}
+    if manifest["stages"] != trainer.runtime.n_stages:
+        raise TspipeError(
+            f"the checkpoint has {manifest['stages']} stages, the trainer {trainer.runtime.n_stages}"
+        )
+    meta = torch.load(folder / f"trainer{suffix}.pt", weights_only=True)
     held = [d.index for d in trainer.runtime.devices]
-    stages = [torch.load(path / f"stage-{j}.pt", weights_only=True) for j in held]
+    stages = [torch.load(folder / f"stage-{j}{suffix}.pt", weights_only=True) for j in held]
     trainer.load_state_dict(
         {
             **{k: [s[k] for s in stages] for k in _STAGE_KEYS},
@@ -106,11 +150,24 @@ def load_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> None:
         }
     )
     rank, _ = _where(trainer)
-    if (path / f"rng-{rank}.pt").exists():  # a rank the saving run did not have starts afresh
-        rng = torch.load(path / f"rng-{rank}.pt", weights_only=True)
+    rng_file = folder / f"rng-{rank}{suffix}.pt"
+    if rng_file.exists():  # a rank the saving run did not have starts afresh
+        rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(rng["cuda"]))
+
+
+def _legacy(folder: Path) -> Path:
+    """A checkpoint from before generations: ``COMPLETE`` in the folder, or in ``DIR.old``."""
+    if (folder / "COMPLETE").exists():
+        return folder
+    old = folder.with_name(folder.name + ".old")
+    if (old / "COMPLETE").exists():
+        return old  # a save crashed after moving the previous checkpoint aside
+    raise TspipeError(
+        f"no complete checkpoint at {folder} (no {MANIFEST}); hint: the folder save_checkpoint wrote"
+    )
 
 
 def save_consolidated(trainer: Any, path: str | os.PathLike[str]) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tspipe_fx.compiler.assemble import baselines, model_plan
+from tspipe_fx.compiler.assemble import model_plan
 from tspipe_fx.compiler.costs import cost_models
 from tspipe_fx.compiler.cuts import check_momentum_names, check_plan, manual_cuts, shared_names
 from tspipe_fx.compiler.hardware import hardware, resolve_devices, spec_for
@@ -184,7 +184,9 @@ def compile(
         loads_ms=tuple(float(x) for x in part.loads_ms),
         memory_bytes=tuple(float(x) for x in part.memory_bytes),
         lower_bound_ms=m * total_work / sum(d.speed for d in partitioner.devices),
-        baselines=baselines(partitioner, s_costs, t_costs) if fixed is None else (),
+        baselines=tuple((name, float(p.period_ms)) for name, p in partitioner.baselines(s_costs, t_costs))
+        if fixed is None
+        else (),
         schedule=schedule or "tspipe",
         views=views,
         staleness=staleness,

@@ -1,5 +1,4 @@
-"""The plan written down: each model's stages with their costs, and what simple policies'
-partitions would cost under the same model (the report's baselines)."""
+"""The plan written down: each model's stages with their costs per micro-batch."""
 
 from __future__ import annotations
 
@@ -7,12 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tspipe_fx.compiler.partitioner import Partitioner
-from tspipe_fx.cost.builtin import ParamCountCost, UniformCost
 from tspipe_fx.cost.model import NodeCost
-from tspipe_fx.partition.objective import evaluate
-from tspipe_fx.partition.problem import PartitionError
-from tspipe_fx.partition.solver import solve
 from tspipe_fx.passes.chain import GraphChain
 from tspipe_fx.passes.fingerprint import graph_fingerprint
 from tspipe_fx.passes.meta import info
@@ -21,29 +15,7 @@ from tspipe_fx.plan import ModelPlan, StagePlan
 from tspipe_fx.stage import Stage, tie_groups
 from tspipe_fx.tracing.model import CapturedModel
 
-__all__ = ["baselines", "model_plan"]
-
-
-def baselines(
-    partitioner: Partitioner, sc: Sequence[NodeCost], tc: Sequence[NodeCost]
-) -> tuple[tuple[str, float], ...]:
-    """The period of simple policies' partitions under our cost model ``sc``/``tc`` (what the
-    model bought).
-
-    Each policy balances its own proxy cost (node count, parameter bytes) and knows nothing of
-    links or memory, as in the libraries that use it; its cuts are then scored like ours.
-    """
-    out = []
-    for name, policy in (("equal nodes", UniformCost()), ("equal parameters", ParamCountCost())):
-        proxy_s = policy.graph_costs(partitioner.student.gm)
-        proxy_t = policy.graph_costs(partitioner.teacher.gm)
-        try:
-            cuts = solve(partitioner.problem(proxy_s, proxy_t, blind=True))
-        except PartitionError:
-            continue
-        at = (list(cuts.student_cuts), list(cuts.teacher_cuts))
-        out.append((name, float(evaluate(partitioner.problem(sc, tc, at), *at).period_ms)))
-    return tuple(out)
+__all__ = ["model_plan"]
 
 
 def model_plan(

@@ -8,13 +8,15 @@ the baselines ask it to score other policies' cuts under the same model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tspipe_fx.cost.builtin import ParamCountCost, UniformCost
 from tspipe_fx.cost.model import NodeCost
 from tspipe_fx.partition.objective import evaluate
 from tspipe_fx.partition.polisher import polish
-from tspipe_fx.partition.problem import Device, Partition, Problem
+from tspipe_fx.partition.problem import Device, Partition, PartitionError, Problem
 from tspipe_fx.partition.solver import solve
 from tspipe_fx.passes.chain import GraphChain
 from tspipe_fx.schedule.task import Schedule
@@ -66,9 +68,35 @@ class Partitioner:
         return evaluate(self.problem(sc, tc, cuts), *cuts)
 
     def best(self, sc: Sequence[NodeCost], tc: Sequence[NodeCost]) -> Partition:
-        """The best partition on costs ``sc``/``tc`` (the fixed cuts scored, if given)."""
+        """The best partition on costs ``sc``/``tc`` (the fixed cuts scored, if given).
+
+        The polish trades the busiest device's load for a shorter simulated period of the
+        schedule, but never past the load of the best simple policy's partition: a plan never
+        loses to a baseline scored on its own costs.
+        """
         if self.fixed is not None:
             return self.at(sc, tc, self.fixed)
         problem = self.problem(sc, tc)
         best = solve(problem)
-        return polish(problem, best, self.schedule) if self.schedule is not None else best
+        if self.schedule is None:
+            return best
+        cap = min((p.period_ms for _, p in self.baselines(sc, tc)), default=math.inf)
+        return polish(problem, best, self.schedule, max_load_ms=cap)
+
+    def baselines(self, sc: Sequence[NodeCost], tc: Sequence[NodeCost]) -> list[tuple[str, Partition]]:
+        """Simple policies' partitions scored on costs ``sc``/``tc`` (what the cost model bought).
+
+        Each policy balances its own proxy cost (node count, parameter bytes) and knows nothing
+        of links or memory, as in the libraries that use it; its cuts are then scored like ours.
+        """
+        out = []
+        for name, policy in (("equal nodes", UniformCost()), ("equal parameters", ParamCountCost())):
+            proxy = self.problem(
+                policy.graph_costs(self.student.gm), policy.graph_costs(self.teacher.gm), blind=True
+            )
+            try:
+                cuts = solve(proxy)
+            except PartitionError:
+                continue
+            out.append((name, self.at(sc, tc, (list(cuts.student_cuts), list(cuts.teacher_cuts)))))
+        return out

@@ -13,6 +13,7 @@ moved a few candidate positions either way) while the simulated period of the sc
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 from tspipe_fx.partition.objective import evaluate, fits, stage_costs
@@ -43,10 +44,18 @@ def simulated_period(
     ).period
 
 
-def polish(problem: Problem, start: Partition, schedule: Schedule, *, budget: int = 400) -> Partition:
+def polish(
+    problem: Problem,
+    start: Partition,
+    schedule: Schedule,
+    *,
+    budget: int = 400,
+    max_load_ms: float = math.inf,
+) -> Partition:
     """From ``start``, downhill to a partition with a shorter simulated period of ``schedule``
     (first improvement among neighbouring cuts; at most ``budget`` simulations; memory limits
-    kept; ties broken by the load)."""
+    kept; ties broken by the load). No partition whose busiest device's load exceeds
+    ``max_load_ms`` is taken (compile caps it at the best simple policy's)."""
     s_pos = [p for p, _ in problem.student.cuts]
     t_pos = [p for p, _ in problem.teacher.cuts] if problem.teacher is not None else []
     has_t = bool(t_pos) and bool(start.teacher_cuts)
@@ -56,7 +65,7 @@ def polish(problem: Problem, start: Partition, schedule: Schedule, *, budget: in
         sc = [s_pos[i] for i in state[0]]
         tc = [t_pos[i] for i in state[1]]
         part = evaluate(problem, sc, tc)
-        if not fits(problem, part):
+        if not fits(problem, part) or part.period_ms > max_load_ms * (1 + 1e-12):
             return None
         return simulated_period(problem, sc, tc, schedule), part.period_ms
 

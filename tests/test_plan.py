@@ -89,3 +89,35 @@ def test_shipped_profiles_give_the_same_cuts() -> None:
         pipe = tspipe_fx.compile(student, teacher, 4, example_inputs=(x,), batch_size=256, profile=costs,
                                  device_specs=[spec] * 4, schedule=schedule)  # fmt: skip
         assert (pipe.plan.student.cuts, pipe.plan.teacher.cuts) == (s_cuts, t_cuts)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("mode", "ema", r"plan field mode must be 'kd' or 'momentum', got 'ema'"),
+        ("batch_size", -4, r"plan field batch_size must be an integer >= 1, got -4"),
+        ("micro_batches", 99, r"plan field micro_batches must be an integer from 1 to the batch size 8, got 99"),
+        ("schedule", "zb", r"plan field schedule must be one of \[.*'tspipe'\], got 'zb'"),
+        ("views", 3, r"plan field views must be 1 or 2, got 3"),
+        ("staleness", 2, r"plan field staleness must be 0 or 1, got 2"),
+        ("loads_ms", [1.0], r"plan field loads_ms must be 2 numbers >= 0 \(one per device\), got \(1.0,\)"),
+        ("devices", [], r"plan field devices must be a non-empty list"),
+    ],
+)
+def test_a_tampered_plan_is_refused_naming_the_field(plan: Plan, field: str, value: object, message: str) -> None:
+    """Issue 13.8: a plan saying batch_size -4 was accepted."""
+    data = json.loads(plan.to_json())
+    data[field] = value
+    with pytest.raises(TspipeError, match=message):
+        Plan.from_json(json.dumps(data))
+
+
+def test_a_plan_of_another_mode_or_other_cuts_is_refused(plan: Plan) -> None:
+    data = json.loads(plan.to_json())
+    data["student"]["cuts"] = ["nope"]
+    with pytest.raises(TspipeError, match=r"plan field student.cuts must name the first node of stages 1..1"):
+        Plan.from_json(json.dumps(data))
+    momentum = dataclasses.replace(plan, mode="momentum")
+    torch.manual_seed(0)
+    with pytest.raises(TspipeError, match=r"the plan is for mode 'momentum', this compile for mode 'kd'"):
+        tspipe_fx.compile(Net(16, 4), Net(16, 4).eval(), 2, example_inputs=(torch.randn(8, 8),), plan=momentum)

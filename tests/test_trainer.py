@@ -55,3 +55,30 @@ def test_windows_are_cut_from_short_schedules_and_renumbered(kd: tspipe_fx.Pipel
     assert {t.batch for t in middle[0] if t.kind == "sf"} == {5}
     assert {t.batch for t in middle[0] if t.kind == "tf"} == {6}
     assert not [t for t in trainer.window(5, last=True)[0] if t.kind == "tf"]  # nothing after the last
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("momentum", 1.5, r"momentum must be a number from 0 to 1 .*got 1.5"),
+        ("micro_batches", 0, r"micro_batches must be an integer >= 1, got 0"),
+        ("views", 3, r"views must be 1 or 2, got 3"),
+        ("staleness", 2, r"staleness must be 0 \(synchronous\) or 1 \(TSPipe\), got 2"),
+        ("clip_grad_norm", -1.0, r"clip_grad_norm must be a number > 0, or None, got -1.0"),
+        ("lr_scheduler", "cosine", r"lr_scheduler must be a factory optimizer -> scheduler, got 'cosine'"),
+    ],
+)
+def test_every_option_is_checked(kd: tspipe_fx.Pipeline, option: str, value: object, message: str) -> None:
+    """Issue 13.8: momentum=1.5 was accepted."""
+    with pytest.raises(TspipeError, match=message):
+        kd.trainer(kd_loss, optimizer=sgd, **{option: value})
+    with pytest.raises(TspipeError, match=message):
+        ReferenceTrainer(Net(), Net(), kd_loss, optimizer=sgd, **{option: value})
+
+
+def test_momentum_is_checked_between_steps(kd: tspipe_fx.Pipeline) -> None:
+    trainer = kd.trainer(kd_loss, optimizer=sgd)
+    with pytest.raises(TspipeError, match="momentum must be a number from 0 to 1"):
+        trainer.update_momentum(-0.1)
+    with pytest.raises(TspipeError, match="optimizer must be a torch.optim.Optimizer or a factory"):
+        kd.trainer(kd_loss, optimizer="sgd")

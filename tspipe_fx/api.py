@@ -276,7 +276,7 @@ def _cut_space(
     """The cuts given (a saved plan, a manual balance), or a momentum pair's mirrored cut pairs;
     an error where there are too few positions for ``n`` stages."""
     if plan is not None:
-        check_plan(plan, s_cap, t_cap, n)
+        check_plan(plan, s_cap, t_cap, n, mode)
         return (
             [s_gc.position_of(name) for name in plan.student.cuts],
             [t_gc.position_of(name) for name in plan.teacher.cuts],

@@ -87,7 +87,7 @@ class Pipeline:
     def with_plan(self, plan: Plan) -> Pipeline:
         """This pipeline cut as ``plan`` says (another process's plan for the same models: the
         distributed runtime makes every rank follow rank 0's)."""
-        check_plan(plan, self.student, self.teacher, self.plan.n_stages)
+        check_plan(plan, self.student, self.teacher, self.plan.n_stages, self.plan.mode)
         s_cuts = [self.student_chain.position_of(name) for name in plan.student.cuts]
         t_cuts = [self.teacher_chain.position_of(name) for name in plan.teacher.cuts]
         return dataclasses.replace(

@@ -18,7 +18,7 @@ from typing import Any
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.files import write_text_atomic
-from tspipe_fx.schedule.generators import make_schedule
+from tspipe_fx.schedule.generators import SCHEDULES, make_schedule
 from tspipe_fx.schedule.simulator import Timeline, simulate_stages, transfer_ms
 from tspipe_fx.schedule.task import Schedule
 
@@ -85,6 +85,9 @@ class Plan:
     views: int = 1  # inputs per sample (two-view SSL: 2)
     staleness: int = 1  # momentum: batch b's teacher sees the EMA after step b-1-staleness
 
+    def __post_init__(self) -> None:
+        _check(self)
+
     @property
     def n_stages(self) -> int:
         return len(self.devices)
@@ -135,6 +138,50 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         return cls.from_json(Path(path).read_text())
+
+
+def _check(plan: Plan) -> None:
+    """Every field of a plan, made or loaded, within its range; the error names the field and value."""
+
+    def bad(field: str, rule: str) -> TspipeError:
+        return TspipeError(f"plan field {field} must be {rule}, got {getattr(plan, field)!r}")
+
+    def count(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    if plan.mode not in ("kd", "momentum"):
+        raise bad("mode", "'kd' or 'momentum'")
+    if not plan.devices or not all(isinstance(d, str) for d in plan.devices):
+        raise bad("devices", "a non-empty list of device names")
+    if not count(plan.batch_size, 1):
+        raise bad("batch_size", "an integer >= 1")
+    if not count(plan.micro_batches, 1) or plan.micro_batches > plan.batch_size:
+        raise bad("micro_batches", f"an integer from 1 to the batch size {plan.batch_size}")
+    if plan.schedule not in SCHEDULES:
+        raise bad("schedule", f"one of {sorted(SCHEDULES)}")
+    if plan.views not in (1, 2) or isinstance(plan.views, bool):
+        raise bad("views", "1 or 2")
+    if plan.staleness not in (0, 1) or isinstance(plan.staleness, bool):
+        raise bad("staleness", "0 or 1")
+    n = plan.n_stages
+    for field in ("loads_ms", "memory_bytes"):
+        values = getattr(plan, field)
+        if len(values) != n or not all(isinstance(v, (int, float)) and v >= 0 for v in values):
+            raise bad(field, f"{n} numbers >= 0 (one per device)")
+    if not isinstance(plan.lower_bound_ms, (int, float)) or plan.lower_bound_ms < 0:
+        raise bad("lower_bound_ms", "a number >= 0")
+    for role in ("student", "teacher"):
+        model: ModelPlan = getattr(plan, role)
+        stages = model.stages
+        if [s.index for s in stages] != list(range(n)) or any(not s.nodes for s in stages):
+            raise TspipeError(
+                f"plan field {role}.stages must be {n} non-empty stages indexed 0..{n - 1}, got indices "
+                f"{[s.index for s in stages]}"
+            )
+        if tuple(model.cuts) != tuple(s.nodes[0] for s in stages[1:]):
+            raise TspipeError(
+                f"plan field {role}.cuts must name the first node of stages 1..{n - 1}, got {list(model.cuts)}"
+            )
 
 
 def _tuples(x: Any) -> Any:

@@ -12,6 +12,7 @@ import torch
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.optim import OptimizerSpec
+from tspipe_fx.runtime.teacher import checked_momentum
 
 __all__ = ["TrainOptions"]
 
@@ -27,13 +28,41 @@ class TrainOptions:
     optimizer: OptimizerSpec  # a factory params -> optimizer, or an instance over the student's parameters
     micro_batches: int | None = None  # per batch (None: the plan's; the reference trainer: 1)
     views: int | None = None  # inputs per sample, 1 or 2 (None: the plan's; the reference trainer: 1)
-    staleness: int = 1  # momentum: batch b's teacher sees the EMA after step b-1-staleness (1: TSPipe)
+    staleness: int | None = (
+        None  # momentum: batch b's teacher sees the EMA after step b-1-staleness (None: the plan's; the reference trainer: 1)
+    )
     momentum: float = 0.996  # EMA momentum of a momentum teacher
     ema_buffers: bool = False  # buffers (BatchNorm statistics) follow the student too
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = (
         None  # built per optimizer, stepped per batch
     )
     clip_grad_norm: float | None = None  # the global norm over every stage, as clip_grad_norm_ computes it
+
+    def __post_init__(self) -> None:
+        def bad(field: str, rule: str) -> TspipeError:
+            return TspipeError(f"{field} must be {rule}, got {getattr(self, field)!r}")
+
+        def count(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if not (isinstance(self.optimizer, torch.optim.Optimizer) or callable(self.optimizer)):
+            raise bad("optimizer", "a torch.optim.Optimizer or a factory params -> optimizer")
+        if self.micro_batches is not None and not count(self.micro_batches):
+            raise bad("micro_batches", "an integer >= 1")
+        if self.views not in (None, 1, 2) or isinstance(self.views, bool):
+            raise bad("views", "1 or 2")
+        if self.staleness not in (None, 0, 1) or isinstance(self.staleness, bool):
+            raise bad("staleness", "0 (synchronous) or 1 (TSPipe)")
+        checked_momentum(self.momentum)
+        if not isinstance(self.ema_buffers, bool):
+            raise bad("ema_buffers", "True or False")
+        if self.lr_scheduler is not None and not callable(self.lr_scheduler):
+            raise bad("lr_scheduler", "a factory optimizer -> scheduler")
+        if self.clip_grad_norm is not None and (
+            isinstance(self.clip_grad_norm, bool) or not isinstance(self.clip_grad_norm, (int, float))
+            or not self.clip_grad_norm > 0
+        ):  # fmt: skip
+            raise bad("clip_grad_norm", "a number > 0, or None")
 
     @classmethod
     def of(cls, optimizer: OptimizerSpec, options: dict[str, Any], *, where: str) -> TrainOptions:

@@ -28,7 +28,7 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.batches import join_micro, split_micro, view_inputs
 from tspipe_fx.runtime.optim import OptimizerSpec, build_optimizer, parameter_names
 from tspipe_fx.runtime.options import TrainOptions
-from tspipe_fx.runtime.teacher import ema_update
+from tspipe_fx.runtime.teacher import checked_momentum, ema_update
 
 __all__ = ["ReferenceTrainer"]
 
@@ -86,7 +86,7 @@ class ReferenceTrainer:
 
     def update_momentum(self, m: float) -> None:
         """Set the EMA momentum for the next steps (cosine schedules)."""
-        self.momentum = m
+        self.momentum = checked_momentum(m)
 
     def _ema_tensors(self, module: nn.Module) -> list[tuple[str, torch.Tensor]]:
         items: list[tuple[str, torch.Tensor]] = list(module.named_parameters())

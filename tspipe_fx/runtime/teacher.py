@@ -21,7 +21,18 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["TeacherVersions", "ema_update"]
+from tspipe_fx.errors import TspipeError
+
+__all__ = ["TeacherVersions", "checked_momentum", "ema_update"]
+
+
+def checked_momentum(momentum: object) -> float:
+    """``momentum`` if it is an EMA momentum (a number from 0 to 1), else a clear error."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+        raise TspipeError(
+            f"momentum must be a number from 0 to 1 (the share of the teacher the EMA keeps), got {momentum!r}"
+        )
+    return float(momentum)
 
 
 @torch.no_grad()
@@ -51,7 +62,7 @@ class TeacherVersions:
     def __init__(self, mode: str, staleness: int, momentum: float, ema_buffers: bool):
         self.ema = mode == "momentum"
         self.late = self.ema and staleness == 1
-        self.momentum = momentum
+        self.momentum = checked_momentum(momentum)
         self.ema_buffers = ema_buffers
         self.kept: dict[int, dict[str, torch.Tensor]] = {}  # per stage: the weights before the last update
         self._keep = False  # this window drains the pipeline: keep the weights before the update
@@ -59,7 +70,7 @@ class TeacherVersions:
 
     def set_momentum(self, momentum: float) -> None:
         """The EMA momentum of the next updates (cosine schedules)."""
-        self.momentum = momentum
+        self.momentum = checked_momentum(momentum)
 
     # --- the trainer's side -------------------------------------------------------------------
 

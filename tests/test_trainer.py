@@ -80,5 +80,5 @@ def test_momentum_is_checked_between_steps(kd: tspipe_fx.Pipeline) -> None:
     trainer = kd.trainer(kd_loss, optimizer=sgd)
     with pytest.raises(TspipeError, match="momentum must be a number from 0 to 1"):
         trainer.update_momentum(-0.1)
-    with pytest.raises(TspipeError, match="optimizer must be a torch.optim.Optimizer or a factory"):
+    with pytest.raises(TspipeError, match=r"optimizer must be a torch\.optim\.Optimizer or a factory"):
         kd.trainer(kd_loss, optimizer="sgd")

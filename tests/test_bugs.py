@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,55 @@ def test_the_plan_never_loses_to_a_simple_policy_on_its_own_costs() -> None:
     unpolished = tspipe_fx.compile(student, teacher, 3, example_inputs=(torch.randn(2, 3, 224, 224),), batch_size=4,
                                    micro_batches=3, cost_model="params", schedule=None)  # fmt: skip
     assert pipe.plan.period_ms >= unpolished.plan.period_ms  # the polish still trades load, within the cap
+
+
+def test_errors_say_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    """Issue 13.11: n_gpus=40 on a batch of 8 blamed micro_batches=40, which the user never set; a
+    loss returning a float gave "'float' object is not iterable"; an unknown keyword to step
+    dumped two TreeSpecs from inside a worker; a truncated stage file gave OSError 22 with no
+    name; simulate on a binary file printed a UnicodeDecodeError traceback; save_checkpoint(tr, ".")
+    was refused."""
+    from toys import Net, kd_loss, sgd
+
+    from tspipe_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    with pytest.raises(tspipe_fx.TspipeError, match=r"fewer than the 40 micro-batches of n_gpus=40"):
+        tspipe_fx.compile(Net(), Net().eval(), 40, example_inputs=(x,), cost_model="uniform")
+    pipe = tspipe_fx.compile(Net(), Net().eval(), 2, example_inputs=(x,), cost_model="uniform")
+    floats = pipe.trainer(lambda s, t, target: 1.0, optimizer=sgd)
+    floats.step(x, target=y)
+    with pytest.raises(
+        tspipe_fx.TspipeError, match=r"the loss function must return a one-element tensor, got float"
+    ):
+        floats.finish()
+    trainer = pipe.trainer(kd_loss, optimizer=sgd)
+    with pytest.raises(tspipe_fx.CaptureError, match=r"captured for 1 positional input and no keywords, but was "
+                                                     r"called with 1 positional input and keywords \['mask'\]"):  # fmt: skip
+        trainer.step(x, target=y, mask=x)
+    assert trainer.step(x, target=y) is None and trainer.finish() is not None  # the bad batch cost nothing
+    save_checkpoint(trainer, tmp_path)
+    stage = next(tmp_path.glob("stage-1.g1.pt"))
+    stage.write_bytes(stage.read_bytes()[:100])
+    with pytest.raises(tspipe_fx.TspipeError, match=r"cannot read checkpoint file .*stage-1\.g1\.pt"):
+        load_checkpoint(pipe.trainer(kd_loss, optimizer=sgd), tmp_path)
+    (tmp_path / "garbage.json").write_bytes(b"\x89PNG\x00\xff")
+    with pytest.raises(tspipe_fx.TspipeError, match=r"cannot read plan .*garbage\.json"):
+        tspipe_fx.Plan.load(tmp_path / "garbage.json")
+
+
+def test_a_checkpoint_goes_into_the_working_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from toys import Net, kd_loss, sgd
+
+    from tspipe_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("print('my script')")
+    pipe = tspipe_fx.compile(
+        Net(), Net().eval(), 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform"
+    )
+    trainer = pipe.trainer(kd_loss, optimizer=sgd)
+    save_checkpoint(trainer, ".")
+    load_checkpoint(pipe.trainer(kd_loss, optimizer=sgd), ".")
+    assert (tmp_path / "train.py").read_text() == "print('my script')"

@@ -131,9 +131,10 @@ def compile(
     batch = batch_size or sizes.get("B", 1)
     m = micro_batches if micro_batches is not None else n
     if batch < m:
+        given = f"micro_batches={m}" if micro_batches is not None else f"the {m} micro-batches of n_gpus={n}"
         raise TspipeError(
-            f"the batch has {batch} samples, fewer than micro_batches={m}; hint: a larger batch "
-            "(batch_size=...), or fewer micro-batches"
+            f"the batch has {batch} samples, fewer than {given} (each micro-batch needs a sample); hint: a larger "
+            "batch (batch_size=...), fewer micro-batches (micro_batches=...), or fewer devices"
         )
     if mode == "momentum":
         check_momentum_names(s_cap, t_cap)

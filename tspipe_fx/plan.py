@@ -137,7 +137,13 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
-        return cls.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TspipeError(
+                f"cannot read plan {path}: {e}; hint: a plan JSON written by Plan.save"
+            ) from None
+        return cls.from_json(text)
 
 
 def _check(plan: Plan) -> None:

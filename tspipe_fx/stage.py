@@ -74,9 +74,9 @@ class ModelIO:
         leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
         if spec != self.in_spec:
             raise CaptureError(
-                f"{self.model_name} was captured for inputs structured as {self.in_spec}, "
-                f"but was called with {spec}; hint: pass the same positional and keyword "
-                "arguments as the example, or capture again with this call's structure"
+                f"{self.model_name} was captured for {_describe(self.in_spec)}, but was called with "
+                f"{_describe(spec)}; hint: pass the same positional and keyword arguments as the "
+                "example, or capture again with this call's structure"
             )
         by_position = {c.position: c for c in self.constants}
         tensors: list[torch.Tensor] = []
@@ -100,6 +100,13 @@ class ModelIO:
     def unflatten_outputs(self, flat: Sequence[Any]) -> Any:
         """Rebuild the original output structure from the graph's flat outputs."""
         return tree_unflatten(list(flat), self.out_spec)
+
+
+def _describe(spec: TreeSpec) -> str:
+    """A call's structure in words: ``2 positional inputs and keywords ['mask']``."""
+    args, kwargs = tree_unflatten([None] * spec.num_leaves, spec)
+    words = f"{len(args)} positional input{'s' if len(args) != 1 else ''}"
+    return f"{words} and keywords {sorted(kwargs)}" if kwargs else f"{words} and no keywords"
 
 
 def _same_constant(a: Any, b: Any) -> bool:

@@ -163,8 +163,10 @@ class Profile:
     def load(cls, path: str | os.PathLike[str]) -> Profile:
         try:
             text = Path(path).read_text()
-        except OSError as e:
-            raise ProfileError(f"cannot read profile {path}: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ProfileError(
+                f"cannot read profile {path}: {e}; hint: a profile JSON written by Profile.save"
+            ) from None
         return cls.from_json(text)
 
 

@@ -70,6 +70,21 @@ def _cuts(trainer: Any) -> dict[str, list[str]]:
     return {"student": list(trainer.plan.student.cuts), "teacher": list(trainer.plan.teacher.cuts)}
 
 
+def _graphs(trainer: Any) -> dict[str, str]:
+    return {"student": trainer.plan.student.graph_hash, "teacher": trainer.plan.teacher.graph_hash}
+
+
+def _load(path: Path) -> Any:
+    """One checkpoint file; a missing or damaged one is named."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file; all mean the same
+        raise TspipeError(
+            f"cannot read checkpoint file {path}: {type(e).__name__}: {e}; hint: the file is missing or "
+            "damaged (a copy cut short?): load an earlier checkpoint"
+        ) from None
+
+
 def save_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> Path:
     """Write ``trainer``'s full state into ``directory`` (call ``finish()`` first: nothing may be
     in flight). Files that are not the checkpoint's own stay as they are.
@@ -104,6 +119,7 @@ def save_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> Path:
             "generation": generation,
             "stages": trainer.runtime.n_stages,
             "cuts": _cuts(trainer),
+            "graphs": _graphs(trainer),
         }
         write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))  # the commit point
         for path in folder.iterdir():  # earlier generations, ours alone
@@ -126,6 +142,11 @@ def load_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> None:
     manifest = _manifest(folder)
     if manifest is not None:
         suffix = f".g{manifest['generation']}"
+        if manifest.get("graphs", _graphs(trainer)) != _graphs(trainer):
+            raise TspipeError(
+                f"the checkpoint at {folder} was saved for other models (graphs {manifest['graphs']}), this "
+                f"trainer's are {_graphs(trainer)}; hint: load it into a trainer of the models that saved it"
+            )
         if manifest.get("cuts", _cuts(trainer)) != _cuts(trainer):
             raise TspipeError(
                 f"the checkpoint at {folder} was saved from a plan cut at {manifest['cuts']}, this trainer's "
@@ -134,14 +155,14 @@ def load_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> None:
             )
     else:
         suffix, folder = "", _legacy(folder)
-        manifest = {"stages": torch.load(folder / "trainer.pt", weights_only=True)["stages"]}
+        manifest = {"stages": _load(folder / "trainer.pt")["stages"]}
     if manifest["stages"] != trainer.runtime.n_stages:
         raise TspipeError(
             f"the checkpoint has {manifest['stages']} stages, the trainer {trainer.runtime.n_stages}"
         )
-    meta = torch.load(folder / f"trainer{suffix}.pt", weights_only=True)
+    meta = _load(folder / f"trainer{suffix}.pt")
     held = [d.index for d in trainer.runtime.devices]
-    stages = [torch.load(folder / f"stage-{j}{suffix}.pt", weights_only=True) for j in held]
+    stages = [_load(folder / f"stage-{j}{suffix}.pt") for j in held]
     trainer.load_state_dict(
         {
             **{k: [s[k] for s in stages] for k in _STAGE_KEYS},
@@ -152,7 +173,7 @@ def load_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> None:
     rank, _ = _where(trainer)
     rng_file = folder / f"rng-{rank}{suffix}.pt"
     if rng_file.exists():  # a rank the saving run did not have starts afresh
-        rng = torch.load(rng_file, weights_only=True)
+        rng = _load(rng_file)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(rng["cuda"]))

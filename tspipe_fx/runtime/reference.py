@@ -28,6 +28,7 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.batches import join_micro, split_micro, view_inputs
 from tspipe_fx.runtime.optim import OptimizerSpec, build_optimizer, parameter_names
 from tspipe_fx.runtime.options import TrainOptions
+from tspipe_fx.runtime.tasks import checked_loss
 from tspipe_fx.runtime.teacher import checked_momentum, ema_update
 
 __all__ = ["ReferenceTrainer"]
@@ -125,9 +126,9 @@ class ReferenceTrainer:
             join_micro([s_parts[(v, m)] for m in range(self.micro_batches)]) for v in range(len(views))
         ]
         if self.views == 1:
-            loss = self.loss_fn(student_out[0], teacher_out[0], target)
+            loss = checked_loss(self.loss_fn(student_out[0], teacher_out[0], target))
         else:
-            loss = self.loss_fn(*student_out, *teacher_out)
+            loss = checked_loss(self.loss_fn(*student_out, *teacher_out))
         loss.backward()  # type: ignore[no-untyped-call]
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.clip_grad_norm)

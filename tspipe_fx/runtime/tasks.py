@@ -34,11 +34,26 @@ from tspipe_fx.runtime.teacher import TeacherVersions
 from tspipe_fx.schedule.task import Schedule, Task
 from tspipe_fx.stage import ModelIO, Stage, StagedModel
 
-__all__ = ["RuntimeFailure", "StageTasks"]
+__all__ = ["RuntimeFailure", "StageTasks", "checked_loss"]
 
 
 class RuntimeFailure(TspipeError):
     """A task failed on a device; the message names where, the cause is chained."""
+
+
+def checked_loss(value: Any) -> torch.Tensor:
+    """The loss function's result, if it is a one-element tensor autograd can start from."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        got = (
+            f"a tensor of shape {tuple(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else type(value).__name__
+        )
+        raise TspipeError(
+            f"the loss function must return a one-element tensor, got {got}; hint: compute the loss "
+            "with torch operations and reduce it (.mean()), without .item() or float()"
+        )
+    return value
 
 
 class StageTasks(ABC):
@@ -198,7 +213,7 @@ class StageTasks(ABC):
                 loss = self.loss_fn(per_view_s[0], per_view_t[0], tree_to_device(target, d.device))
             else:
                 loss = self.loss_fn(*per_view_s, *per_view_t)
-            loss = loss * weight
+            loss = checked_loss(loss) * weight
             keys = list(leaves)
             grads = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True) if keys else ()
         for (v, m, i), g in zip(keys, grads, strict=True):

@@ -153,6 +153,11 @@ class Trainer:
             micro = split_micro(v, kwargs, self.m)
             args.append([a for a, _ in micro])
             kws.append([k for _, k in micro])
+        for model in (
+            self.student,
+            self.teacher,
+        ):  # a batch the models cannot take fails here, not in a worker
+            model.io.flatten_inputs(args[0][0], kws[0][0])
         return args, kws, target
 
     def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> StepLoss | None:

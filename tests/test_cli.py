@@ -40,7 +40,11 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def test_parse_options_values_and_roles() -> None:
     got = parse_options(["dim=64", "student.n_layers=2", "teacher.name=big", "p=0.5", "t=(1, 2)"], flag="--x")
-    assert got == {"": {"dim": 64, "p": 0.5, "t": (1, 2)}, "student": {"n_layers": 2}, "teacher": {"name": "big"}}
+    assert got == {
+        "": {"dim": 64, "p": 0.5, "t": (1, 2)},
+        "student": {"n_layers": 2},
+        "teacher": {"name": "big"},
+    }
     with pytest.raises(TspipeError, match=r"--x takes key=value, got 'dim'; hint"):
         parse_options(["dim"], flag="--x")
 
@@ -70,8 +74,16 @@ def test_specs_of_every_kind() -> None:
         ("timm:resnet_18", {}, r"timm has no model 'resnet_18'; did you mean .*resnet18"),
         ("torchvision:resnet", {}, r"torchvision has no model 'resnet'; did you mean .*resnet"),
         ("hf:BertConfg", {}, r"no config class 'BertConfg'; did you mean BertConfig"),
-        ("hf:BertConfig", {"hiden_size": 8}, r"BertConfig has no field\(s\) \['hiden_size'\]; did you mean hidden_size"),
-        ("hf:BertConfig:BertForMasked", {}, r"no model class 'BertForMasked'; did you mean .*BertForMaskedLM"),
+        (
+            "hf:BertConfig",
+            {"hiden_size": 8},
+            r"BertConfig has no field\(s\) \['hiden_size'\]; did you mean hidden_size",
+        ),
+        (
+            "hf:BertConfig:BertForMasked",
+            {},
+            r"no model class 'BertForMasked'; did you mean .*BertForMaskedLM",
+        ),
         ("no_such_module_xyz:build", {}, r"cannot import 'no_such_module_xyz'"),
         ("test_cli:missing", {}, r"test_cli has no callable 'missing'"),
         ("test_cli:run", {}, r"run\(\*\*{}\) failed: .*missing"),
@@ -93,7 +105,10 @@ def test_plan_json_and_simulate_png(capsys: pytest.CaptureFixture[str], tmp_path
                      "--json", str(plan_file), "--png", str(bars), "--graph", str(tmp_path / "g.dot"))  # fmt: skip
     assert rc == 0, out
     assert (tmp_path / "g.dot").read_text().startswith("digraph tspipe {")
-    assert "Sequential (student, fx) and ResNet (teacher, fx), mode kd, 2 stages, batch 8 in 2 micro-batches" in out
+    assert (
+        "Sequential (student, fx) and ResNet (teacher, fx), mode kd, 2 stages, batch 8 in 2 micro-batches"
+        in out
+    )
     plan = Plan.load(plan_file)
     assert plan.n_stages == 2 and plan.batch_size == 8
     assert bars.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -133,18 +148,37 @@ def test_hf_pair_with_per_model_config(capsys: pytest.CaptureFixture[str]) -> No
         (["plan", "test_cli:tiny_net", "test_cli:tiny_mlp"], "take different inputs"),
         (["plan", "test_cli:tiny_net", "test_cli:tiny_net", "--gpus", "0"], "--gpus must be >= 1, got 0"),
         (["plan", "test_cli:tiny_net", "test_cli:tiny_net", "--device-spec", "tpu9"], "unknown device spec"),
-        (["plan", "timm:resnet18", "timm:resnet34", "--hf-config", "hidden_size=8"],
-         "--hf-config ['hidden_size']: no model here takes it (--hf-config is for hf: models); hint: --model-arg"),
-        (["plan", "timm:resnet18", "timm:resnet34", "--model-arg", "teacher.num_classes=3", "--hf-config", "student.dim=8"],
-         "--hf-config student.['dim']: the student (timm:resnet18) does not take --hf-config"),
-        (["plan", "test_cli:tiny_mlp", "--mode", "momentum", "--model-arg", "teacher.width=3"],
-         "--model-arg teacher.['width']: there is no teacher here"),
-        (["profile", "test_cli:tiny_net", "--out", "/tmp/x.json", "--hf-config", "dim=8"], "no model here takes it"),
+        (
+            ["plan", "timm:resnet18", "timm:resnet34", "--hf-config", "hidden_size=8"],
+            "--hf-config ['hidden_size']: no model here takes it (--hf-config is for hf: models); hint: --model-arg",
+        ),
+        (
+            [
+                "plan",
+                "timm:resnet18",
+                "timm:resnet34",
+                "--model-arg",
+                "teacher.num_classes=3",
+                "--hf-config",
+                "student.dim=8",
+            ],
+            "--hf-config student.['dim']: the student (timm:resnet18) does not take --hf-config",
+        ),
+        (
+            ["plan", "test_cli:tiny_mlp", "--mode", "momentum", "--model-arg", "teacher.width=3"],
+            "--model-arg teacher.['width']: there is no teacher here",
+        ),
+        (
+            ["profile", "test_cli:tiny_net", "--out", "/tmp/x.json", "--hf-config", "dim=8"],
+            "no model here takes it",
+        ),
         (["simulate", "/no/such/plan.json"], "FileNotFoundError"),
         (["simulate", __file__], "not a tspipe_fx plan"),
     ],
 )
-def test_errors_exit_1_with_the_reason(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+def test_errors_exit_1_with_the_reason(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
     rc, _out, err = run(capsys, *argv)
     assert rc == 1 and message in err, err
     assert "Traceback" not in err and err.startswith(f"tspipe-fx {argv[0]}: error: ")
@@ -174,3 +208,37 @@ def test_console_script_help_everywhere() -> None:
         done = subprocess.run([sys.executable, "-m", "tspipe_fx.cli", *argv, "--help"], capture_output=True,
                               text=True, timeout=120)  # fmt: skip
         assert done.returncode == 0 and "usage: tspipe-fx" in done.stdout, done.stderr
+
+
+def test_outputs_are_checked_before_planning(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13.13: an unwritable --json, and --graph x.png without pydot, failed only after the
+    planning; --json into missing folders created them silently."""
+    import tspipe_fx
+
+    def no_planning(*args: object, **kwargs: object) -> None:
+        raise AssertionError("planned before checking the outputs")
+
+    monkeypatch.setattr(tspipe_fx, "compile", no_planning)
+    missing = tmp_path / "no" / "such" / "plan.json"
+    rc, _, err = run(capsys, "plan", "toys:Net", "toys:Net", "--json", str(missing))
+    assert rc == 1 and f"the folder {missing.parent} does not exist; hint: mkdir -p" in err
+    assert not missing.parent.exists()
+    monkeypatch.setitem(sys.modules, "pydot", None)  # as if it were not installed
+    rc, _, err = run(capsys, "plan", "toys:Net", "toys:Net", "--graph", str(tmp_path / "g.png"))
+    assert rc == 1 and "drawing the graph needs pydot and graphviz" in err
+
+
+def test_uneven_micro_batches_are_said() -> None:
+    from toys import Net
+
+    import tspipe_fx
+    from tspipe_fx.report.plan import render_plan
+
+    torch.manual_seed(0)
+    pipe = tspipe_fx.compile(Net(), Net().eval(), 2, example_inputs=(torch.randn(4, 8),), micro_batches=3,
+                             cost_model="uniform")  # fmt: skip
+    assert "batch 4 in 3 micro-batches (uneven: 1 of 2 samples, 2 of 1), cost model uniform" in render_plan(
+        pipe.plan
+    )

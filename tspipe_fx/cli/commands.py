@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +111,7 @@ def _plan(args: argparse.Namespace) -> None:
             "a KD plan needs a teacher; hint: tspipe-fx plan STUDENT TEACHER, or --mode momentum"
         )
     _check_options(args, {"student": args.student, "teacher": args.teacher})
+    _check_outputs(args)
     student = _build(args.student, "student", args, args.example_batch)
     if args.teacher is None:
         teacher_module = copy.deepcopy(student.module)
@@ -153,6 +155,25 @@ def _plan(args: argparse.Namespace) -> None:
 
         save_graph(pipe, args.graph)
         print(f"graphs drawn in {args.graph}")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every file the plan goes to can be written, before the planning (which may take minutes)."""
+    from tspipe_fx.errors import TspipeError
+    from tspipe_fx.report.draw import check_graph_output, check_plot_output
+
+    for flag, path in (("--json", args.json), ("--png", args.png), ("--graph", args.graph)):
+        if path is None:
+            continue
+        folder = path.parent
+        if not folder.is_dir():
+            raise TspipeError(f"{flag} {path}: the folder {folder} does not exist; hint: mkdir -p {folder}")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise TspipeError(f"{flag} {path}: cannot write there (permissions); hint: another path")
+    if args.png is not None:
+        check_plot_output()
+    if args.graph is not None:
+        check_graph_output(args.graph)
 
 
 def _describe(model: Any) -> str:

@@ -7,12 +7,13 @@ stage (DOT text; PNG where pydot and graphviz are installed).
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.plan import Plan
 
-__all__ = ["graph_dot", "save_graph", "save_stage_bars"]
+__all__ = ["check_graph_output", "check_plot_output", "graph_dot", "save_graph", "save_stage_bars"]
 
 # One colour per stage (matplotlib's tab10), shared by both pictures.
 STAGE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -130,6 +131,29 @@ def _kept_sources(node: Any, keep: set[str]) -> list[str]:
     return sorted(out)
 
 
+def check_graph_output(path: str | os.PathLike[str]) -> None:
+    """Raise now if :func:`save_graph` could not write ``path`` here (missing pydot or graphviz)."""
+    name = os.fspath(path)
+    if name.endswith(".dot"):
+        return
+    try:
+        import pydot  # noqa: F401 - only whether it is there
+    except ImportError as e:
+        raise TspipeError(
+            "drawing the graph needs pydot and graphviz; hint: pip install pydot, apt install graphviz "
+            "(or write .dot text, which needs neither)"
+        ) from e
+    if shutil.which("dot") is None:
+        raise TspipeError(
+            "graphviz's dot program is not installed; hint: apt install graphviz (or write .dot text)"
+        )
+
+
+def check_plot_output() -> None:
+    """Raise now if the pictures drawn with matplotlib could not be (matplotlib missing)."""
+    _pyplot()
+
+
 def save_graph(pipe: Any, path: str | os.PathLike[str], **options: Any) -> None:
     """Render :func:`graph_dot` to ``path`` (``.png``, ``.svg`` or ``.dot``); PNG and SVG need
     pydot and graphviz's ``dot`` program."""
@@ -139,13 +163,9 @@ def save_graph(pipe: Any, path: str | os.PathLike[str], **options: Any) -> None:
         with open(path, "w") as f:
             f.write(dot)
         return
-    try:
-        import pydot
-    except ImportError as e:
-        raise TspipeError(
-            "drawing the graph needs pydot and graphviz; hint: pip install pydot, apt install graphviz "
-            "(or write .dot text, which needs neither)"
-        ) from e
+    check_graph_output(path)
+    import pydot
+
     graphs = pydot.graph_from_dot_data(dot)
     if not graphs:  # our own DOT text: pydot failing to parse it is a bug, not a user error
         raise TspipeError("pydot could not parse the DOT text of graph_dot(); please report this")

@@ -22,6 +22,14 @@ def _mb(x: float) -> float:
     return x / 2**20
 
 
+def _uneven(plan: Plan) -> str:
+    """The micro-batch sizes where the batch does not divide (the costs are of the largest)."""
+    base, extra = divmod(plan.batch_size, plan.micro_batches)
+    if not extra:
+        return ""
+    return f" (uneven: {extra} of {base + 1} samples, {plan.micro_batches - extra} of {base})"
+
+
 def render_plan(plan: Plan) -> str:
     """Per-device stages and costs, then the period against the lower bound and simple policies.
 
@@ -54,7 +62,7 @@ def render_plan(plan: Plan) -> str:
     lines = [
         f"{plan.student.model_name} (student, {plan.student.method}) and {plan.teacher.model_name} "
         f"(teacher, {plan.teacher.method}), mode {plan.mode}, {plan.n_stages} stages, batch "
-        f"{plan.batch_size} in {plan.micro_batches} micro-batches, cost model {plan.cost_model}",
+        f"{plan.batch_size} in {plan.micro_batches} micro-batches{_uneven(plan)}, cost model {plan.cost_model}",
         table,
         f"{'period':18s} {plan.period_ms:12.3f} ms per batch (device {worst})",
         f"{'lower bound':18s} {plan.lower_bound_ms:12.3f} ms (all work spread evenly, no communication)",

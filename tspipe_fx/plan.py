@@ -141,7 +141,7 @@ class Plan:
             text = Path(path).read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise TspipeError(
-                f"cannot read plan {path}: {e}; hint: a plan JSON written by Plan.save"
+                f"cannot read plan {path}: {type(e).__name__}: {e}; hint: a plan JSON written by Plan.save"
             ) from None
         return cls.from_json(text)
 

@@ -163,7 +163,8 @@ def graph_chain(gm: fx.GraphModule, sizes: dict[str, int], *, max_candidates: in
         for v in starts[p]:
             current[v] = None
         live.append(tuple(current))
-    nbytes = tuple(sum(evaluate(info(v).output_bytes_expr, sizes) for v in vs) for vs in live)
+    size = {v: evaluate(info(v).output_bytes_expr, sizes) for v in values}  # once per value, not per position
+    nbytes = tuple(sum(size[v] for v in vs) for vs in live)
     blocked = [any(info(v).tensor_container for v in vs) for vs in live]
     return GraphChain(gm, nodes, tuple(live), nbytes, candidate_cuts(nbytes, max_candidates, blocked))
 

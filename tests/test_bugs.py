@@ -169,7 +169,7 @@ def test_errors_say_what_is_wrong_in_one_line(tmp_path: Path) -> None:
     ):
         floats.finish()
     trainer = pipe.trainer(kd_loss, optimizer=sgd)
-    with pytest.raises(tspipe_fx.CaptureError, match=r"captured for 1 positional input and no keywords, but was "
+    with pytest.raises(tspipe_fx.CaptureError, match=r"structured as 1 positional input and no keywords, but was "
                                                      r"called with 1 positional input and keywords \['mask'\]"):  # fmt: skip
         trainer.step(x, target=y, mask=x)
     assert trainer.step(x, target=y) is None and trainer.finish() is not None  # the bad batch cost nothing

@@ -74,7 +74,7 @@ class ModelIO:
         leaves, spec = tree_flatten((tuple(args), dict(kwargs)))
         if spec != self.in_spec:
             raise CaptureError(
-                f"{self.model_name} was captured for {_describe(self.in_spec)}, but was called with "
+                f"{self.model_name} was captured for inputs structured as {_describe(self.in_spec)}, but was called with "
                 f"{_describe(spec)}; hint: pass the same positional and keyword arguments as the "
                 "example, or capture again with this call's structure"
             )

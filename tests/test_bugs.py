@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from zoo import BY_NAME
 
 import tspipe_fx
@@ -197,3 +199,73 @@ def test_a_checkpoint_goes_into_the_working_folder(tmp_path: Path, monkeypatch: 
     save_checkpoint(trainer, ".")
     load_checkpoint(pipe.trainer(kd_loss, optimizer=sgd), ".")
     assert (tmp_path / "train.py").read_text() == "print('my script')"
+
+
+class _Rotary(nn.Module):
+    """A buffer every layer reads, as Hugging Face Llama's rotary ``inv_freq``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", torch.linspace(0.5, 1.5, 8))
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x * self.inv_freq))
+        return self.head(x)
+
+
+def test_a_buffer_read_by_several_stages_is_no_tie_group() -> None:
+    """Issue 13.6: a buffer several stages read was listed as a tie group, and the first optimizer
+    step failed with "tied parameter ('inv_freq',) not found in GraphModule"."""
+    from toys import kd_loss, run_batches, sgd
+
+    torch.manual_seed(0)
+    student, teacher = _Rotary(), _Rotary().eval()
+    pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 3, example_inputs=(torch.randn(6, 8),),
+                             cost_model="uniform")  # fmt: skip
+    assert pipe.plan.student.tie_groups == ()
+    assert sum("inv_freq" in dict(s.named_buffers()) for s in pipe.student_stages) == 3  # a copy each
+    data = [(torch.randn(6, 8), {"target": torch.randint(0, 4, (6,))}) for _ in range(3)]
+    ref = ReferenceTrainer(student, teacher, kd_loss, optimizer=sgd, micro_batches=3)
+    assert run_batches(pipe.trainer(kd_loss, optimizer=sgd), data) == [ref.step(x, **k) for x, k in data]
+
+
+def _causal_kl(s: Any, t: Any, target: Any) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(s.logits, -1), F.softmax(t.logits, -1), reduction="batchmean")
+
+
+@pytest.mark.parametrize(
+    "family",
+    ["Llama", pytest.param("Qwen2", marks=pytest.mark.slow), pytest.param("Mistral", marks=pytest.mark.slow)],
+)
+def test_distilling_a_llama_family_model_equals_the_reference(family: str) -> None:
+    """Issue 13.6: Llama and Qwen2 at 3 stages failed at the first step (their rotary buffer was
+    a tie group). Tiny configs, 2 to 4 stages, exact against the reference trainer."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{family}Config")
+    model = getattr(transformers, f"{family}ForCausalLM")
+    from toys import sgd
+
+    small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "use_cache": False}  # fmt: skip
+    torch.manual_seed(0)
+    student, teacher = model(config(**small)), model(config(**{**small, "num_hidden_layers": 4})).eval()
+    batches = [torch.randint(0, 64, (4, 12)) for _ in range(2)]
+    ref = ReferenceTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), _causal_kl, optimizer=sgd, micro_batches=2
+    )
+    want = [ref.step(input_ids=b, use_cache=False) for b in batches]
+    for n in (2, 3, 4):
+        pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), n, example_inputs=(),
+                                 example_kwargs={"input_ids": batches[0], "use_cache": False}, micro_batches=2,
+                                 cost_model="uniform")  # fmt: skip
+        trainer = pipe.trainer(_causal_kl, optimizer=sgd)
+        got = [r.loss for b in batches if (r := trainer.step(input_ids=b, use_cache=False)) is not None]
+        got.append(trainer.finish().loss)
+        assert got == want, n
+        trained = copy.deepcopy(student)
+        trainer.sync_to_modules(student=trained)
+        for (name, a), b in zip(trained.state_dict().items(), ref.student.state_dict().values(), strict=True):
+            assert torch.equal(a, b), (n, name)

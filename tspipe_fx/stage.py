@@ -147,22 +147,27 @@ class StagedModel:
     home: nn.Module | None = None
 
 
-def tensors_by_id(module: nn.Module) -> dict[int, list[str]]:
-    """id(tensor) -> every name it has in ``module`` (parameters and buffers, aliases too)."""
+def tensors_by_id(module: nn.Module, *, buffers: bool = True) -> dict[int, list[str]]:
+    """id(tensor) -> every name it has in ``module`` (parameters and, unless told not to,
+    buffers; aliases too)."""
     names: dict[int, list[str]] = {}
     for name, t in [
         *module.named_parameters(remove_duplicate=False),
-        *module.named_buffers(remove_duplicate=False),
+        *(module.named_buffers(remove_duplicate=False) if buffers else []),
     ]:
         names.setdefault(id(t), []).append(name)
     return names
 
 
 def tie_groups(stages: Sequence[Stage]) -> list[TieGroup]:
-    """Tensors held by several stages: ``(their names, the stages holding them)``."""
+    """Parameters held by several stages: ``(their names, the stages holding them)``.
+
+    Buffers and constants several stages read (a rotary ``inv_freq``) are no tie group: each
+    stage keeps its own copy, and nothing trains them.
+    """
     held: dict[int, tuple[set[str], list[int]]] = {}
     for k, stage in enumerate(stages):
-        for tid, names in tensors_by_id(stage.module).items():
+        for tid, names in tensors_by_id(stage.module, buffers=False).items():
             entry = held.setdefault(tid, (set(), []))
             entry[0].update(names)
             entry[1].append(k)

@@ -1,4 +1,5 @@
-"""Files written whole or not at all: one rule for plans, profiles and checkpoints."""
+"""Files written whole or not at all (one rule for plans, profiles and checkpoints), and read
+with an error that names them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["write_atomic", "write_text_atomic"]
+__all__ = ["read_text", "write_atomic", "write_text_atomic"]
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
@@ -35,6 +36,17 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically (see :func:`write_atomic`), making its folder."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def read_text(path: str | os.PathLike[str], what: str, error: type[Exception]) -> str:
+    """The text of ``path``; a missing, unreadable or binary file raises ``error`` naming it
+    (``what``: "plan", "profile")."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(
+            f"cannot read {what} {path}: {type(e).__name__}: {e}; hint: a {what} JSON written by tspipe_fx"
+        ) from None
 
 
 def _fsync_directory(folder: Path) -> None:

@@ -13,11 +13,10 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tspipe_fx.errors import TspipeError
-from tspipe_fx.files import write_text_atomic
+from tspipe_fx.files import read_text, write_text_atomic
 from tspipe_fx.schedule.generators import SCHEDULES, make_schedule
 from tspipe_fx.schedule.simulator import Timeline, simulate_stages, transfer_ms
 from tspipe_fx.schedule.task import Schedule
@@ -137,13 +136,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
-        try:
-            text = Path(path).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise TspipeError(
-                f"cannot read plan {path}: {type(e).__name__}: {e}; hint: a plan JSON written by Plan.save"
-            ) from None
-        return cls.from_json(text)
+        return cls.from_json(read_text(path, "plan", TspipeError))
 
 
 def _check(plan: Plan) -> None:

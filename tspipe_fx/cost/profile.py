@@ -13,14 +13,13 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from tspipe_fx.errors import ProfileError
-from tspipe_fx.files import write_text_atomic
+from tspipe_fx.files import read_text, write_text_atomic
 from tspipe_fx.passes.fingerprint import graph_fingerprint
 from tspipe_fx.passes.meta import META_KEY, NodeInfo
 from tspipe_fx.passes.symbolic import SIZES_KEY, input_sizes
@@ -161,13 +160,7 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Profile:
-        try:
-            text = Path(path).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ProfileError(
-                f"cannot read profile {path}: {e}; hint: a profile JSON written by Profile.save"
-            ) from None
-        return cls.from_json(text)
+        return cls.from_json(read_text(path, "profile", ProfileError))
 
 
 def _node_info(data: dict[str, Any]) -> NodeInfo:

@@ -269,3 +269,23 @@ def test_distilling_a_llama_family_model_equals_the_reference(family: str) -> No
         trainer.sync_to_modules(student=trained)
         for (name, a), b in zip(trained.state_dict().items(), ref.student.state_dict().values(), strict=True):
             assert torch.equal(a, b), (n, name)
+
+
+class _WritesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_profile_and_compile_leave_the_users_example_as_it_was() -> None:
+    """Issue 13.4 (first half): a model writing its input in place left the user's example
+    multiplied by 256 after profile() and by 2**32 after a measured, refined compile."""
+    x = torch.ones(4, 8)
+    tspipe_fx.profile(_WritesItsInput(), (x,), repeats=2)
+    assert torch.equal(x, torch.ones(4, 8))
+    tspipe_fx.compile(_WritesItsInput(), _WritesItsInput().eval(), 2, example_inputs=(x,), refine=1)
+    assert torch.equal(x, torch.ones(4, 8))

@@ -124,7 +124,9 @@ def _profile(
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     flat = captured.flatten_inputs(args, example_kwargs or {})
     gm = copy.deepcopy(captured.graph_module).to(dev)
-    inputs = [x.to(dev) for x in flat]
+    inputs = [
+        x.to(dev, copy=True) for x in flat
+    ]  # runs of a model that writes its inputs leave the user's be
     show = sys.stderr.isatty() if progress is None else progress
     fwd_ms, fwd_bwd_ms = _whole_model_ms(gm, inputs, captured.model_name, repeats, max(warmup, 1))
     if gm.meta.get(SIZES_KEY) != input_sizes(inputs):  # compile ran both passes already: once a model

@@ -133,7 +133,9 @@ def at_batch(inputs: Sequence[Any], batch: int, size: int) -> list[Any]:
 
 
 def _on(values: Sequence[Any], device: torch.device) -> list[Any]:
-    return [v.to(device) if isinstance(v, torch.Tensor) else v for v in values]
+    return [
+        v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for v in values
+    ]  # the user's stay as they are
 
 
 def _leaf(value: Any) -> Any:

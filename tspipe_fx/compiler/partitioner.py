@@ -50,9 +50,9 @@ class Partitioner:
         """The problem on costs ``sc``/``tc``: over the candidate cuts (the mirrored pairs in
         momentum mode), or over ``cuts`` alone; ``blind``: on equal devices without links or
         memory limits (how a simple policy sees them)."""
-        mirror = cuts is None and self.pairs is not None
-        if cuts is None and self.pairs is not None:
-            cuts = [p for p, _ in self.pairs], [q for _, q in self.pairs]
+        mirror = False
+        if cuts is None and self.pairs is not None:  # momentum: the mirrored pairs are the candidates
+            cuts, mirror = ([p for p, _ in self.pairs], [q for _, q in self.pairs]), True
         s_cuts, t_cuts = cuts if cuts is not None else (None, None)
         return Problem(
             student=self.student.to_partition_chain(sc, s_cuts),

@@ -28,14 +28,11 @@ class TrainOptions:
     optimizer: OptimizerSpec  # a factory params -> optimizer, or an instance over the student's parameters
     micro_batches: int | None = None  # per batch (None: the plan's; the reference trainer: 1)
     views: int | None = None  # inputs per sample, 1 or 2 (None: the plan's; the reference trainer: 1)
-    staleness: int | None = (
-        None  # momentum: batch b's teacher sees the EMA after step b-1-staleness (None: the plan's; the reference trainer: 1)
-    )
+    # momentum: batch b's teacher sees the EMA after step b-1-staleness (None: the plan's; reference: 1)
+    staleness: int | None = None
     momentum: float = 0.996  # EMA momentum of a momentum teacher
     ema_buffers: bool = False  # buffers (BatchNorm statistics) follow the student too
-    lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = (
-        None  # built per optimizer, stepped per batch
-    )
+    lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None  # per optimizer, stepped per batch
     clip_grad_norm: float | None = None  # the global norm over every stage, as clip_grad_norm_ computes it
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ class LocalRuntime(StageTasks):
         if self.broken is not None:
             raise RuntimeFailure(f"the runtime failed earlier and cannot go on: {self.broken}")
         board = Board(self.timeout_s)
+        self.stepped.clear()
         workers = [
             threading.Thread(
                 target=self._worker,

@@ -111,6 +111,7 @@ class StageTasks(ABC):
             d.scheduler = options.lr_scheduler(d.optimizer) if options.lr_scheduler and d.optimizer else None
         self.losses: dict[int, float] = {}
         self.broken: RuntimeFailure | None = None
+        self.stepped: set[int] = set()  # the stages that took their optimizer step in this window
 
     def owned_parameters(self, stage: int, module: nn.Module) -> dict[str, nn.Parameter]:
         """The trainable parameters stage ``stage``'s optimizer steps (not the tied copies)."""
@@ -214,6 +215,9 @@ class StageTasks(ABC):
             else:
                 loss = self.loss_fn(*per_view_s, *per_view_t)
             loss = checked_loss(loss) * weight
+            value = float(loss.detach())
+            if not math.isfinite(value):  # before a gradient of it leaves
+                raise FloatingPointError(f"the loss of batch {b} is {value}")
             keys = list(leaves)
             grads = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True) if keys else ()
         for (v, m, i), g in zip(keys, grads, strict=True):
@@ -222,10 +226,7 @@ class StageTasks(ABC):
             for i in range(len(d.s_io.outputs)):
                 if (v, m, i) not in leaves:
                     board.put(("grad", b, v, m, i), None)
-        value = float(loss.detach())
         self.losses[b] = self.losses.get(b, 0.0) + value
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the loss of batch {b} is {value}")
 
     def _sb(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
         leaves, out = d.saved.pop((t.batch, t.view, t.micro))
@@ -271,6 +272,7 @@ class StageTasks(ABC):
             coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
             for g in grads.values():
                 g.mul_(coef.to(g.device))
+        self.stepped.add(d.index)  # from here on, a failed window cannot be undone
         if d.optimizer is not None:
             d.optimizer.step()
             if d.scheduler is not None:
@@ -280,6 +282,23 @@ class StageTasks(ABC):
             if d.index in stages:
                 self.copy_tied(d, names, stages)
         self.versions.update(d.index, d.teacher, d.student)
+
+    def recover(self) -> bool:
+        """After a failed window, put every stage back as it was after its last optimizer step:
+        the window's activations, gradients and partial losses are dropped. False where that
+        cannot be done (a stage had already stepped in the window): the runtime stays broken."""
+        if self.broken is None:
+            return True
+        if self.stepped:
+            return False
+        for d in self.devices:
+            d.saved.clear()
+            d.teacher_out.clear()
+            d.student_out.clear()
+            d.student.zero_grad(set_to_none=True)
+        self.losses.clear()
+        self.broken = None
+        return True
 
     # --- what each runtime provides -----------------------------------------------------------
 

@@ -86,6 +86,11 @@ class TeacherVersions:
             self.kept.clear()
             self._stale_batch = None
 
+    def abort_window(self) -> None:
+        """The window failed before any stage's update: nothing of it is kept."""
+        self._keep = False
+        self._stale_batch = None
+
     # --- the runtime's side -------------------------------------------------------------------
 
     def weights_for(self, stage: int, batch: int) -> dict[str, torch.Tensor] | None:

@@ -24,7 +24,7 @@ from tspipe_fx.runtime.batches import split_micro, view_inputs
 from tspipe_fx.runtime.local import LocalRuntime
 from tspipe_fx.runtime.optim import OptimizerSpec
 from tspipe_fx.runtime.options import TrainOptions
-from tspipe_fx.runtime.tasks import StageTasks
+from tspipe_fx.runtime.tasks import RuntimeFailure, StageTasks
 from tspipe_fx.runtime.teacher import TeacherVersions
 from tspipe_fx.schedule.task import Schedule, Task
 from tspipe_fx.schedule.validator import validate
@@ -187,9 +187,30 @@ class Trainer:
             data[nxt.index] = nxt.data
         first, drains = batch.index == self.segment_start, nxt is None
         self.versions.start_window(batch.index, first=first, drains=drains)
-        self.runtime.run(lists, data)
+        try:
+            self.runtime.run(lists, data)
+        except RuntimeFailure as e:
+            e.add_note(self._recover(sorted(data)))
+            raise
         self.versions.end_window(first=first, drains=drains)
         return StepLoss(batch.index, self.runtime.losses.pop(batch.index))
+
+    def _recover(self, lost: list[int]) -> str:
+        """After a failed window: back to the state after the last completed optimizer step,
+        the window's batches dropped; returns what the user is told."""
+        self.pending = None  # the next step starts a new run of batches
+        which = ("batch " if len(lost) == 1 else "batches ") + " and ".join(str(b) for b in lost)
+        if not self.runtime.recover():
+            return (
+                f"{which} not trained, and the stages are no longer at one step: "
+                "load a checkpoint (load_checkpoint) to go on"
+            )
+        self.versions.abort_window()
+        return (
+            f"{which} not trained; the trainer is back at the state after its last "
+            "optimizer step: step() takes the next batch, and finish(), save_checkpoint() and "
+            "sync_to_modules() work"
+        )
 
     def update_momentum(self, m: float) -> None:
         """Set the EMA momentum for the next optimizer steps (cosine schedules)."""

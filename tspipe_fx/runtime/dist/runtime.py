@@ -138,6 +138,10 @@ class DistRuntime(StageTasks):
             raise self.broken from e
         self.losses[batch] = sum(values) / len(values)  # the mean over pipelines
 
+    def recover(self) -> bool:
+        """A failed window is not undone across ranks: the run stops (torchrun names the rank)."""
+        return self.broken is None
+
     def _expect_losses(self) -> dict[int, tuple[Any, torch.Tensor]]:
         """Post the receives of this window's loss from every pipeline's last rank."""
         me = self.layout.rank

@@ -82,3 +82,17 @@ def test_momentum_is_checked_between_steps(kd: tspipe_fx.Pipeline) -> None:
         trainer.update_momentum(-0.1)
     with pytest.raises(TspipeError, match=r"optimizer must be a torch\.optim\.Optimizer or a factory"):
         kd.trainer(kd_loss, optimizer="sgd")
+
+
+def test_two_trainers_do_not_train_into_one_module_at_once(kd: tspipe_fx.Pipeline) -> None:
+    """Issue 13.2: two trainers of one pipeline silently overwrote each other's weights in the
+    user's module. The second is refused while the first has batches in flight."""
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    first, second = kd.trainer(kd_loss, optimizer=sgd), kd.trainer(kd_loss, optimizer=sgd)
+    first.step(x, target=y)
+    with pytest.raises(TspipeError, match=r"another trainer of these models \(Net\) has batches in flight.*finish\(\)"):
+        second.step(x, target=y)
+    assert second.pending is None and second.next_index == 0  # nothing of the batch was kept
+    first.finish()
+    assert second.step(x, target=y) is None  # the modules are free again
+    second.finish()

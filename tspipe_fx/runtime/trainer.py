@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -38,6 +39,10 @@ class StepLoss(NamedTuple):
 
     batch: int
     loss: float
+
+
+# Per user module: the trainer whose batches in flight will write its weights into it.
+_WRITERS: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType[Trainer]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -165,12 +170,28 @@ class Trainer:
         data = self._prepare(inputs, target, kwargs)
         current = _Pending(self.next_index, data)
         if self.pending is None:
+            self._claim_modules()
             self.segment_start = self.next_index
         self.next_index += 1
         previous, self.pending = self.pending, current
         if previous is None:
             return None
         return self._run(previous, current)
+
+    def _claim_modules(self) -> None:
+        """Refuse to train while another trainer with batches in flight will write the same modules."""
+        homes = [m for m in (self.student.home, self.teacher.home) if m is not None]
+        for home in homes:
+            ref = _WRITERS.get(home)
+            other = ref() if ref is not None else None
+            if other is not None and other is not self and other.pending is not None:
+                raise TspipeError(
+                    f"another trainer of these models ({type(home).__name__}) has batches in flight, and "
+                    "both would write their trained weights into your modules; hint: call finish() on the "
+                    "other trainer first, or compile deep copies of the models for an independent pipeline"
+                )
+        for home in homes:
+            _WRITERS[home] = weakref.ref(self)
 
     def finish(self) -> StepLoss | None:
         """Run the last fed batch to the end (its backward and optimizer step), then bring the

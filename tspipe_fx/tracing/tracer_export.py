@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tspipe_fx.errors import CaptureError
 from tspipe_fx.stage import ModelIO
+from tspipe_fx.tracing.functions import functions_seen
 from tspipe_fx.tracing.inputs import split_leaves
 from tspipe_fx.tracing.model import CapturedModel
 
@@ -48,15 +49,23 @@ def _dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any,
 
 def capture_export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CapturedModel:
     _, in_spec, _, names, constants = split_leaves(model, args, kwargs)
-    try:
-        ep = torch.export.export(
-            model, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs), strict=False
+    seen: list[str] = []
+    with functions_seen(seen):
+        try:
+            ep = torch.export.export(
+                model, args, kwargs, dynamic_shapes=_dynamic_shapes(args, kwargs), strict=False
+            )
+            dynamic = True
+        except Exception as e:  # noqa: BLE001 - fall back to static shapes before giving up
+            log.info("dynamic-shape export of %s failed (%s); exporting static", type(model).__name__, e)
+            ep = torch.export.export(model, args, kwargs, strict=False)
+            dynamic = False
+    if seen:
+        raise CaptureError(
+            f"{type(model).__name__} calls the custom autograd.Function {', '.join(seen)}: torch.export "
+            "differentiates its forward and drops its backward; hint: capture with fx (method='fx'), "
+            "which keeps it whole"
         )
-        dynamic = True
-    except Exception as e:  # noqa: BLE001 - fall back to static shapes before giving up
-        log.info("dynamic-shape export of %s failed (%s); exporting static", type(model).__name__, e)
-        ep = torch.export.export(model, args, kwargs, strict=False)
-        dynamic = False
     gm = ep.module()
     assert isinstance(gm, fx.GraphModule)
     out_spec = gm.graph._codegen.pytree_info.out_spec  # type: ignore[attr-defined]

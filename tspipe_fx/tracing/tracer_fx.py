@@ -7,6 +7,7 @@ A flat wrapper takes the tensor leaves of the call; the traced graph is then unw
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from tspipe_fx.errors import CaptureError
 from tspipe_fx.stage import ModelIO
+from tspipe_fx.tracing.functions import functions_kept
 from tspipe_fx.tracing.inputs import split_leaves
 from tspipe_fx.tracing.model import CapturedModel
 
@@ -50,6 +52,10 @@ class _FlatTracer(fx.Tracer):
 
     def __init__(self, names: Sequence[str], leaf_modules: Sequence[type[nn.Module] | str]):
         super().__init__()
+        # Buffers become get_attr nodes: an in-place update (timm's BatchNormAct2d counts its
+        # batches with num_batches_tracked.add_(1)) is then a graph op, not a change made once
+        # to the user's buffer while tracing.
+        self.proxy_buffer_attributes = True
         self.names = list(names)
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = {f"model.{m}" for m in leaf_modules if isinstance(m, str)}
@@ -77,6 +83,18 @@ class _FlatTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def _forget_proxies(model: nn.Module, before: dict[int, dict[str, Any]]) -> None:
+    """Undo what tracing stored on the user's modules (``self.cache = x`` leaves a Proxy)."""
+    for m in model.modules():
+        old = before.get(id(m), {})
+        for name, value in list(vars(m).items()):
+            if any(isinstance(x, fx.Proxy) for x in tree_flatten(value)[0]):
+                if name in old:
+                    object.__setattr__(m, name, old[name])
+                else:
+                    object.__delattr__(m, name)
+
+
 def capture_fx(
     model: nn.Module,
     args: tuple[Any, ...],
@@ -85,21 +103,31 @@ def capture_fx(
 ) -> CapturedModel:
     leaves, in_spec, tensor_pos, names, constants = split_leaves(model, args, kwargs)
     wrapper = _FlatCall(model, leaves, in_spec, tensor_pos)
-    graph = _FlatTracer(names, leaf_modules).trace(wrapper)
+    before = {id(m): dict(vars(m)) for m in model.modules()}
+    try:
+        with functions_kept():
+            graph = _FlatTracer(names, leaf_modules).trace(wrapper)
+    finally:
+        _forget_proxies(model, before)
     if wrapper.out_spec is None:
         raise CaptureError("fx tracing produced no output")
     # Unwrap: every target "model.x.y" becomes "x.y" so the GraphModule owns the user's modules
-    # under their own names (GraphModule copies references, not tensors).
+    # under their own names (GraphModule copies references, not tensors). Tensor constants fx
+    # made while tracing ("_tensor_constant0") live on the wrapper, never on the user's model.
+    owned: dict[str, Any] = {}
     for node in graph.nodes:
         if node.name.startswith("model_"):
             node._rename(node.name.removeprefix("model_"))
         if node.op in ("call_module", "get_attr"):
+            owner = model if node.target.startswith(PREFIX) else wrapper
             node.target = node.target.removeprefix(PREFIX)
+            owned[node.target] = functools.reduce(getattr, node.target.split("."), owner)
         stack = node.meta.get("nn_module_stack")
         if stack:
             node.meta["nn_module_stack"] = {
                 k: (path.removeprefix(PREFIX) if path != "model" else "", t) for k, (path, t) in stack.items()
             }
-    gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Graph")
+    gm = fx.GraphModule(owned, graph, class_name=f"{type(model).__name__}Graph")
+    gm.training = model.training  # the mode it was traced in (its submodules are the user's)
     io = ModelIO(in_spec, wrapper.out_spec, tuple(constants), tuple(names), type(model).__name__)
     return CapturedModel(gm, io, method="fx", dynamic_batch=True)

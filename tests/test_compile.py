@@ -78,11 +78,35 @@ def test_with_plan_recuts_the_same_models(kd: tspipe_fx.Pipeline) -> None:
     assert [s.nodes for s in again.teacher_io] == [s.nodes for s in kd.teacher_io]
 
 
+def test_report_labels_stages_by_module_path() -> None:
+    """Issue 13.13: stage labels were raw node names (eq_19, getattr_40) and "(top)" where the
+    first node belonged to no module; they are the span of the module paths the stage holds."""
+
+    class Glue(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Linear(8, 8)
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.stem(x * 2)  # the graph starts with a node of no module
+            return self.head(self.body(h) + h)
+
+    pipe = tspipe_fx.compile(Glue(), Glue().eval(), 2, example_inputs=(torch.randn(4, 8),), balance=([3, 4], [3, 4]),
+                             cost_model="uniform")  # fmt: skip
+    first = pipe.plan.student.stages[0]
+    assert "mul" in first.nodes[:2] and first.first_module == "stem"
+    rows = [line for line in pipe.report().splitlines() if line.lstrip().startswith(("0 ", "1 "))]
+    assert rows[0].split()[2:5] == ["stem", "..", first.last_module]
+    assert "(top)" not in pipe.report() and "mul" not in pipe.report()
+
+
 def test_report(kd: tspipe_fx.Pipeline) -> None:
     text = kd.report()
     lines = text.splitlines()
     assert lines[0].startswith("ResNet (student, fx) and VisionTransformer (teacher, fx), mode kd, 3 stages")
-    assert "student nodes [modules]" in lines[1] and "load ms" in lines[1]
+    assert "student modules" in lines[1] and "load ms" in lines[1]
     assert sum(1 for line in lines if line.lstrip().startswith(("0 ", "1 ", "2 "))) == 3
     assert any(line.startswith("period") and "ms per batch (device" in line for line in lines)
     assert any(line.startswith("imbalance") for line in lines)

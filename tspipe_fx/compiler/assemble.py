@@ -34,6 +34,7 @@ def model_plan(
     for k, (stage, total) in enumerate(zip(stages, sums, strict=True)):
         lo, hi = bounds[k], bounds[k + 1]
         nodes = gc.nodes[lo:hi]
+        paths = [info(node).module_path for node in nodes]  # "" for glue nodes (getattr, eq)
         plans.append(
             StagePlan(
                 index=k,
@@ -41,8 +42,8 @@ def model_plan(
                 nodes=stage.nodes,
                 inputs=stage.inputs,
                 outputs=stage.outputs,
-                first_module=info(nodes[0]).module_path,
-                last_module=info(nodes[-1]).module_path,
+                first_module=next((p for p in paths if p), ""),
+                last_module=next((p for p in reversed(paths) if p), ""),
                 param_bytes=total.param_bytes,
                 fwd_flops=sum(eval_expr(info(node).flops_expr, micro) for node in nodes),
                 fwd_ms=total.fwd_ms,

@@ -10,12 +10,11 @@ __all__ = ["render_plan"]
 
 
 def _span(stage: StagePlan) -> str:
-    first, last = stage.first_module or "(top)", stage.last_module or "(top)"
-    return (
-        f"{stage.nodes[0]}..{stage.nodes[-1]} [{first} .. {last}]"
-        if first != last
-        else f"{stage.nodes[0]}..{stage.nodes[-1]} [{first}]"
-    )
+    """The stage's module span (``layer3.0.bn2 .. fc``); its nodes where no module owns them."""
+    first, last = stage.first_module, stage.last_module
+    if not first:
+        return f"nodes {stage.nodes[0]}..{stage.nodes[-1]}"
+    return first if first == last else f"{first} .. {last}"
 
 
 def _mb(x: float) -> float:
@@ -54,7 +53,7 @@ def render_plan(plan: Plan) -> str:
             ]
         )
     headers = [
-        "dev", "device", "student nodes [modules]", "teacher nodes [modules]", "params MB s/t",
+        "dev", "device", "student modules", "teacher modules", "params MB s/t",
         "GFLOP s/t", "s fwd ms", "s bwd ms", "t fwd ms", "cut MB in/out", "memory MB", "load ms",
     ]  # fmt: skip
     table = tabulate(rows, headers=headers, floatfmt=".3f")

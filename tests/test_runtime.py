@@ -365,3 +365,33 @@ def test_a_window_failed_after_a_stage_stepped_is_not_undone() -> None:
     with pytest.raises(RuntimeFailure, match="failed earlier"):
         trainer.step(torch.randn(8, 8), target=torch.randint(0, 4, (8,)))
         trainer.step(torch.randn(8, 8), target=torch.randint(0, 4, (8,)))
+
+
+class WritesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)  # in place, on the caller's tensor
+        h = torch.relu(self.a(x))
+        return self.head(self.b(h) + h)
+
+
+def test_a_model_that_writes_its_input_trains_as_eager_does() -> None:
+    """Issue 13.4: micro-batches are views of one batch tensor, so a model writing its input bumped
+    the version every micro-batch's saved input shares, and the backward failed. Each model now
+    gets its own copy of an input it writes; the user's batch stays as it was."""
+    torch.manual_seed(0)
+    student, teacher = WritesItsInput(), WritesItsInput().eval()
+    pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, example_inputs=(torch.randn(8, 8),),
+                             micro_batches=2, balance=([3, 3], [3, 3]), cost_model="uniform")  # fmt: skip
+    assert "x" in pipe.student_io[0].written_inputs
+    trainer = pipe.trainer(kd_loss, optimizer=sgd)
+    ref = ReferenceTrainer(student, teacher, kd_loss, optimizer=sgd, micro_batches=2)
+    batches = [(torch.randn(8, 8), torch.randint(0, 4, (8,))) for _ in range(3)]
+    kept = [x.clone() for x, _ in batches]
+    got = _run(trainer, [(x, {"target": y}) for x, y in batches])
+    assert got == pytest.approx([ref.step(x, target=y) for x, y in batches], rel=1e-6)
+    for (x, _), before in zip(batches, kept, strict=True):
+        torch.testing.assert_close(x, before)

@@ -15,6 +15,7 @@ student, teacher, example batch
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ from tspipe_fx.cost.devices import DeviceSpec, device_spec
 from tspipe_fx.cost.model import CostModel
 from tspipe_fx.cost.profile import Profile
 from tspipe_fx.cost.stage_times import at_batch
-from tspipe_fx.errors import TspipeError
+from tspipe_fx.errors import CaptureError, TspipeError
 from tspipe_fx.partition.problem import PartitionError
 from tspipe_fx.passes import annotate_structure, annotate_symbolic
 from tspipe_fx.passes.chain import GraphChain, graph_chain, mirrored_cuts
@@ -55,6 +56,8 @@ def compile(
     *,
     example_inputs: Sequence[Any] | torch.Tensor,
     example_kwargs: dict[str, Any] | None = None,
+    teacher_example_inputs: Sequence[Any] | torch.Tensor | None = None,
+    teacher_example_kwargs: dict[str, Any] | None = None,
     mode: Mode = "kd",
     micro_batches: int | None = None,
     batch_size: int | None = None,
@@ -78,8 +81,12 @@ def compile(
         student: the trained network (an ``nn.Module`` or a :class:`CapturedModel`).
         teacher: the frozen (``mode="kd"``) or EMA (``mode="momentum"``) network.
         n_gpus: pipeline stages, one student and one teacher stage per device.
-        example_inputs: one training batch (positional arguments), the same for both models.
+        example_inputs: one training batch (positional arguments) of the student (and of the
+            teacher, unless it has its own).
         example_kwargs: keyword arguments of that batch.
+        teacher_example_inputs, teacher_example_kwargs: the teacher's own inputs for the same
+            samples (another tokenizer or resolution); train with ``trainer.step(...,
+            teacher_inputs=..., teacher_kwargs=...)``. Default: the student's.
         mode: ``"kd"`` cuts both models independently, balanced jointly; ``"momentum"`` mirrors
             the student's cuts in the teacher (matched by parameter name).
         micro_batches: micro-batches per batch (default ``n_gpus``); costs are per micro-batch.
@@ -120,14 +127,21 @@ def compile(
     _check_options(schedule, refine, batch_size, views, staleness)
     views = views if views is not None else (2 if mode == "momentum" else 1)
     run_on = resolve_devices(devices, n)
-    s_cap, t_cap = (
-        _capture(student, example_inputs, example_kwargs),
-        _capture(teacher, example_inputs, example_kwargs),
+    s_example = _example(example_inputs, example_kwargs)
+    own = teacher_example_inputs is not None or teacher_example_kwargs is not None
+    t_example = (
+        _example(() if teacher_example_inputs is None else teacher_example_inputs, teacher_example_kwargs)
+        if own
+        else s_example
     )
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    s_flat = s_cap.flatten_inputs(args, example_kwargs or {})
-    t_flat = t_cap.flatten_inputs(args, example_kwargs or {})
-    sizes = input_sizes(s_flat)
+    s_cap, t_cap = _capture("student", student, s_example), _capture("teacher", teacher, t_example)
+    s_flat, t_flat = s_cap.flatten_inputs(*s_example), t_cap.flatten_inputs(*t_example)
+    sizes, t_sizes = input_sizes(s_flat), input_sizes(t_flat)
+    if sizes.get("B") != t_sizes.get("B"):
+        raise TspipeError(
+            f"the teacher's example holds {t_sizes.get('B')} samples and the student's {sizes.get('B')}; "
+            "hint: teacher_example_inputs are the same samples as the student's, prepared for the teacher"
+        )
     batch = batch_size or sizes.get("B", 1)
     m = micro_batches if micro_batches is not None else n
     if batch < m:
@@ -138,16 +152,16 @@ def compile(
         )
     if mode == "momentum":
         check_momentum_names(s_cap, t_cap)
-    micro = {**sizes, "B": math.ceil(batch / m)}
-    for cap, flat in ((s_cap, s_flat), (t_cap, t_flat)):
+    micro, t_micro = {**sizes, "B": math.ceil(batch / m)}, {**t_sizes, "B": math.ceil(batch / m)}
+    for role, cap, flat in (("student", s_cap, s_flat), ("teacher", t_cap, t_flat)):
         annotate_structure(cap.graph_module)
-        annotate_symbolic(cap.graph_module, flat)
+        _shapes(role, cap, flat)
     specs = (
         [device_spec(s) for s in device_specs] if device_specs is not None else [spec_for(d) for d in run_on]
     )
     hw = hardware(run_on, specs, device_specs is not None, memory_limit)
     s_gc = graph_chain(s_cap.graph_module, micro, max_candidates=max_candidates)
-    t_gc = graph_chain(t_cap.graph_module, micro, max_candidates=max_candidates)
+    t_gc = graph_chain(t_cap.graph_module, t_micro, max_candidates=max_candidates)
     # Every check that needs only the graphs comes before the costs (which may mean profiling).
     fixed, pairs = _cut_space(plan, balance, s_cap, t_cap, s_gc, t_gc, n, mode)
     tuned = make_schedule(schedule, n, m, views=views, mode=mode, staleness=staleness, n_batches=4) \
@@ -155,10 +169,10 @@ def compile(
     partitioner = Partitioner(s_gc, t_gc, hw, m, optimizer_factor, fixed=fixed, pairs=pairs, schedule=tuned)
 
     s_cm, t_cm, cm_name = cost_models(
-        cost_model, profile, s_cap, t_cap, (args, example_kwargs or {}), run_on[0], specs[0]
+        cost_model, profile, s_cap, t_cap, (s_example, t_example), run_on[0], specs[0]
     )
     s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch
-    t_costs = t_cm.graph_costs(t_cap.graph_module, micro)
+    t_costs = t_cm.graph_costs(t_cap.graph_module, t_micro)
     part = partitioner.best(s_costs, t_costs)
     if refine:
         example_batch = sizes.get("B", 1)
@@ -167,7 +181,7 @@ def compile(
                 f"refine runs the stages on one micro-batch of {micro['B']} samples, but a model was "
                 f"captured for {example_batch} only; hint: example_inputs of {micro['B']} samples"
             )
-        inputs = (at_batch(s_flat, example_batch, micro["B"]), at_batch(t_flat, example_batch, micro["B"]))
+        inputs = (at_batch(s_flat, example_batch, micro["B"]), at_batch(t_flat, example_batch, t_micro["B"]))
         part, s_costs, t_costs = refine_step(part, partitioner, refine, (s_costs, t_costs), inputs, run_on[0])
         cm_name += "+refined"
 
@@ -181,7 +195,7 @@ def compile(
         micro_batches=m,
         cost_model=cm_name,
         student=model_plan(s_cap, s_gc, s_stages, part.student_cuts, s_costs, run_on, micro),
-        teacher=model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, run_on, micro),
+        teacher=model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, run_on, t_micro),
         loads_ms=tuple(float(x) for x in part.loads_ms),
         memory_bytes=tuple(float(x) for x in part.memory_bytes),
         lower_bound_ms=m * total_work / sum(d.speed for d in partitioner.devices),
@@ -258,10 +272,34 @@ def _check_options(schedule: Any, refine: Any, batch_size: Any, views: Any, stal
         raise TspipeError(f"staleness must be 0 (synchronous) or 1 (TSPipe), got {staleness!r}")
 
 
-def _capture(model: nn.Module, inputs: Any, kwargs: dict[str, Any] | None) -> CapturedModel:
+def _example(inputs: Any, kwargs: dict[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)), dict(kwargs or {})
+
+
+def _capture(role: str, model: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]]) -> CapturedModel:
     if isinstance(model, CapturedModel):
         return model
-    return capture(model, inputs, example_kwargs=kwargs)
+    try:
+        return capture(model, example[0], example_kwargs=example[1])
+    except CaptureError as e:
+        raise CaptureError(f"the {role}: {e}") from None
+
+
+def _shapes(role: str, cap: CapturedModel, flat: list[torch.Tensor]) -> None:
+    """Shapes and symbolic costs of one model; an example it cannot run on is named in one line."""
+    try:
+        annotate_symbolic(cap.graph_module, flat)
+    except Exception as e:  # noqa: BLE001 - whatever the model raised, the user needs where and why
+        text = str(e).strip()
+        node = re.search(r"While executing %(\S+)", text)
+        shapes = ", ".join(f"{n}={tuple(x.shape)}" for n, x in zip(cap.input_names, flat, strict=False))
+        raise TspipeError(
+            f"the {role} ({cap.model_name}) cannot run on its example inputs ({shapes}): "
+            f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+            f"{f' (at node {node.group(1)})' if node else ''}; hint: the example must be one batch the "
+            f"{role} takes; a teacher that takes other inputs than the student gets its own "
+            "(compile(..., teacher_example_inputs=...), trainer.step(..., teacher_inputs=...))"
+        ) from None
 
 
 def _cut_space(

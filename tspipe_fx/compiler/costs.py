@@ -23,7 +23,7 @@ def cost_models(
     profiles: tuple[Profile, Profile] | None,
     s_cap: CapturedModel,
     t_cap: CapturedModel,
-    example: tuple[tuple[Any, ...], dict[str, Any]],
+    examples: tuple[tuple[tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]],
     device: torch.device,
     spec: DeviceSpec,
 ) -> tuple[CostModel, CostModel, str]:
@@ -42,11 +42,11 @@ def cost_models(
             f"unknown cost_model {cost_model!r}; use a CostModel, a (student, teacher) pair, or one of "
             "'measured', 'calibrated', 'roofline', 'params', 'uniform'"
         )
-    if profiles is None:  # both models measured on the example batch, called as the user calls them
-        args, kwargs = example
+    if profiles is None:  # both models measured on their example batch, called as the user calls them
+        (s_args, s_kwargs), (t_args, t_kwargs) = examples
         profiles = (
-            profile(s_cap, args, example_kwargs=kwargs, device=device, repeats=3),
-            profile(t_cap, args, example_kwargs=kwargs, device=device, repeats=3),
+            profile(s_cap, s_args, example_kwargs=s_kwargs, device=device, repeats=3),
+            profile(t_cap, t_args, example_kwargs=t_kwargs, device=device, repeats=3),
         )
     if len(profiles) != 2 or not all(isinstance(p, Profile) for p in profiles):
         raise TspipeError("profile must be a (student Profile, teacher Profile) pair")

@@ -7,7 +7,7 @@ every runtime split batches and join outputs with these functions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -15,7 +15,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from tspipe_fx.errors import TspipeError
 
 __all__ = [
+    "Fed",
     "batch_size",
+    "fed_batch",
     "join_micro",
     "split_micro",
     "split_tree",
@@ -23,6 +25,59 @@ __all__ = [
     "tree_to_device",
     "view_inputs",
 ]
+
+
+class Fed(NamedTuple):
+    """One batch as the runtimes hold it: each model's inputs per view and micro-batch
+    (``student_args[v][m]``), and the target. A teacher fed the student's inputs shares them."""
+
+    student_args: list[list[tuple[Any, ...]]]
+    student_kwargs: list[list[dict[str, Any]]]
+    target: Any
+    teacher_args: list[list[tuple[Any, ...]]]
+    teacher_kwargs: list[list[dict[str, Any]]]
+
+    def inputs(self, teacher: bool, view: int, micro: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The ``(args, kwargs)`` of one model's micro-batch."""
+        if teacher:
+            return self.teacher_args[view][micro], self.teacher_kwargs[view][micro]
+        return self.student_args[view][micro], self.student_kwargs[view][micro]
+
+
+def fed_batch(
+    views: int,
+    micro_batches: int,
+    inputs: Sequence[Any],
+    kwargs: dict[str, Any],
+    target: Any,
+    teacher_inputs: Any = None,
+    teacher_kwargs: dict[str, Any] | None = None,
+) -> Fed:
+    """Cut a batch into views and micro-batches. ``teacher_inputs`` (a tensor or a tuple of
+    positional arguments) and ``teacher_kwargs`` are the teacher's own call for the same samples
+    (neither: the student's)."""
+    teacher = None
+    if teacher_inputs is not None or teacher_kwargs is not None:
+        positional = () if teacher_inputs is None else teacher_inputs
+        teacher = (
+            (positional,) if isinstance(positional, torch.Tensor) else tuple(positional),
+            teacher_kwargs or {},
+        )
+    cut = []
+    for positional, keywords in ((inputs, kwargs),) if teacher is None else ((inputs, kwargs), teacher):
+        per_view = [split_micro(v, keywords, micro_batches) for v in view_inputs(views, positional)]
+        cut.append(
+            ([[a for a, _ in micro] for micro in per_view], [[k for _, k in micro] for micro in per_view])
+        )
+    if teacher is not None:
+        sizes = [sum(batch_size((a, k)) for a, k in zip(args[0], kws[0], strict=True)) for args, kws in cut]
+        if sizes[0] != sizes[1]:
+            raise TspipeError(
+                f"the teacher's inputs hold {sizes[1]} samples and the student's {sizes[0]}; hint: "
+                "teacher_inputs are the same samples as the student's, prepared for the teacher"
+            )
+    (s_args, s_kwargs), (t_args, t_kwargs) = cut[0], cut[-1]
+    return Fed(s_args, s_kwargs, target, t_args, t_kwargs)
 
 
 def view_inputs(views: int, inputs: Sequence[Any]) -> list[tuple[Any, ...]]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
+from tspipe_fx.runtime.batches import Fed
 from tspipe_fx.runtime.board import Aborted, Board
 from tspipe_fx.runtime.device import NOTES_ATTR, DeviceState, parameter_of
 from tspipe_fx.runtime.tasks import RuntimeFailure, StageTasks
@@ -32,9 +33,9 @@ class LocalRuntime(StageTasks):
     def run(
         self,
         lists: Sequence[Sequence[Task]],
-        data: dict[int, tuple[list[Any], list[Any], Any]],
+        data: dict[int, Fed],
     ) -> None:
-        """Run one window: ``lists[j]`` on device ``j``; ``data[b]`` = (view args, kwargs, target)."""
+        """Run one window: ``lists[j]`` on device ``j``; ``data[b]``: batch ``b``."""
         if self.broken is not None:
             raise RuntimeFailure(f"the runtime failed earlier and cannot go on: {self.broken}")
         board = Board(self.timeout_s)
@@ -60,7 +61,7 @@ class LocalRuntime(StageTasks):
             )
             raise self.broken from err
 
-    def _worker(self, d: DeviceState, tasks: Sequence[Task], data: dict[int, Any], board: Board) -> None:
+    def _worker(self, d: DeviceState, tasks: Sequence[Task], data: dict[int, Fed], board: Board) -> None:
         task = tasks[0] if tasks else Task("opt", d.index, -1)
         try:
             with torch.cuda.stream(d.stream) if d.stream is not None else contextlib.nullcontext():

@@ -23,15 +23,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from tspipe_fx.errors import TspipeError
-from tspipe_fx.runtime.batches import join_micro, split_micro, view_inputs
+from tspipe_fx.runtime.batches import fed_batch, join_micro
 from tspipe_fx.runtime.optim import OptimizerSpec, build_optimizer, parameter_names
 from tspipe_fx.runtime.options import TrainOptions
 from tspipe_fx.runtime.tasks import checked_loss
 from tspipe_fx.runtime.teacher import checked_momentum, ema_update
 
 __all__ = ["ReferenceTrainer"]
+
+
+def _copy(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) else x
 
 
 class ReferenceTrainer:
@@ -103,21 +108,32 @@ class ReferenceTrainer:
         for n, t in self._ema_tensors(self.teacher):
             t.copy_(state[n])
 
-    def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> float:
-        """Train on one batch; returns its loss."""
-        views = view_inputs(self.views, inputs)
+    def step(
+        self,
+        *inputs: Any,
+        target: Any = None,
+        teacher_inputs: Any = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> float:
+        """Train on one batch; returns its loss (arguments: :meth:`Trainer.step`)."""
+        fed = fed_batch(
+            self.views, self.micro_batches, inputs, kwargs, target, teacher_inputs, teacher_kwargs
+        )
+        views = fed.student_args
         if self.mode == "momentum":  # the version this batch may see: the oldest one kept
             self._load_teacher(self.versions[0])
-        micro = [split_micro(args, kwargs, self.micro_batches) for args in views]
         order = [(v, m) for v in range(len(views)) for m in range(self.micro_batches)]
         if self.micro_major:
             order.sort(key=lambda vm: (vm[1], vm[0]))
         t_parts: dict[tuple[int, int], Any] = {}
         s_parts: dict[tuple[int, int], Any] = {}
+        # On copies: a model may write its input, and the micro-batches are views of one tensor.
         for v, m in order:
-            a, k = micro[v][m]
             with torch.no_grad():
+                a, k = tree_map(_copy, fed.inputs(True, v, m))
                 t_parts[(v, m)] = self.teacher(*a, **k)
+            a, k = tree_map(_copy, fed.inputs(False, v, m))
             s_parts[(v, m)] = self.student(*a, **k)
         teacher_out = [
             join_micro([t_parts[(v, m)] for m in range(self.micro_batches)]) for v in range(len(views))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tspipe_fx.errors import TspipeError
-from tspipe_fx.runtime.batches import batch_size, join_micro, split_tree, to_device, tree_to_device
+from tspipe_fx.runtime.batches import Fed, batch_size, join_micro, split_tree, to_device, tree_to_device
 from tspipe_fx.runtime.board import Board
 from tspipe_fx.runtime.device import DeviceState, call_stage
 from tspipe_fx.runtime.optim import build_optimizer, optimizer_params, parameter_names
@@ -119,21 +119,24 @@ class StageTasks(ABC):
             n: p for n, p in module.named_parameters() if p.requires_grad and (stage, n) not in self.not_owned
         }
 
-    def run_task(self, d: DeviceState, task: Task, data: dict[int, Any], board: Board) -> None:
+    def run_task(self, d: DeviceState, task: Task, data: dict[int, Fed], board: Board) -> None:
         """Run one task of device ``d``'s list."""
         getattr(self, f"_{task.kind}")(d, task, data, board)
 
     def _inputs(
-        self, d: DeviceState, model: ModelIO, io: Stage, t: Task, data: dict[int, Any], board: Board
+        self, d: DeviceState, model: ModelIO, io: Stage, t: Task, data: dict[int, Fed], board: Board
     ) -> dict[str, Any]:
         if d.index == 0:
-            args, kwargs, _ = data[t.batch]
-            flat = model.flatten_inputs(args[t.view][t.micro], kwargs[t.view][t.micro])
-            return {name: to_device(x, d.device) for name, x in zip(io.inputs, flat, strict=True)}
+            flat = model.flatten_inputs(*data[t.batch].inputs(t.kind == "tf", t.view, t.micro))
+            values = {name: to_device(x, d.device) for name, x in zip(io.inputs, flat, strict=True)}
+            for name in io.written_inputs:  # the batch is the user's, and its micro-batches are views
+                if isinstance(values.get(name), torch.Tensor):  # of one tensor: autograd sees every write
+                    values[name] = values[name].clone()
+            return values
         received = self.receive(d, board, (t.kind, d.index - 1, t.batch, t.view, t.micro))
         return {name: received[name] for name in io.inputs}
 
-    def _tf(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
+    def _tf(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         received = self._inputs(d, self.teacher.io, d.t_io, t, data, board)
         values = received if d.index == 0 else {n: to_device(v, d.device) for n, (v, _) in received.items()}
         args = [values[n] for n in d.t_io.inputs]
@@ -153,7 +156,7 @@ class StageTasks(ABC):
                 {n: (o, False) for n, o in zip(d.t_io.outputs, out, strict=True)},
             )
 
-    def _sf(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
+    def _sf(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         received = self._inputs(d, self.student.io, d.s_io, t, data, board)
         leaves: dict[str, torch.Tensor] = {}
         values: dict[str, Any] = {}
@@ -181,9 +184,9 @@ class StageTasks(ABC):
         }
         self.send(d, board, ("sf", d.index, t.batch, t.view, t.micro), sent)
 
-    def _loss(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
+    def _loss(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         b = t.batch
-        args, _, target = data[b]
+        args, target = data[b].student_args, data[b].target
         micro = sorted(
             {(v, m) for (bb, v, m) in d.student_out if bb == b and (not self.loss_per_micro or m == t.micro)}
         )
@@ -228,7 +231,7 @@ class StageTasks(ABC):
                     board.put(("grad", b, v, m, i), None)
         self.losses[b] = self.losses.get(b, 0.0) + value
 
-    def _sb(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
+    def _sb(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         leaves, out = d.saved.pop((t.batch, t.view, t.micro))
         if d.index == self.n_stages - 1:
             grads = [board.take(("grad", t.batch, t.view, t.micro, i)) for i in range(len(out))]
@@ -250,7 +253,7 @@ class StageTasks(ABC):
                 {n: leaf.grad for n, leaf in leaves.items()},
             )
 
-    def _opt(self, d: DeviceState, t: Task, data: dict[int, Any], board: Board) -> None:
+    def _opt(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         for names, stages in self.ties:  # the owner sums its copies' gradients
             if d.index in stages:
                 self.sum_tied(d, names, stages)
@@ -303,8 +306,8 @@ class StageTasks(ABC):
     # --- what each runtime provides -----------------------------------------------------------
 
     @abstractmethod
-    def run(self, lists: Sequence[Sequence[Task]], data: dict[int, tuple[list[Any], list[Any], Any]]) -> None:
-        """Run one window: ``lists[j]`` on device ``j``; ``data[b]`` = (view args, kwargs, target)."""
+    def run(self, lists: Sequence[Sequence[Task]], data: dict[int, Fed]) -> None:
+        """Run one window: ``lists[j]`` on device ``j``; ``data[b]``: batch ``b``."""
 
     @abstractmethod
     def send(self, d: DeviceState, board: Board, key: Any, payload: Any) -> None:

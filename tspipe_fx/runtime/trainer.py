@@ -21,7 +21,7 @@ from torch import nn
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.plan import Plan
-from tspipe_fx.runtime.batches import split_micro, view_inputs
+from tspipe_fx.runtime.batches import Fed, fed_batch
 from tspipe_fx.runtime.local import LocalRuntime
 from tspipe_fx.runtime.optim import OptimizerSpec
 from tspipe_fx.runtime.options import TrainOptions
@@ -48,7 +48,7 @@ _WRITERS: weakref.WeakKeyDictionary[nn.Module, weakref.ReferenceType[Trainer]] =
 @dataclass
 class _Pending:
     index: int
-    data: tuple[list[Any], list[Any], Any]
+    data: Fed
 
 
 class Trainer:
@@ -149,25 +149,23 @@ class Trainer:
 
     # --- public -----------------------------------------------------------------------------
 
-    def _prepare(
-        self, inputs: tuple[Any, ...], target: Any, kwargs: dict[str, Any]
-    ) -> tuple[list[Any], list[Any], Any]:
-        views = view_inputs(self.views, inputs)
-        args, kws = [], []
-        for v in views:
-            micro = split_micro(v, kwargs, self.m)
-            args.append([a for a, _ in micro])
-            kws.append([k for _, k in micro])
-        for model in (
-            self.student,
-            self.teacher,
-        ):  # a batch the models cannot take fails here, not in a worker
-            model.io.flatten_inputs(args[0][0], kws[0][0])
-        return args, kws, target
+    def step(
+        self,
+        *inputs: Any,
+        target: Any = None,
+        teacher_inputs: Any = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> StepLoss | None:
+        """Feed one batch; returns the loss of the batch before it (None on the first call).
 
-    def step(self, *inputs: Any, target: Any = None, **kwargs: Any) -> StepLoss | None:
-        """Feed one batch; returns the loss of the batch before it (None on the first call)."""
-        data = self._prepare(inputs, target, kwargs)
+        ``inputs`` and ``kwargs`` are the student's call; the teacher gets the same, or its own
+        inputs for the same samples (``teacher_inputs``: a tensor or a tuple of positional
+        arguments, ``teacher_kwargs``), as it was compiled with ``teacher_example_inputs``.
+        """
+        data = fed_batch(self.views, self.m, inputs, kwargs, target, teacher_inputs, teacher_kwargs)
+        for model, role in ((self.student, False), (self.teacher, True)):
+            model.io.flatten_inputs(*data.inputs(role, 0, 0))  # a batch a model cannot take fails here
         current = _Pending(self.next_index, data)
         if self.pending is None:
             self._claim_modules()

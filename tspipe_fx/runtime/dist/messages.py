@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from tspipe_fx.errors import TspipeError
+from tspipe_fx.runtime.batches import Fed
 from tspipe_fx.runtime.device import DeviceState
 from tspipe_fx.runtime.dist.layout import Layout
 from tspipe_fx.runtime.dist.shapes import Spec, boundary_specs, signature
@@ -48,7 +49,7 @@ class Messages:
         self.sends: list[tuple[Any, list[torch.Tensor], int]] = []  # work, its tensors, peer rank
         self.start_window([], {})
 
-    def start_window(self, lists: Sequence[Sequence[Task]], data: dict[int, Any]) -> None:
+    def start_window(self, lists: Sequence[Sequence[Task]], data: dict[int, Fed]) -> None:
         """A new window: its task lists (every stage's) and its batches."""
         self._lists, self._data = lists, data
         self._posted: dict[Any, tuple[list[Any], dict[str, Any]]] = {}
@@ -180,8 +181,7 @@ class Messages:
         if key not in self._window_specs:  # flattening the inputs costs ms: once per micro-batch
             student = kind == "sf"
             model = self.student if student else self.teacher
-            args, kwargs, _ = self._data[batch]
-            flat = model.io.flatten_inputs(args[view][micro], kwargs[view][micro])
+            flat = model.io.flatten_inputs(*self._data[batch].inputs(not student, view, micro))
             sig = (kind, signature(flat))
             if sig not in self.specs:
                 self.specs[sig] = boundary_specs(model.stages, flat, grad=student)

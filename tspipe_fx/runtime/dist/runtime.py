@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from tspipe_fx.errors import TspipeError
+from tspipe_fx.runtime.batches import Fed
 from tspipe_fx.runtime.board import Board
 from tspipe_fx.runtime.device import NOTES_ATTR, DeviceState, parameter_of
 from tspipe_fx.runtime.dist.collectives import by_dtype, flatten, unflatten
@@ -96,7 +97,7 @@ class DistRuntime(StageTasks):
 
     # --- a window ------------------------------------------------------------------------------
 
-    def run(self, lists: Sequence[Sequence[Task]], data: dict[int, tuple[list[Any], list[Any], Any]]) -> None:
+    def run(self, lists: Sequence[Sequence[Task]], data: dict[int, Fed]) -> None:
         if self.broken is not None:
             raise RuntimeFailure(f"the runtime failed earlier and cannot go on: {self.broken}")
         d = self.devices[0]

@@ -77,7 +77,7 @@ def main() -> None:
     )
     parser.add_argument("--resume", type=Path, default=None, help="load this checkpoint first")
     parser.add_argument("--other-plan", action="store_true", help="ranks > 0 compile another partition")
-    parser.add_argument("--fail", default=None, help="RANK:STEP:raise|loss|kill")
+    parser.add_argument("--fail", default=None, help="RANK:STEP:raise|loss|kill|stop")
     parser.add_argument("--short-last", action="store_true", help="the last batch has 6 rows, not 8")
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -112,6 +112,8 @@ def main() -> None:
                 raise ValueError(f"boom at step {step}")
             if fail_how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if fail_how == "stop":  # frozen: alive to the OS, silent to its peers
+                os.kill(os.getpid(), signal.SIGSTOP)
         a, b = (t[rows] for t in batch(step, args.mode, n))
         r = trainer.step(a, target=b) if args.mode == "kd" else trainer.step(a, b)
         if r is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -244,6 +245,30 @@ def test_a_failing_rank_ends_every_rank(tmp_path: Path, how: str) -> None:
         in text
     ), text[-4000:]
     assert not list(out.glob("rank-*.pt"))
+    assert _root_cause(text) == (1, f"rank 1 (stage 1) failed: {'task loss0: ' if how == 'loss' else ''}{error}")
+
+
+def _root_cause(text: str) -> tuple[int, str]:
+    """The rank and the first line of the message in torchrun's "Root Cause" box."""
+    box = text[text.index("Root Cause (first observed failure):"):]
+    rank = re.search(r"rank\s*: (\d+) \(local_rank", box)
+    message = re.search(r"(?:traceback|error_file)\s*:.*\n(?:\s*traceback\s*:\s*)?(.*)", box)
+    assert rank and message, box[:2000]
+    return int(rank.group(1)), message.group(1).strip()
+
+
+def test_a_stopped_rank_is_named_and_killed(tmp_path: Path) -> None:
+    """Issue 13.10: a SIGSTOPped rank took 52 s to clear (a 20 s heartbeat, then torchrun's 30 s
+    grace for a process that cannot take its SIGTERM), and torchrun blamed a healthy rank."""
+    t0 = time.monotonic()
+    done = subprocess.run(_torchrun(2, tmp_path, "--fail", "1:2:stop", "--steps", "6"), env=_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    elapsed = time.monotonic() - t0
+    text = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert elapsed < 40, (elapsed, text[-3000:])  # start-up included; the stop clears in ~10 s
+    rank, message = _root_cause(text)
+    assert rank == 1 and message.startswith("rank 1 (stage 1) stopped answering for 10 s"), text[-3000:]
 
 
 def test_a_killed_rank_ends_the_other_node(tmp_path: Path) -> None:
@@ -252,7 +277,10 @@ def test_a_killed_rank_ends_the_other_node(tmp_path: Path) -> None:
     (rc0, text0, t0), (rc1, _, t1) = run_two_nodes(tmp_path, "--fail", "1:2:kill", "--steps", "6")
     assert rc0 != 0 and rc1 != 0
     assert max(t0, t1) < 60
-    assert "lost rank 1 (stage 1)" in text0 or "rank 1 stopped answering" in text0, text0[-4000:]
+    assert "lost rank 1 (stage 1)" in text0 or "rank 1 (stage 1) stopped answering" in text0, text0[-4000:]
+    # The survivor's torchrun names rank 0 (its only rank), with the lost rank as the reason.
+    rank, message = _root_cause(text0)
+    assert rank == 0 and re.match(r"rank 0 stops: rank 1 \(stage 1\) (was lost|stopped answering)", message), message
 
 
 def test_a_world_that_is_no_multiple_of_the_stages(tmp_path: Path) -> None:

@@ -36,6 +36,9 @@ class Layout:
     def stage(self) -> int:
         return self.rank % self.n_stages
 
+    def stage_of(self, rank: int) -> int:
+        return rank % self.n_stages
+
     def rank_of(self, stage: int, pipeline: int | None = None) -> int:
         return (self.pipeline if pipeline is None else pipeline) * self.n_stages + stage
 

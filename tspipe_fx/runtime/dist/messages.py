@@ -139,7 +139,9 @@ class Messages:
         except RuntimeError as e:
             raise PeerLost(
                 f"lost rank {peer} (stage {stage}) while {what}: {str(e).splitlines()[0]}; hint: that "
-                "rank died (killed, out of memory?) or hangs; its own log says which"
+                "rank died (killed, out of memory?) or hangs; its own log says which",
+                peer,
+                stage,
             ) from e
         if done is False:
             raise TimeoutError(f"waited {self.timeout_s:.0f} s {what} from rank {peer} (stage {stage})")

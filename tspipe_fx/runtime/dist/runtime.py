@@ -131,7 +131,13 @@ class DistRuntime(StageTasks):
             message = f"task {task}{where}: {type(e).__name__}: {e}"
             notice = self.watchdog.notice() if self.watchdog is not None else None
             if notice is not None:  # a peer failed first; this is the echo (a closed connection)
+                assert self.watchdog is not None
+                self.watchdog.echo(notice)
                 self.broken = RuntimeFailure(f"rank {self.layout.rank} stops: {notice}")
+            elif isinstance(e, PeerLost):  # the peer went without a word: name it, not this rank
+                if self.watchdog is not None:
+                    self.watchdog.lost(e)
+                self.broken = RuntimeFailure(f"rank {self.layout.rank} (stage {d.index}) stops: {e}")
             else:
                 if self.watchdog is not None:
                     self.watchdog.fail(message)

@@ -137,8 +137,7 @@ CASES = [
             num_classes=10,
         ),
         _image,
-        method="export",
-    ),  # timm's Swin pads windows by traced sizes: fx cannot
+    ),  # fx since its tensor constants stay on the graph (they were looked up on the model)
     Case("hf_bert_mlm", _bert, lambda b: (), _tokens, method="export"),
     Case("hf_distilbert_mlm", _distilbert, lambda b: (), _tokens, method="export"),
     Case("hf_gpt2_lm", _gpt2, lambda b: (), lambda b: {**_tokens(b), "use_cache": False}, method="export"),

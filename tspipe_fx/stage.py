@@ -34,6 +34,7 @@ __all__ = [
     "Stage",
     "StagedModel",
     "TieGroup",
+    "copy_buffer_persistence",
     "run_stages",
     "tensors_by_id",
     "tie_groups",
@@ -157,6 +158,20 @@ def tensors_by_id(module: nn.Module, *, buffers: bool = True) -> dict[int, list[
     ]:
         names.setdefault(id(t), []).append(name)
     return names
+
+
+def copy_buffer_persistence(source: nn.Module, target: nn.Module) -> None:
+    """Mark ``target``'s buffers non-persistent where ``source``'s of the same name are (fx's
+    GraphModule registers every buffer it copies as persistent, so a ``persistent=False`` buffer
+    such as timm Swin's ``relative_position_index`` would enter the state_dict)."""
+    for name, _ in target.named_buffers():
+        *path, leaf = name.split(".")
+        try:
+            owner = source.get_submodule(".".join(path))
+        except AttributeError:
+            continue
+        if leaf in owner._non_persistent_buffers_set:
+            target.get_submodule(".".join(path))._non_persistent_buffers_set.add(leaf)
 
 
 def tie_groups(stages: Sequence[Stage]) -> list[TieGroup]:

@@ -25,7 +25,7 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.passes.chain import GraphChain
 from tspipe_fx.passes.meta import info
 from tspipe_fx.passes.mutation import written_inputs
-from tspipe_fx.stage import Stage, tensors_by_id
+from tspipe_fx.stage import Stage, copy_buffer_persistence, tensors_by_id
 
 __all__ = ["split"]
 
@@ -52,6 +52,8 @@ def split(gc: GraphChain, cuts: Sequence[int], *, name: str = "Stage") -> list[S
         outs = final if last else gc.live[bounds[k + 1]]
         stages.append(_stage(gc, ins, gc.nodes[bounds[k] : bounds[k + 1]], outs, f"{name}{k}", as_tuple=last))
     _place_unread_attributes(gc.gm, [s.module for s in stages])
+    for s in stages:
+        copy_buffer_persistence(gc.gm, s.module)
     return stages
 
 

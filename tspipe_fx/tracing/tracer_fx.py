@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from tspipe_fx.errors import CaptureError
-from tspipe_fx.stage import ModelIO
+from tspipe_fx.stage import ModelIO, copy_buffer_persistence
 from tspipe_fx.tracing.functions import functions_kept
 from tspipe_fx.tracing.inputs import split_leaves
 from tspipe_fx.tracing.model import CapturedModel
@@ -129,5 +129,6 @@ def capture_fx(
             }
     gm = fx.GraphModule(owned, graph, class_name=f"{type(model).__name__}Graph")
     gm.training = model.training  # the mode it was traced in (its submodules are the user's)
+    copy_buffer_persistence(model, gm)
     io = ModelIO(in_spec, wrapper.out_spec, tuple(constants), tuple(names), type(model).__name__)
     return CapturedModel(gm, io, method="fx", dynamic_batch=True)

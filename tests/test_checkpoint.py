@@ -158,3 +158,21 @@ def test_a_checkpoint_of_the_earlier_layout_still_loads(tmp_path: Any) -> None:
     assert fresh.next_index == 2
     expected = trainer.runtime.devices[1].student.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in fresh.runtime.devices[1].student.state_dict().items())
+
+
+def test_a_checkpoint_into_the_working_folder(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 13.11: ``save_checkpoint(tr, ".")`` once swapped the whole working folder."""
+    from tspipe_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("# the user's script\n")
+    torch.manual_seed(0)
+    pipe = tspipe_fx.compile(Net(), Net(32).eval(), 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform")
+    trainer = pipe.trainer(kd_loss, optimizer=sgd)
+    _run(trainer, [(torch.randn(8, 8), {"target": torch.randint(0, 4, (8,))}) for _ in range(2)])
+    save_checkpoint(trainer, ".")
+    assert (tmp_path / "train.py").read_text() == "# the user's script\n"
+    assert (tmp_path / "tspipe-checkpoint.json").is_file()
+    other = pipe.trainer(kd_loss, optimizer=sgd)
+    load_checkpoint(other, ".")
+    assert other.next_index == trainer.next_index

@@ -71,12 +71,12 @@ MODELS: list[tuple[str, str, dict[str, Any], int | None]] = [
     ("cait", "timm:cait_xxs24_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32),
     ("xcit", "timm:xcit_nano_12_p16_224", {"img_size": 32, "depth": 2}, 32),
     ("pit", "timm:pit_ti_224", {"img_size": 64}, 64),
-    ("mixer", "timm:mixer_s16_224", {"img_size": 32, "patch_size": 8, "num_blocks": 2}, 32),
-    ("resmlp", "timm:resmlp_12_224", {"img_size": 32, "patch_size": 8, "depth": 2}, 32),
+    ("mixer", "timm:mixer_s16_224", {"img_size": 32}, 32),
+    ("resmlp", "timm:resmlp_12_224", {"img_size": 32}, 32),
     ("swin", "timm:swin_tiny_patch4_window7_224",
      {"img_size": 32, "window_size": 2, "embed_dim": 24, "depths": (1, 1), "num_heads": (1, 2)}, 32),
     ("poolformer", "timm:poolformer_s12", {}, 64),
-    ("tiny_vit", "timm:tiny_vit_5m_224", {"img_size": 64}, 64),
+    ("levit", "timm:levit_128s", {}, 224),
     # torchvision
     ("tv_resnet18", "torchvision:resnet18", {}, 64),
     ("tv_mobilenet_v3", "torchvision:mobilenet_v3_small", {}, 64),
@@ -87,8 +87,7 @@ MODELS: list[tuple[str, str, dict[str, Any], int | None]] = [
     ("tv_densenet", "torchvision:densenet121", {}, 64),
     ("tv_convnext", "torchvision:convnext_tiny", {}, 64),
     ("tv_googlenet", "torchvision:googlenet", {"aux_logits": False, "init_weights": False}, 64),
-    ("tv_vit", "torchvision:vit_b_16", {"image_size": 32, "num_layers": 2, "hidden_dim": 64,
-                                        "mlp_dim": 128, "num_heads": 2}, 32),
+    ("tv_vit", "torchvision:vit_b_32", {"image_size": 64}, 64),
     ("tv_swin", "torchvision:swin_t", {}, 64),
 ]
 TEXT = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
@@ -120,15 +119,19 @@ MODELS += [
 
 
 def _quiet(model: torch.nn.Module) -> torch.nn.Module:
-    """No dropout anywhere: the pipelined and the plain run must draw nothing at random."""
-    config = getattr(model, "config", None)
-    for key in list(vars(config)) if config is not None else []:
-        if ("dropout" in key or key.endswith("_pdrop") or key.endswith("drop_prob")) and \
-                isinstance(getattr(config, key), float):  # fmt: skip
-            setattr(config, key, 0.0)
+    """Nothing random anywhere (dropout, stochastic depth, layer drop): the pipelined and the
+    plain run must compute the same thing. Rates live in modules as floats (``self.dropout``,
+    ``drop_rate``, ``drop_prob``) or as a dropout module's ``p``."""
     for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
+        for key, value in list(vars(m).items()):
+            if isinstance(value, float) and "drop" in key.lower():
+                setattr(m, key, 0.0)
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) or type(m).__name__ == "StochasticDepth":
             m.p = 0.0
+    config = getattr(model, "config", None)
+    for key, value in list(vars(config).items()) if config is not None else []:
+        if isinstance(value, float) and "drop" in key.lower():
+            setattr(config, key, 0.0)
     return model
 
 

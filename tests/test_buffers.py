@@ -71,3 +71,38 @@ def test_every_buffer_follows_eager_training(mode: str) -> None:
         for name, value in eager.named_buffers():
             torch.testing.assert_close(got[name], value, msg=name)
     assert int(mine.bn1.num_batches_tracked) == 3 * 2  # once per micro-batch, as eager micro-batching
+
+
+class BranchesOnABuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) * 2 if self.scale > 1 else self.a(x)  # Python branches on a buffer's value
+
+
+def test_a_model_branching_on_a_buffer_is_traced_with_its_buffers_as_constants() -> None:
+    """Buffers are graph values under fx, so fx cannot branch on one; such a model is traced
+    again with its buffers read as constants, which is safe as long as it writes none."""
+    model, x = BranchesOnABuffer(), torch.randn(3, 8)
+    cm = tspipe_fx.capture(model, (x,))
+    assert cm.method == "fx"
+    torch.testing.assert_close(cm(x), model(x))
+
+
+class BranchesOnAndWritesBuffers(BranchesOnABuffer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.scale.add_(1)  # a counter kept in Python
+        return super().forward(x)
+
+
+def test_known_limitation_a_model_reading_and_writing_buffers_in_python_is_refused_by_fx() -> None:
+    """README, Limitations: fx can neither branch on a buffer nor trace without running its
+    Python update once; export cannot branch on data either. The buffers stay as they were."""
+    model, x = BranchesOnAndWritesBuffers(), torch.randn(3, 8)
+    with pytest.raises(tspipe_fx.CaptureError, match=r"fx: CaptureError: BranchesOnAndWritesBuffers both reads a "
+                                                      r"buffer's value in Python and writes buffers in Python \(scale\)"):  # fmt: skip
+        tspipe_fx.capture(model, (x,))
+    assert float(model.scale) == 2.0

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
@@ -50,12 +51,18 @@ class _FlatCall(nn.Module):
 class _FlatTracer(fx.Tracer):
     """An fx tracer whose root takes ``*flat`` and gets one named placeholder per input."""
 
-    def __init__(self, names: Sequence[str], leaf_modules: Sequence[type[nn.Module] | str]):
+    def __init__(
+        self,
+        names: Sequence[str],
+        leaf_modules: Sequence[type[nn.Module] | str],
+        *,
+        proxy_buffers: bool = True,
+    ):
         super().__init__()
         # Buffers become get_attr nodes: an in-place update (timm's BatchNormAct2d counts its
         # batches with num_batches_tracked.add_(1)) is then a graph op, not a change made once
         # to the user's buffer while tracing.
-        self.proxy_buffer_attributes = True
+        self.proxy_buffer_attributes = proxy_buffers
         self.names = list(names)
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = {f"model.{m}" for m in leaf_modules if isinstance(m, str)}
@@ -95,6 +102,15 @@ def _forget_proxies(model: nn.Module, before: dict[int, dict[str, Any]]) -> None
                     object.__delattr__(m, name)
 
 
+def _trace(model: nn.Module, wrapper: nn.Module, tracer: fx.Tracer) -> fx.Graph:
+    before = {id(m): dict(vars(m)) for m in model.modules()}
+    try:
+        with functions_kept():
+            return tracer.trace(wrapper)
+    finally:
+        _forget_proxies(model, before)
+
+
 def capture_fx(
     model: nn.Module,
     args: tuple[Any, ...],
@@ -103,12 +119,20 @@ def capture_fx(
 ) -> CapturedModel:
     leaves, in_spec, tensor_pos, names, constants = split_leaves(model, args, kwargs)
     wrapper = _FlatCall(model, leaves, in_spec, tensor_pos)
-    before = {id(m): dict(vars(m)) for m in model.modules()}
     try:
-        with functions_kept():
-            graph = _FlatTracer(names, leaf_modules).trace(wrapper)
-    finally:
-        _forget_proxies(model, before)
+        graph = _trace(model, wrapper, _FlatTracer(names, leaf_modules))
+    except Exception:  # noqa: BLE001 - Python that reads a buffer's value: buffers as constants
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        graph = _trace(model, wrapper, _FlatTracer(names, leaf_modules, proxy_buffers=False))
+        written = [n for n, b in model.named_buffers() if n in buffers and not torch.equal(b, buffers[n])]
+        if written:  # its updates would have happened once, now, and never in the graph
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(buffers[n])
+            raise CaptureError(
+                f"{type(model).__name__} both reads a buffer's value in Python and writes buffers in "
+                f"Python ({', '.join(written[:3])}): fx can keep neither as a graph op"
+            ) from None
     if wrapper.out_spec is None:
         raise CaptureError("fx tracing produced no output")
     # Unwrap: every target "model.x.y" becomes "x.y" so the GraphModule owns the user's modules

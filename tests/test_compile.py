@@ -100,6 +100,15 @@ def test_report_labels_stages_by_module_path() -> None:
     rows = [line for line in pipe.report().splitlines() if line.lstrip().startswith(("0 ", "1 "))]
     assert rows[0].split()[2:5] == ["stem", "..", first.last_module]
     assert "(top)" not in pipe.report() and "mul" not in pipe.report()
+    # torch.export marks nodes of no module (size queries) with a placeholder stack entry.
+    from zoo import BY_NAME
+
+    case = BY_NAME["hf_distilbert_mlm"]
+    pipe = tspipe_fx.compile(case.build(), case.build().eval(), 2, example_inputs=(), example_kwargs=case.kwargs(4),
+                             cost_model="uniform")  # fmt: skip
+    report = pipe.report()
+    assert pipe.plan.student.method == "export" and "_empty_nn_module_stack" not in report
+    assert pipe.plan.student.stages[0].first_module.startswith("distilbert.embeddings")
 
 
 def test_report(kd: tspipe_fx.Pipeline) -> None:

@@ -10,22 +10,25 @@ from tspipe_fx.passes.meta import update
 __all__ = ["annotate_structure", "module_of"]
 
 
+_NO_MODULE = "_empty_nn_module_stack"  # torch.export's stack entry for a node of no module
+
+
 def module_of(node: fx.Node) -> tuple[str, str]:
     """``(path, class name)`` of the innermost user module that produced ``node``.
 
     fx records ``nn_module_stack`` values as ``(path, type)``, torch.export as
     ``(path, "pkg.module.Class")``; both are normalised here.
     """
+    stack = [
+        v for v in (node.meta.get("nn_module_stack") or {}).values() if not str(v[0]).startswith(_NO_MODULE)
+    ]
     if node.op == "call_module":
-        stack = node.meta.get("nn_module_stack") or {}
-        kind = next(reversed(stack.values()))[1] if stack else ""
-        return str(node.target), _class_name(kind)
-    stack = node.meta.get("nn_module_stack")
+        return str(node.target), _class_name(stack[-1][1] if stack else "")
     if not stack:
         if node.op == "get_attr":
             return str(node.target).rpartition(".")[0], ""
         return "", ""
-    path, kind = next(reversed(stack.values()))
+    path, kind = stack[-1]
     return str(path), _class_name(kind)
 
 

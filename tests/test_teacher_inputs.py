@@ -65,6 +65,8 @@ def test_teacher_inputs_of_other_samples_are_refused() -> None:
     trainer = pipe.trainer(kd_loss, optimizer=sgd)
     with pytest.raises(TspipeError, match="the teacher's inputs hold 6 samples and the student's 8"):
         trainer.step(x, target=y, teacher_inputs=image[:6], teacher_kwargs={"ids": ids[:6]})
+    with pytest.raises(TspipeError, match=r"teacher_inputs must be a tensor or a tuple .*, got int and dict"):
+        trainer.step(x, target=y, teacher_inputs=5, teacher_kwargs={"ids": ids})
     with pytest.raises(TspipeError, match=r"ImageTeacher was captured for inputs structured as 1 positional input and keywords \['ids'\]"):
         trainer.step(x, target=y)  # the teacher's inputs forgotten
     assert trainer.pending is None

@@ -59,6 +59,13 @@ def fed_batch(
     teacher = None
     if teacher_inputs is not None or teacher_kwargs is not None:
         positional = () if teacher_inputs is None else teacher_inputs
+        if not isinstance(positional, (torch.Tensor, tuple, list)) or not isinstance(
+            teacher_kwargs or {}, dict
+        ):
+            raise TspipeError(
+                f"teacher_inputs must be a tensor or a tuple of the teacher's positional inputs and "
+                f"teacher_kwargs a dict, got {type(positional).__name__} and {type(teacher_kwargs).__name__}"
+            )
         teacher = (
             (positional,) if isinstance(positional, torch.Tensor) else tuple(positional),
             teacher_kwargs or {},

@@ -41,6 +41,7 @@ from tspipe_fx.passes.symbolic import input_sizes
 from tspipe_fx.pipeline import Pipeline
 from tspipe_fx.plan import Plan
 from tspipe_fx.schedule.generators import make_schedule
+from tspipe_fx.stage import positional_args
 from tspipe_fx.tracing import CapturedModel, capture
 
 __all__ = ["compile"]
@@ -273,7 +274,7 @@ def _check_options(schedule: Any, refine: Any, batch_size: Any, views: Any, stal
 
 
 def _example(inputs: Any, kwargs: dict[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)), dict(kwargs or {})
+    return positional_args(inputs), dict(kwargs or {})
 
 
 def _capture(role: str, model: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]]) -> CapturedModel:

@@ -52,6 +52,12 @@ class Constant:
     value: Any
 
 
+def positional_args(inputs: Any) -> tuple[Any, ...]:
+    """A call's positional arguments as given by a user: a tensor is one argument, a tuple or
+    list are the arguments."""
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
 @dataclass(frozen=True)
 class ModelIO:
     """A captured model's calling convention: flat tensor inputs in, flat outputs out.

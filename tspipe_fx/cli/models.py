@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tspipe_fx.errors import TspipeError
+from tspipe_fx.stage import positional_args
 
 __all__ = ["BuiltModel", "build_model", "parse_options"]
 
@@ -184,9 +185,7 @@ def _callable(spec: str, path: str, name: str, options: dict[str, Any], batch: i
     if isinstance(made, nn.Module):
         return BuiltModel(spec, made, (_images(batch, size),))
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
-        inputs = made[1]
-        args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        return BuiltModel(spec, made[0], args)
+        return BuiltModel(spec, made[0], positional_args(made[1]))
     raise TspipeError(
         f"model {spec!r}: {name}() returned {type(made).__name__}; it must return an nn.Module or "
         "(module, example inputs)"

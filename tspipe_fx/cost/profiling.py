@@ -20,6 +20,7 @@ from tspipe_fx.passes.fingerprint import graph_fingerprint, target_name
 from tspipe_fx.passes.meta import info
 from tspipe_fx.passes.symbolic import SIZES_KEY, input_sizes
 from tspipe_fx.passes.timer import Timer
+from tspipe_fx.stage import positional_args
 from tspipe_fx.tracing import CapturedModel, capture
 
 __all__ = ["device_name", "profile"]
@@ -121,8 +122,7 @@ def _profile(
         captured = capture(model, example_inputs, example_kwargs=example_kwargs)
     else:
         raise ProfileError(f"profile() needs an nn.Module or a CapturedModel, got {type(model).__name__}")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    flat = captured.flatten_inputs(args, example_kwargs or {})
+    flat = captured.flatten_inputs(positional_args(example_inputs), example_kwargs or {})
     gm = copy.deepcopy(captured.graph_module).to(dev)
     inputs = [
         x.to(dev, copy=True) for x in flat

@@ -13,6 +13,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tspipe_fx.errors import TspipeError
+from tspipe_fx.stage import positional_args
 
 __all__ = [
     "Fed",
@@ -67,7 +68,7 @@ def fed_batch(
                 f"teacher_kwargs a dict, got {type(positional).__name__} and {type(teacher_kwargs).__name__}"
             )
         teacher = (
-            (positional,) if isinstance(positional, torch.Tensor) else tuple(positional),
+            positional_args(positional),
             teacher_kwargs or {},
         )
     cut = []

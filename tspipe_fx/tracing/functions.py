@@ -40,26 +40,31 @@ def function_call(cls: type[torch.autograd.Function]) -> Callable[..., Any]:
     return call
 
 
+_APPLY = torch.autograd.Function.__dict__["apply"]  # torch's own, restored after every patch
+
+
+def _apply(cls: type[torch.autograd.Function], *args: Any, **kwargs: Any) -> Any:
+    return _APPLY.__get__(None, cls)(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def _patched_apply(replacement: Callable[..., Any]) -> Iterator[None]:
-    original = torch.autograd.Function.__dict__["apply"]
     torch.autograd.Function.apply = classmethod(replacement)
     try:
         yield
     finally:
-        torch.autograd.Function.apply = original
+        torch.autograd.Function.apply = _APPLY
 
 
 @contextlib.contextmanager
 def functions_kept() -> Iterator[None]:
     """While fx traces: a custom Function applied to a traced value becomes one node."""
-    original = torch.autograd.Function.__dict__["apply"]
 
     def apply(cls: type[torch.autograd.Function], *args: Any, **kwargs: Any) -> Any:
         proxies = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, fx.Proxy)]
         if proxies and _custom(cls):
             return proxies[0].tracer.create_proxy("call_function", function_call(cls), args, kwargs)
-        return original.__get__(None, cls)(*args, **kwargs)
+        return _apply(cls, *args, **kwargs)
 
     with _patched_apply(apply):
         yield
@@ -68,13 +73,12 @@ def functions_kept() -> Iterator[None]:
 @contextlib.contextmanager
 def functions_seen(seen: list[str]) -> Iterator[None]:
     """While export traces: append the qualified name of every custom Function applied."""
-    original = torch.autograd.Function.__dict__["apply"]
 
     def apply(cls: type[torch.autograd.Function], *args: Any, **kwargs: Any) -> Any:
         name = f"{cls.__module__}.{cls.__qualname__}"
         if _custom(cls) and name not in seen:
             seen.append(name)
-        return original.__get__(None, cls)(*args, **kwargs)
+        return _apply(cls, *args, **kwargs)
 
     with _patched_apply(apply):
         yield

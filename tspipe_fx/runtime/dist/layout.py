@@ -34,7 +34,7 @@ class Layout:
 
     @property
     def stage(self) -> int:
-        return self.rank % self.n_stages
+        return self.stage_of(self.rank)
 
     def stage_of(self, rank: int) -> int:
         return rank % self.n_stages

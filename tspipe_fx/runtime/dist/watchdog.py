@@ -52,6 +52,14 @@ def _write_error_file(path: str, message: str, timestamp: int) -> None:
         pass  # torchrun then names this rank by the time it saw it exit
 
 
+def _claim(store: PrefixStore, notice: str, now: int) -> str:
+    """Post ``notice`` as the run's failure, with its time, unless one came first; the one posted."""
+    posted = store.compare_set("failed", "", notice).decode()
+    if posted == notice:
+        store.set("failed_at", str(now))
+    return posted
+
+
 class Watchdog:
     """Heartbeats and failure notices through the rendezvous store, on a daemon thread.
 
@@ -92,9 +100,7 @@ class Watchdog:
         ``wait_s`` until the ranks other than ``readers`` of them have read it."""
         now = int(time.time())
         try:
-            self._main.compare_set("failed", "", notice)
-            self._main.compare_set("failed_at", "", str(now))
-            posted = self._main.get("failed").decode()
+            posted = _claim(self._main, notice, now)
         except Exception:  # noqa: BLE001 - the store may be gone with the failure; the heartbeat tells then
             posted = notice
         mine = posted.startswith(f"rank {self.layout.rank} ")
@@ -171,9 +177,8 @@ class Watchdog:
             "(stopped, hung outside Python, killed, or its machine is gone)"
         )
         now = int(time.time())
-        if self._own.compare_set("failed", "", notice).decode() != notice:
+        if _claim(self._own, notice, now) != notice:
             return  # another notice came first
-        self._own.compare_set("failed_at", "", str(now))
         host, pid, error_file = json.loads(self._own.get(f"proc/{r}").decode())
         if host == socket.gethostname():
             _write_error_file(error_file, notice, now)

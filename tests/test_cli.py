@@ -124,7 +124,7 @@ def test_plan_momentum_copies_the_student_and_roofline_specs(capsys: pytest.Capt
     rc, out, _ = run(capsys, "plan", "test_cli:tiny_mlp", "--mode", "momentum", "--gpus", "2", "--batch", "256",
                      "--cost-model", "roofline", "--device-spec", "h100", "--link", "nvlink4")  # fmt: skip
     assert rc == 0, out
-    assert "(teacher, fx), mode momentum, 2 stages, batch 256 in 2 micro-batches, cost model roofline" in out
+    assert "(teacher, fx), mode momentum, 2 stages, batch 256 in 2 micro-batches, 2 views, cost model roofline" in out
 
 
 def test_hf_pair_with_per_model_config(capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,7 +30,7 @@ def test_kd_plan_and_stages(kd: tspipe_fx.Pipeline) -> None:
     assert plan.cost_model == "measured" and plan.devices == ("cpu",) * 3
     assert len(kd.student_stages) == len(kd.teacher_stages) == 3
     assert all(isinstance(m, torch.fx.GraphModule) for m in kd.student_stages + kd.teacher_stages)
-    assert plan.period_ms == max(plan.loads_ms) >= plan.lower_bound_ms > 0
+    assert plan.max_load_ms == max(plan.loads_ms) >= plan.lower_bound_ms > 0
     # The stages cover every compute node once, in order; their names are the plan's.
     names = [n for s in plan.student.stages for n in s.nodes]
     assert len(names) == len(set(names)) and plan.student.cuts == tuple(
@@ -117,13 +117,15 @@ def test_report(kd: tspipe_fx.Pipeline) -> None:
     assert lines[0].startswith("ResNet (student, fx) and VisionTransformer (teacher, fx), mode kd, 3 stages")
     assert "student modules" in lines[1] and "load ms" in lines[1]
     assert sum(1 for line in lines if line.lstrip().startswith(("0 ", "1 ", "2 "))) == 3
-    assert any(line.startswith("period") and "ms per batch (device" in line for line in lines)
+    assert any(line.startswith("period") and "ms per batch (the schedule run on these costs" in line for line in lines)
+    assert any(line.startswith("busiest device") and "(device " in line for line in lines)
+    assert any(line.startswith("efficiency") for line in lines)
     assert any(line.startswith("imbalance") for line in lines)
     assert any(line.startswith("throughput") and "samples/s" in line for line in lines)
     assert any(line.startswith("equal nodes:") and "x ours" in line for line in lines)
     assert any(line.startswith("equal parameters:") for line in lines)
     # The cost model's own optimum is never worse than a policy's, under its own costs.
-    assert all(period >= kd.plan.period_ms * (1 - 1e-9) for _, period in kd.plan.baselines)
+    assert all(period >= kd.plan.max_load_ms * (1 - 1e-9) for _, period in kd.plan.baselines)
 
 
 def test_hf_pair_with_tied_weights() -> None:
@@ -283,7 +285,7 @@ def test_score_any_cuts(kd: tspipe_fx.Pipeline) -> None:
     t_cuts = [kd.teacher_chain.position_of(name) for name in kd.plan.teacher.cuts]
     assert kd.score(s_cuts, t_cuts).loads_ms == kd.plan.loads_ms
     worse = kd.score([1, 2], [1, 2])  # any positions, candidates or not
-    assert worse.period_ms > kd.plan.period_ms
+    assert worse.period_ms > kd.plan.max_load_ms
 
 
 def test_graph_errors_come_before_any_profiling(monkeypatch: pytest.MonkeyPatch) -> None:

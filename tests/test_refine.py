@@ -175,7 +175,7 @@ def test_refine_moves_work_off_a_stage_that_runs_slower_than_predicted(
 def test_refine_and_schedule_reject_bad_values() -> None:
     with pytest.raises(TspipeError, match="refine must be an integer >= 0"):
         _pipe(refine=-1)
-    with pytest.raises(TspipeError, match="schedule must be 'tspipe', 'gpipe', '1f1b' or None"):
+    with pytest.raises(TspipeError, match="schedule must be 'auto', 'tspipe', 'gpipe', '1f1b' or None"):
         _pipe(schedule="sequential")
 
 

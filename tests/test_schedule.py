@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 
 from tspipe_fx.report.timeline import render_timeline
 from tspipe_fx.schedule import SCHEDULES, Schedule, ScheduleError, Task, make_schedule, validate
-from tspipe_fx.schedule.simulator import simulate, unit_costs
+from tspipe_fx.schedule.costs import StageCosts
+from tspipe_fx.schedule.simulator import simulate, simulate_costs, unit_costs
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     name=st.sampled_from(sorted(SCHEDULES)),
     n=st.integers(1, 8),
@@ -26,11 +27,12 @@ def test_every_schedule_is_valid(name: str, n: int, m: int, views: int, mode: st
     s = make_schedule(name, n, m, views=views, mode=mode, staleness=staleness, n_batches=3)
     info = validate(s, max_in_flight=s.micro_batches * s.views)
     assert 1 <= info["max_in_flight"] <= s.micro_batches * s.views
-    tl = simulate(s)
+    costs = StageCosts.unit(n).split(s.split_backward)
+    tl = simulate_costs(s, costs)
     # Every task ran once, on its device, for its cost.
     assert sum(len(x) for x in tl.spans) == sum(len(d) for d in s.devices)
     for spans in tl.spans:
-        assert all(e - b == unit_costs(t) for b, e, t in spans)
+        assert all(e - b == costs.task_ms(t) for b, e, t in spans)
         assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
 
 

@@ -24,7 +24,7 @@ def test_defaults_come_from_the_plan_and_options_override_them(kd: tspipe_fx.Pip
     assert (trainer.plan.schedule, trainer.m, trainer.views) == ("tspipe", 4, 1)
     assert trainer.schedules[3] == trainer.plan.build_schedule(3)
     other = kd.trainer(kd_loss, optimizer=sgd, schedule="1f1b", micro_batches=2)
-    assert (other.plan.schedule, other.m, other.micro_major) == ("1f1b", 2, True)
+    assert (other.plan.schedule, other.m, other.loss) == ("1f1b", 2, "micro")  # 1f1b: a loss per micro-batch
     assert kd.trainer(kd_loss, optimizer=sgd, schedule="sequential").m == 1  # no micro-batching
     online = Online()
     momentum = tspipe_fx.compile(online, Target(online), 2, example_inputs=(torch.randn(8, 8),), mode="momentum",

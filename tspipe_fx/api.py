@@ -41,6 +41,7 @@ from tspipe_fx.passes.symbolic import input_sizes
 from tspipe_fx.pipeline import Pipeline
 from tspipe_fx.plan import Plan
 from tspipe_fx.schedule.generators import make_schedule
+from tspipe_fx.schedule.task import LOSSES
 from tspipe_fx.stage import positional_args
 from tspipe_fx.tracing import CapturedModel, capture
 
@@ -75,6 +76,7 @@ def compile(
     schedule: str | None = "tspipe",
     views: int | None = None,
     staleness: int = 1,
+    loss: str = "batch",
 ) -> Pipeline:
     """Cut ``student`` and ``teacher`` into ``n_gpus`` balanced stage pairs.
 
@@ -112,20 +114,28 @@ def compile(
             scales each stage's node costs to its measured times and partitions again, until the
             cuts repeat; the partition whose measured loads are the most even is kept. With fixed
             cuts (``plan``, ``balance``) one round corrects the reported costs. 0: off.
-        schedule: the schedule the plan is for (``"tspipe"``, ``"gpipe"``, ``"1f1b"``): from the
-            min-max optimum, the partitioner moves to neighbouring cuts while the simulated
-            period of that schedule gets shorter (:func:`tspipe_fx.partition.polisher.polish`).
-            None: the min-max optimum as it is (the plan records ``"tspipe"`` to train with).
+        schedule: the schedule the plan is for (``"tspipe"``, ``"gpipe"``, ``"1f1b"``, or
+            ``"auto"``: synthesized for the plan's costs, :mod:`tspipe_fx.schedule.synthesis`): from
+            the min-max optimum, the partitioner moves to neighbouring cuts while the simulated
+            period of that schedule (``auto``: of ``tspipe``) gets shorter
+            (:func:`tspipe_fx.partition.polisher.polish`). None: the min-max optimum as it is
+            (the plan records ``"tspipe"`` to train with).
         views: inputs per sample the plan is for (default: 2 in momentum mode, as BYOL and MoCo v3
             train, else 1); the trainer's default.
         staleness: momentum: 1, the teacher one step late as in TSPipe, or 0 (synchronous).
+        loss: what one loss call covers (the trainer's default): ``"batch"`` (the whole batch),
+            ``"micro"`` (one micro-batch: a loss that is a mean over samples, such as soft-target
+            KD or BYOL; the terms are weighted to add up to the whole-batch loss) or
+            ``"micro_full_teacher"`` (one micro-batch of student outputs against the whole batch's
+            teacher outputs: InfoNCE of a query micro-batch against every key). A per-micro-batch
+            loss lets the student's backward start before the whole batch is forwarded.
 
     Example:
         >>> pipe = tspipe_fx.compile(resnet18, vit_b16, 4, example_inputs=(x,))
         >>> print(pipe.report())
     """
     n, mode = _check_args(student, teacher, n_gpus, mode, micro_batches, max_candidates)
-    _check_options(schedule, refine, batch_size, views, staleness)
+    _check_options(schedule, refine, batch_size, views, staleness, loss)
     views = views if views is not None else (2 if mode == "momentum" else 1)
     run_on = resolve_devices(devices, n)
     s_example = _example(example_inputs, example_kwargs)
@@ -165,8 +175,9 @@ def compile(
     t_gc = graph_chain(t_cap.graph_module, t_micro, max_candidates=max_candidates)
     # Every check that needs only the graphs comes before the costs (which may mean profiling).
     fixed, pairs = _cut_space(plan, balance, s_cap, t_cap, s_gc, t_gc, n, mode)
-    tuned = make_schedule(schedule, n, m, views=views, mode=mode, staleness=staleness, n_batches=4) \
-        if schedule is not None and n > 1 else None  # fmt: skip
+    polish_for = "tspipe" if schedule == "auto" else schedule  # (auto is made for the costs polished)
+    tuned = make_schedule(polish_for, n, m, views=views, mode=mode, staleness=staleness, n_batches=4, loss=loss) \
+        if polish_for is not None and n > 1 else None  # fmt: skip
     partitioner = Partitioner(s_gc, t_gc, hw, m, optimizer_factor, fixed=fixed, pairs=pairs, schedule=tuned)
 
     s_cm, t_cm, cm_name = cost_models(
@@ -197,15 +208,21 @@ def compile(
         cost_model=cm_name,
         student=model_plan(s_cap, s_gc, s_stages, part.student_cuts, s_costs, run_on, micro),
         teacher=model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, run_on, t_micro),
-        loads_ms=tuple(float(x) for x in part.loads_ms),
+        loads_ms=tuple(float(x) * views for x in part.loads_ms),
         memory_bytes=tuple(float(x) for x in part.memory_bytes),
-        lower_bound_ms=m * total_work / sum(d.speed for d in partitioner.devices),
-        baselines=tuple((name, float(p.period_ms)) for name, p in partitioner.baselines(s_costs, t_costs))
+        lower_bound_ms=views * m * total_work / sum(d.speed for d in partitioner.devices),
+        baselines=tuple(
+            (name, float(p.period_ms) * views) for name, p in partitioner.baselines(s_costs, t_costs)
+        )
         if fixed is None
         else (),
         schedule=schedule or "tspipe",
         views=views,
         staleness=staleness,
+        loss=loss,
+        links=tuple((d.link_gbs, d.link_latency_ms) for d in partitioner.devices)
+        if any(math.isfinite(d.link_gbs) or d.link_latency_ms for d in partitioner.devices)
+        else (),
     )
     return Pipeline(
         result, s_cap, t_cap, s_stages, t_stages, partitioner, s_costs, t_costs,
@@ -257,11 +274,18 @@ def _check_separate(student: nn.Module, teacher: nn.Module) -> None:
         )
 
 
-def _check_options(schedule: Any, refine: Any, batch_size: Any, views: Any, staleness: Any) -> None:
-    if schedule not in (None, "tspipe", "gpipe", "1f1b"):
+def _check_options(
+    schedule: Any, refine: Any, batch_size: Any, views: Any, staleness: Any, loss: Any
+) -> None:
+    if schedule not in (None, "auto", "tspipe", "gpipe", "1f1b"):
         raise TspipeError(
-            f"schedule must be 'tspipe', 'gpipe', '1f1b' or None (the plan's min-max optimum as it "
-            f"is), got {schedule!r}"
+            f"schedule must be 'auto', 'tspipe', 'gpipe', '1f1b' or None (the plan's min-max optimum as "
+            f"it is), got {schedule!r}"
+        )
+    if loss not in LOSSES:
+        raise TspipeError(
+            f"loss must be one of {list(LOSSES)} (what one loss call covers), got {loss!r}; hint: 'micro' "
+            "for a mean over samples (soft-target KD, BYOL)"
         )
     if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
         raise TspipeError(f"refine must be an integer >= 0 (rounds of stage timing), got {refine!r}")

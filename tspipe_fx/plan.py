@@ -17,14 +17,16 @@ from typing import Any
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.files import read_text, write_text_atomic
+from tspipe_fx.schedule.costs import StageCosts, transfer_ms
 from tspipe_fx.schedule.generators import SCHEDULES, make_schedule
-from tspipe_fx.schedule.simulator import Timeline, simulate_stages, transfer_ms
-from tspipe_fx.schedule.task import Schedule
+from tspipe_fx.schedule.simulator import Timeline, simulate_costs
+from tspipe_fx.schedule.task import LOSSES, Schedule
 
 __all__ = ["ModelPlan", "Plan", "StagePlan", "simulate_plan"]
 
-# 2 added schedule, views and staleness; a format-1 plan reads with the defaults it was made with.
-FORMAT_VERSION = 2
+# 2 added schedule, views and staleness; 3 the loss granularity and the links, and every time per
+# batch counts every view. An older plan reads with the defaults it was made with.
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ class ModelPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Stages of both models, devices, costs and the predicted period.
+    """Stages of both models, devices, costs, the schedule and its simulated period.
+
+    Times per batch (``loads_ms``, ``lower_bound_ms``, ``baselines``) count every view.
 
     Example:
         >>> pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(x,))
@@ -76,13 +80,16 @@ class Plan:
     cost_model: str
     student: ModelPlan
     teacher: ModelPlan
-    loads_ms: tuple[float, ...]  # per device, per batch
+    loads_ms: tuple[float, ...]  # per device, per batch: its work and its transfers
     memory_bytes: tuple[float, ...]  # per device estimate
     lower_bound_ms: float  # all the work spread perfectly over the devices, no communication
-    baselines: tuple[tuple[str, float], ...]  # (policy, its period under this cost model)
+    baselines: tuple[tuple[str, float], ...]  # (policy, its busiest device's load under this cost model)
     schedule: str = "tspipe"  # the schedule the cuts were polished for and the trainer runs
     views: int = 1  # inputs per sample (two-view SSL: 2)
     staleness: int = 1  # momentum: batch b's teacher sees the EMA after step b-1-staleness
+    loss: str = "batch"  # the loss granularity (tspipe_fx.schedule.task.LOSSES)
+    # per device, the link to the next one: (GB/s, latency ms); empty: transfers are free
+    links: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         _check(self)
@@ -92,23 +99,54 @@ class Plan:
         return len(self.devices)
 
     @property
-    def period_ms(self) -> float:
-        """The pipeline's predicted time per batch: the most loaded device."""
+    def max_load_ms(self) -> float:
+        """The busiest device's work per batch: no schedule's period is shorter."""
         return max(self.loads_ms)
 
     @property
+    def period_ms(self) -> float:
+        """The simulated time per batch of the plan's schedule in steady state."""
+        return simulate_plan(self).period
+
+    @property
+    def efficiency(self) -> float:
+        """The physical limit (all work spread evenly) over the period: 1.0 leaves no device idle."""
+        return self.lower_bound_ms / self.period_ms if self.period_ms > 0 else 1.0
+
+    @property
     def imbalance(self) -> float:
-        """How far the period is above the ideal lower bound (0.05 = 5%)."""
-        return self.period_ms / self.lower_bound_ms - 1 if self.lower_bound_ms > 0 else 0.0
+        """How far the busiest device's load is above the ideal lower bound (0.05 = 5%)."""
+        return self.max_load_ms / self.lower_bound_ms - 1 if self.lower_bound_ms > 0 else 0.0
 
     @property
     def samples_per_s(self) -> float:
-        return self.batch_size / self.period_ms * 1e3 if self.period_ms > 0 else float("inf")
+        """Samples per second at the simulated period."""
+        period = self.period_ms
+        return self.batch_size / period * 1e3 if period > 0 else float("inf")
 
-    def build_schedule(self, n_batches: int = 4) -> Schedule:
-        """The plan's schedule over ``n_batches`` batches."""
+    def stage_costs(self, link: tuple[float, float] | None = None, scale: float = 1.0) -> StageCosts:
+        """Per stage, one micro-batch's task times; transfers over the plan's links, or over
+        ``link`` (GB/s, latency µs) between every pair of devices."""
+        pairs = list(zip(self.student.stages, self.teacher.stages, strict=True))
+        links = [(link[0], link[1] / 1e3)] * self.n_stages if link is not None else list(self.links)
+
+        def send(j: int, nbytes: int) -> float:
+            return transfer_ms(nbytes * scale, *links[j]) if links and j < self.n_stages - 1 else 0.0
+
+        return StageCosts.of(
+            [s.fwd_ms * scale for s, _ in pairs],
+            [s.bwd_ms * scale for s, _ in pairs],
+            [t.fwd_ms * scale for _, t in pairs],
+            [send(j, s.cut_out_bytes) for j, (s, _) in enumerate(pairs)],
+            [send(j, t.cut_out_bytes) for j, (_, t) in enumerate(pairs)],
+        )
+
+    def build_schedule(self, n_batches: int = 4, *, costs: StageCosts | None = None) -> Schedule:
+        """The plan's schedule over ``n_batches`` batches (``auto``: made for the plan's costs)."""
         return make_schedule(self.schedule, self.n_stages, self.micro_batches, views=self.views,
-                             mode=self.mode, staleness=self.staleness, n_batches=n_batches)  # fmt: skip
+                             mode=self.mode, staleness=self.staleness, n_batches=n_batches, loss=self.loss,
+                             costs=costs or self.stage_costs(), split_backward=False)  # fmt: skip
+        # (the runtimes run a backward whole: no split-backward schedule is planned for them yet)
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -120,10 +158,15 @@ class Plan:
         try:
             data = json.loads(text)
             version = data.pop("format_version", None)
-            if version not in (1, FORMAT_VERSION):
-                raise ValueError(f"format_version is not 1 or {FORMAT_VERSION}")
+            if version not in (1, 2, FORMAT_VERSION):
+                raise ValueError(f"format_version is not 1, 2 or {FORMAT_VERSION}")
             if version == 1:  # tuned for one view; simulated with BYOL's two in momentum mode
                 data.update(schedule="tspipe", views=2 if data.get("mode") == "momentum" else 1, staleness=1)
+            if version in (1, 2):  # times were per view
+                views = data["views"]
+                data["loads_ms"] = [x * views for x in data["loads_ms"]]
+                data["lower_bound_ms"] *= views
+                data["baselines"] = [[name, x * views] for name, x in data["baselines"]]
             return _plan(data)
         except (ValueError, KeyError, TypeError) as e:
             raise TspipeError(
@@ -162,6 +205,13 @@ def _check(plan: Plan) -> None:
         raise bad("views", "1 or 2")
     if plan.staleness not in (0, 1) or isinstance(plan.staleness, bool):
         raise bad("staleness", "0 or 1")
+    if plan.loss not in LOSSES:
+        raise bad("loss", f"one of {list(LOSSES)}")
+    if plan.links and (
+        len(plan.links) != len(plan.devices)
+        or not all(len(x) == 2 and x[0] > 0 and x[1] >= 0 for x in plan.links)
+    ):
+        raise bad("links", f"{len(plan.devices)} pairs (GB/s > 0, latency ms >= 0), or empty")
     n = plan.n_stages
     for field in ("loads_ms", "memory_bytes"):
         values = getattr(plan, field)
@@ -210,32 +260,21 @@ def simulate_plan(
 
     Args:
         plan: a compiled plan; its stage times are per micro-batch.
-        schedule: ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential`` (default: the plan's).
-            ``sequential`` (inter-layer model parallelism, one micro-batch per batch) runs each
-            stage on the whole batch, costed as the plan's micro-batch costs times its
+        schedule: ``auto``, ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential`` (default: the
+            plan's). ``sequential`` (inter-layer model parallelism, one micro-batch per batch)
+            runs each stage on the whole batch, costed as the plan's micro-batch costs times its
             ``micro_batches`` (linear in the batch: a GPU's better efficiency on larger batches
             is not counted).
         views: 1 or 2 (default: the plan's).
         link: ``(GB/s, latency µs)`` per transfer between neighbouring devices
-            (:data:`tspipe_fx.cost.devices.LINKS`); None: transfers are free.
+            (:data:`tspipe_fx.cost.devices.LINKS`); None: the plan's links.
 
     Example:
         >>> simulate_plan(pipe.plan, "tspipe").period / simulate_plan(pipe.plan, "gpipe").period
     """
     name = schedule if schedule is not None else plan.schedule
-    scale = plan.micro_batches if name == "sequential" else 1
-    s = dataclasses.replace(plan, schedule=name, views=views or plan.views).build_schedule(n_batches)
-    gbs, latency_us = link if link is not None else (float("inf"), 0.0)
-
-    def send_ms(cut_bytes: int) -> float:
-        return transfer_ms(cut_bytes * scale, gbs, latency_us / 1e3) if link is not None else 0.0
-
-    pairs = list(zip(plan.student.stages, plan.teacher.stages, strict=True))
-    return simulate_stages(
-        s,
-        student_fwd_ms=[st.fwd_ms * scale for st, _ in pairs],
-        student_bwd_ms=[st.bwd_ms * scale for st, _ in pairs],
-        teacher_fwd_ms=[te.fwd_ms * scale for _, te in pairs],
-        student_send_ms=[send_ms(st.cut_out_bytes) for st, _ in pairs],
-        teacher_send_ms=[send_ms(te.cut_out_bytes) for _, te in pairs],
+    costs = plan.stage_costs(link, scale=plan.micro_batches if name == "sequential" else 1)
+    s = dataclasses.replace(plan, schedule=name, views=views or plan.views).build_schedule(
+        n_batches, costs=costs
     )
+    return simulate_costs(s, costs)

@@ -108,7 +108,7 @@ def main() -> None:
                     deepspeed_uniform_cuts(len(t_costs), n),
                 ),
             }
-            ours = plan.period_ms
+            ours = plan.max_load_ms
             ratios = []
             for s_cuts, t_cuts in peers.values():
                 ratios.append(f"{pipe.score(s_cuts, t_cuts).period_ms / ours:.2f}x")

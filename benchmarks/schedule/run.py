@@ -100,7 +100,7 @@ def balance(args: argparse.Namespace) -> None:
             ours = pp.compile(n, micro_batches=n, batch_size=BATCH[pair], **hw)
             theirs = pp.compile(n, micro_batches=n, batch_size=BATCH[pair], balance=split, **hw)
             p_ours, p_theirs = (period(x, "tspipe", 1, pp.mode, link) for x in (ours, theirs))
-            rows.append([pair, args.profiles, link_name, n, f"{ours.plan.period_ms:.1f}", f"{theirs.plan.period_ms:.1f}",
+            rows.append([pair, args.profiles, link_name, n, f"{ours.plan.max_load_ms:.1f}", f"{theirs.plan.max_load_ms:.1f}",
                          f"{p_ours:.1f}", f"{p_theirs:.1f}", f"{p_theirs / p_ours:.2f}x"])  # fmt: skip
             print(rows[-1], flush=True)
     print(tabulate(rows, headers=["pair", "costs", "link", "gpus", "load ours ms", "load TSPipe's ms", "tspipe ours ms",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -139,7 +140,8 @@ def _plan(args: argparse.Namespace) -> None:
         options["cost_model"] = args.cost_model
     pipe = tspipe_fx.compile(
         student.module, teacher_module, args.gpus, example_inputs=student.args, example_kwargs=student.kwargs or None,
-        mode=args.mode, batch_size=args.batch, micro_batches=args.micro_batches, **options,
+        mode=args.mode, batch_size=args.batch, micro_batches=args.micro_batches, schedule=args.schedule,
+        loss=args.loss, **options,
     )  # fmt: skip
     print(pipe.report())
     if args.json is not None:
@@ -219,6 +221,8 @@ def _simulate(args: argparse.Namespace) -> None:
     if args.link is not None and args.link not in LINKS:
         raise TspipeError(f"unknown link {args.link!r}; known: {sorted(LINKS)}")
     plan = Plan.load(args.plan)
+    if args.loss is not None:
+        plan = dataclasses.replace(plan, loss=args.loss)
     link = LINKS[args.link] if args.link else None
     timelines = {
         name: simulate_plan(plan, name, views=args.views, n_batches=args.batches, link=link)
@@ -230,18 +234,15 @@ def _simulate(args: argparse.Namespace) -> None:
         print(render_timeline(tl, scale=span / args.width))
         print()
     base = timelines[args.schedules[0]].period
-    rows = [
-        [
-            name,
-            tl.period,
-            f"{tl.period / base:.2f}x",
-            100 * tl.bubble_fraction,
-            plan.batch_size / tl.period * 1e3,
-        ]
-        for name, tl in timelines.items()
-    ]
-    print(tabulate(rows, headers=["schedule", "ms per batch", f"vs {args.schedules[0]}", "idle %", "samples/s"],
-                   floatfmt=".3f"))  # fmt: skip
+    rows = []
+    for name, tl in timelines.items():
+        costs = plan.stage_costs(link, scale=plan.micro_batches if name == "sequential" else 1)
+        limit = costs.work_ms(tl.schedule.micro_batches, tl.schedule.views) / plan.n_stages
+        rows.append([name, tl.period, f"{tl.period / base:.2f}x", limit / tl.period if tl.period else 1.0,
+                     100 * tl.bubble_fraction, plan.batch_size / tl.period * 1e3])  # fmt: skip
+    print(tabulate(rows, headers=["schedule", "ms per batch", f"vs {args.schedules[0]}", "efficiency", "idle %",
+                                  "samples/s"], floatfmt=".3f"))  # fmt: skip
+    print("\n(efficiency: the work of a batch over devices x period; 1.0: no device idle)")
     print("\n(digits: student forward micro-batch, letters: teacher forward, capitals: student backward, "
           ".: idle; sequential: one micro-batch, the plan's costs times its micro-batches)")  # fmt: skip
     if args.png is not None:

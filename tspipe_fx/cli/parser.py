@@ -11,7 +11,12 @@ MODEL_HELP = (
     "timm:NAME, torchvision:NAME, hf:CONFIGCLASS[:MODELCLASS] (with --hf-config key=value) or "
     "module.path:callable"
 )
-SCHEDULES = ("tspipe", "gpipe", "1f1b", "sequential")
+SCHEDULES = ("auto", "tspipe", "gpipe", "1f1b", "sequential")
+LOSSES = (
+    "batch",
+    "micro",
+    "micro_full_teacher",
+)  # tspipe_fx.schedule.task.LOSSES (no import: the parser loads fast)
 DESCRIPTION = """Plan, profile and simulate teacher-student pipelines.
 
     tspipe-fx plan timm:resnet152 timm:vit_large_patch16_224 --gpus 8 --batch 256 \\
@@ -43,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--micro-batches", type=int, default=None, help="micro-batches per batch (default: --gpus)"
     )
     p.add_argument("--mode", choices=["kd", "momentum"], default="kd")
+    p.add_argument("--schedule", choices=[s for s in SCHEDULES if s != "sequential"], default="tspipe",
+                   help="the schedule the plan is for and trains with (auto: synthesized for the costs)")  # fmt: skip
+    p.add_argument("--loss", choices=list(LOSSES), default="batch",
+                   help="what one loss call covers: the batch, a micro-batch, or a micro-batch against the "
+                   "whole batch's teacher outputs (default batch)")  # fmt: skip
     p.add_argument("--cost-model", default="measured",
                    choices=["measured", "calibrated", "roofline", "params", "uniform"],
                    help="measured/calibrated profile here on the CPU; roofline models --device-spec (default measured)")  # fmt: skip
@@ -75,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Timelines and periods of the schedules on a saved plan's per-stage costs.")  # fmt: skip
     p.add_argument("plan", type=Path, help="a plan JSON (tspipe-fx plan --json)")
     p.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
+    p.add_argument("--loss", choices=list(LOSSES), default=None,
+                   help="the loss granularity simulated (default: the plan's)")  # fmt: skip
     p.add_argument("--views", type=int, choices=[1, 2], default=None,
                    help="inputs per sample (default: the plan's)")  # fmt: skip
     p.add_argument("--batches", type=int, default=6, help="batches simulated (default 6)")

@@ -54,7 +54,9 @@ def save_stage_bars(plan: Plan, path: str | os.PathLike[str]) -> None:
     for key, values in parts.items():
         ax.bar(range(n), values, bottom=bottom, color=colours[key], label=key, width=0.6)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.axhline(plan.period_ms, color="black", linewidth=1, label=f"period {plan.period_ms:.3g} ms")
+    ax.axhline(
+        plan.max_load_ms, color="black", linewidth=1, label=f"busiest device {plan.max_load_ms:.3g} ms"
+    )
     ax.axhline(plan.lower_bound_ms, color="black", linewidth=1, linestyle="--",
                label=f"lower bound {plan.lower_bound_ms:.3g} ms")  # fmt: skip
     ax.set_xticks(range(n), [f"dev{j}\n{d}" for j, d in enumerate(plan.devices)], fontsize=8)

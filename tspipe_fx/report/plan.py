@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from tspipe_fx.plan import Plan, StagePlan
+from tspipe_fx.plan import Plan, StagePlan, simulate_plan
 
 __all__ = ["render_plan"]
 
@@ -58,18 +58,27 @@ def render_plan(plan: Plan) -> str:
     ]  # fmt: skip
     table = tabulate(rows, headers=headers, floatfmt=".3f")
     worst = max(range(plan.n_stages), key=lambda j: plan.loads_ms[j])
+    timeline = simulate_plan(plan)
+    period = timeline.period
+    views = f", {plan.views} views" if plan.views > 1 else ""
     lines = [
         f"{plan.student.model_name} (student, {plan.student.method}) and {plan.teacher.model_name} "
         f"(teacher, {plan.teacher.method}), mode {plan.mode}, {plan.n_stages} stages, batch "
-        f"{plan.batch_size} in {plan.micro_batches} micro-batches{_uneven(plan)}, cost model {plan.cost_model}",
+        f"{plan.batch_size} in {plan.micro_batches} micro-batches{_uneven(plan)}{views}, cost model "
+        f"{plan.cost_model}",
         table,
-        f"{'period':18s} {plan.period_ms:12.3f} ms per batch (device {worst})",
+        f"{'schedule':18s} {plan.schedule}{' (' + timeline.schedule.variant + ')' if timeline.schedule.variant else ''}"
+        f", loss per {'batch' if plan.loss == 'batch' else 'micro-batch'}",
+        f"{'period':18s} {period:12.3f} ms per batch (the schedule run on these costs, steady state)",
+        f"{'busiest device':18s} {plan.max_load_ms:12.3f} ms of work per batch (device {worst}; no schedule is faster)",
         f"{'lower bound':18s} {plan.lower_bound_ms:12.3f} ms (all work spread evenly, no communication)",
-        f"{'imbalance':18s} {100 * plan.imbalance:12.1f} %",
-        f"{'throughput':18s} {plan.samples_per_s:12.1f} samples/s predicted",
+        f"{'imbalance':18s} {100 * plan.imbalance:12.1f} % (busiest device over the lower bound)",
+        f"{'efficiency':18s} {plan.lower_bound_ms / period if period else 1.0:12.3f} (lower bound / period)",
+        f"{'throughput':18s} {plan.batch_size / period * 1e3 if period else float('inf'):12.1f} samples/s "
+        "at that period",
     ]
-    for name, period in plan.baselines:
-        lines.append(f"{name + ':':18s} {period:12.3f} ms per batch ({period / plan.period_ms:.2f}x ours)")
+    for name, load in plan.baselines:
+        lines.append(f"{name + ':':18s} {load:12.3f} ms busiest device ({load / plan.max_load_ms:.2f}x ours)")
     for role, mp in (("student", plan.student), ("teacher", plan.teacher)):
         for names, stages in mp.tie_groups:
             lines.append(

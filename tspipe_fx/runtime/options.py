@@ -30,6 +30,8 @@ class TrainOptions:
     views: int | None = None  # inputs per sample, 1 or 2 (None: the plan's; the reference trainer: 1)
     # momentum: batch b's teacher sees the EMA after step b-1-staleness (None: the plan's; reference: 1)
     staleness: int | None = None
+    # what one loss call covers: "batch", "micro" or "micro_full_teacher" (None: the plan's; reference: "batch")
+    loss: str | None = None
     momentum: float = 0.996  # EMA momentum of a momentum teacher
     ema_buffers: bool = False  # buffers (BatchNorm statistics) follow the student too
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None  # per optimizer, stepped per batch
@@ -50,6 +52,9 @@ class TrainOptions:
             raise bad("views", "1 or 2")
         if self.staleness not in (None, 0, 1) or isinstance(self.staleness, bool):
             raise bad("staleness", "0 (synchronous) or 1 (TSPipe)")
+        if self.loss not in (None, "batch", "micro", "micro_full_teacher"):
+            raise bad("loss", "'batch', 'micro' (a mean over samples) or 'micro_full_teacher' (a micro-batch "
+                      "of queries against the whole batch's teacher outputs)")  # fmt: skip
         checked_momentum(self.momentum)
         if not isinstance(self.ema_buffers, bool):
             raise bad("ema_buffers", "True or False")

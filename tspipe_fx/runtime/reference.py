@@ -1,8 +1,9 @@
 """The reference trainer: plain, sequential PyTorch with the pipeline's exact semantics.
 
 It is the oracle of every runtime test and a check users can run themselves: same micro-batch
-split (BatchNorm sees the same micro-batches in the same order), one loss per batch over the
-whole batch, the same teacher staleness, the same EMA. Nothing is pipelined.
+split (BatchNorm sees the same micro-batches in the same order), the same loss granularity (one
+loss over the whole batch, or weighted terms per micro-batch), the same teacher staleness, the
+same EMA. Nothing is pipelined.
 
 Per batch ``b``::
 
@@ -26,7 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from tspipe_fx.errors import TspipeError
-from tspipe_fx.runtime.batches import fed_batch, join_micro
+from tspipe_fx.runtime.batches import batch_size, fed_batch, join_micro, split_tree
 from tspipe_fx.runtime.optim import OptimizerSpec, build_optimizer, parameter_names
 from tspipe_fx.runtime.options import TrainOptions
 from tspipe_fx.runtime.tasks import checked_loss
@@ -77,6 +78,7 @@ class ReferenceTrainer:
         # BatchNorm statistics depend on the order micro-batches pass: views first (tspipe, gpipe)
         # or micro-batches first (1f1b, which needs both views of a micro-batch for its loss).
         self.micro_major = micro_major
+        self.loss = opts.loss or "batch"
         built = build_optimizer(opts.optimizer, dict(student.named_parameters()), parameter_names(student))
         if built is None:
             raise TspipeError("the optimizer holds none of the student's parameters")
@@ -89,6 +91,13 @@ class ReferenceTrainer:
         )
         if mode == "momentum":
             self.versions.append(self._teacher_state())
+
+    def _loss(
+        self, student_out: list[Any], teacher_out: list[Any], target: Any, **extra: Any
+    ) -> torch.Tensor:
+        if self.views == 1:
+            return checked_loss(self.loss_fn(student_out[0], teacher_out[0], target, **extra))
+        return checked_loss(self.loss_fn(*student_out, *teacher_out, **extra))
 
     def update_momentum(self, m: float) -> None:
         """Set the EMA momentum for the next steps (cosine schedules)."""
@@ -141,10 +150,20 @@ class ReferenceTrainer:
         student_out = [
             join_micro([s_parts[(v, m)] for m in range(self.micro_batches)]) for v in range(len(views))
         ]
-        if self.views == 1:
-            loss = checked_loss(self.loss_fn(student_out[0], teacher_out[0], target))
-        else:
-            loss = checked_loss(self.loss_fn(*student_out, *teacher_out))
+        if self.loss == "batch":
+            loss = self._loss(student_out, teacher_out, target)
+        else:  # one term per micro-batch, weighted by its share of the batch
+            sizes = [batch_size(a) for a in views[0]]
+            targets = split_tree(target, len(sizes))
+            loss = torch.zeros(())
+            for m, size in enumerate(sizes):
+                mine = [s_parts[(v, m)] for v in range(len(views))]
+                if self.loss == "micro":
+                    keys, extra = [t_parts[(v, m)] for v in range(len(views))], {}
+                else:  # every key of the batch; the queries are rows start..start+size
+                    start = sum(sizes[:m])
+                    keys, extra = teacher_out, {"rows": slice(start, start + size)}
+                loss = loss + self._loss(mine, keys, targets[m], **extra) * (size / sum(sizes))
         loss.backward()  # type: ignore[no-untyped-call]
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.clip_grad_norm)

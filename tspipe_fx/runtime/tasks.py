@@ -62,7 +62,8 @@ class StageTasks(ABC):
     Args:
         student, teacher: the staged models (their stages are copied onto the devices).
         devices: one per stage.
-        loss_fn: ``(student_out, teacher_out, target)`` or, with two views, ``(s1, s2, t1, t2)``.
+        loss_fn: ``(student_out, teacher_out, target)`` or, with two views, ``(s1, s2, t1, t2)``;
+            with ``micro_full_teacher`` also ``rows=`` (the student rows' slice of the batch).
         schedule: the schedule the windows come from (views, mode, loss granularity).
         options: the optimizer, LR scheduler and clipping.
         versions: the momentum teacher's EMA and stale reads.
@@ -87,7 +88,9 @@ class StageTasks(ABC):
         self.loss_fn, self.views, self.mode = loss_fn, schedule.views, schedule.mode
         self.versions, self.clip = versions, options.clip_grad_norm
         self.timeout_s = timeout_s
-        self.loss_per_micro = schedule.loss_per_micro
+        self.loss_per_micro, self.loss = schedule.loss_per_micro, schedule.loss
+        self.micro_batches = schedule.micro_batches
+        self.loss_terms: dict[int, int] = {}  # per batch, the loss tasks done (micro_full_teacher)
         self.param_order = [n for n, _ in student.parameters.named_parameters()]
         self.n_stages = len(student.stages)
         # The stages this process runs (all of them here; one per rank in the distributed runtime).
@@ -190,11 +193,15 @@ class StageTasks(ABC):
         micro = sorted(
             {(v, m) for (bb, v, m) in d.student_out if bb == b and (not self.loss_per_micro or m == t.micro)}
         )
-        weight = 1.0
+        weight, extra = 1.0, {}
+        full_teacher = self.loss == "micro_full_teacher"
         if self.loss_per_micro:  # a mean over samples: micro-batch m weighs its share of the batch
             sizes = [batch_size(a) for a in args[0]]
             weight = sizes[t.micro] / sum(sizes)
             target = split_tree(target, len(sizes))[t.micro]
+            if full_teacher:  # which rows of the batch the queries are (InfoNCE's positives)
+                start = sum(sizes[: t.micro])
+                extra["rows"] = slice(start, start + sizes[t.micro])
         per_view_s, per_view_t, leaves = [], [], {}
         for v in range(self.views):
             s_parts, t_parts = [], []
@@ -209,14 +216,17 @@ class StageTasks(ABC):
                         o = leaf
                     outs.append(o)
                 s_parts.append(outs)
-                t_parts.append(list(d.teacher_out.pop((b, v, m))))
+                if not full_teacher:
+                    t_parts.append(list(d.teacher_out.pop((b, v, m))))
+            if full_teacher:  # every micro-batch's keys, kept until the batch's last loss
+                t_parts = [list(d.teacher_out[(b, v, m)]) for m in range(self.micro_batches)]
             per_view_s.append(self.student.io.unflatten_outputs(join_micro(s_parts)))
             per_view_t.append(self.teacher.io.unflatten_outputs(join_micro(t_parts)))
         with torch.enable_grad():
             if self.views == 1:
-                loss = self.loss_fn(per_view_s[0], per_view_t[0], tree_to_device(target, d.device))
+                loss = self.loss_fn(per_view_s[0], per_view_t[0], tree_to_device(target, d.device), **extra)
             else:
-                loss = self.loss_fn(*per_view_s, *per_view_t)
+                loss = self.loss_fn(*per_view_s, *per_view_t, **extra)
             loss = checked_loss(loss) * weight
             value = float(loss.detach())
             if not math.isfinite(value):  # before a gradient of it leaves
@@ -230,6 +240,12 @@ class StageTasks(ABC):
                 if (v, m, i) not in leaves:
                     board.put(("grad", b, v, m, i), None)
         self.losses[b] = self.losses.get(b, 0.0) + value
+        if full_teacher:
+            self.loss_terms[b] = self.loss_terms.get(b, 0) + 1
+            if self.loss_terms[b] == self.micro_batches:
+                del self.loss_terms[b]
+                for key in [k for k in d.teacher_out if k[0] == b]:
+                    del d.teacher_out[key]
 
     def _sb(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         leaves, out = d.saved.pop((t.batch, t.view, t.micro))
@@ -300,6 +316,7 @@ class StageTasks(ABC):
             d.student_out.clear()
             d.student.zero_grad(set_to_none=True)
         self.losses.clear()
+        self.loss_terms.clear()
         self.broken = None
         return True
 

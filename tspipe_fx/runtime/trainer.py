@@ -63,7 +63,7 @@ class Trainer:
         loss_fn: ``loss_fn(student_out, teacher_out, target)``, or with two views
             ``loss_fn(s1, s2, t1, t2)``; outputs as the models return them, joined over the batch.
         optimizer: a factory ``params -> optimizer``, or an optimizer over the student's parameters.
-        schedule: ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential`` (default: the plan's).
+        schedule: ``auto``, ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential`` (default: the plan's).
         runtime: ``"local"`` (one process, a thread per device) or ``"dist"`` (one rank per stage
             under torchrun).
         timeout_s: how long a task waits for its inputs before the step fails.
@@ -94,6 +94,7 @@ class Trainer:
             micro_batches=opts.micro_batches or plan.micro_batches,
             views=opts.views or plan.views,
             staleness=opts.staleness if opts.staleness is not None else plan.staleness,
+            loss=opts.loss or plan.loss,
         )
         self.student, self.teacher = student, teacher
         self.n = self.plan.n_stages
@@ -120,9 +121,10 @@ class Trainer:
             devices = [torch.device(d) for d in self.plan.devices]
             self.runtime = LocalRuntime(student, teacher, devices, loss_fn, **common)
         # The order micro-batches pass each stage (BatchNorm statistics depend on it); a
-        # ReferenceTrainer with micro_major=... reproduces it. Only 1f1b, with its loss per
-        # micro-batch, runs them micro-batch-major.
-        self.micro_major = longest.loss_per_micro
+        # ReferenceTrainer with micro_major=... reproduces it: micro-batch-major where the loss is
+        # per micro-batch (it needs every view of its micro-batch).
+        self.micro_major = longest.micro_major
+        self.loss = longest.loss
         self.pending: _Pending | None = None
         self.next_index = 0
         self.segment_start = 0

@@ -11,20 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from tspipe_fx.schedule.costs import StageCosts, transfer_ms
 from tspipe_fx.schedule.task import Schedule, ScheduleError, Task, dependencies
 
-__all__ = ["Timeline", "simulate", "simulate_stages", "transfer_ms", "unit_costs"]
+__all__ = ["Timeline", "simulate", "simulate_costs", "simulate_stages", "transfer_ms", "unit_costs"]
 
 CostFn = Callable[[Task], float]
-
-
-def transfer_ms(nbytes: float, gbs: float, latency_ms: float) -> float:
-    """Milliseconds to send ``nbytes`` over a link of ``gbs`` GB/s and ``latency_ms`` per message
-    (nothing to send over a link without latency is free). The partitioner's objective and the
-    simulator both price a transfer with this rule."""
-    if nbytes <= 0 and latency_ms == 0:
-        return 0.0
-    return nbytes / (gbs * 1e6) + latency_ms
 
 
 def unit_costs(task: Task) -> float:
@@ -85,6 +77,7 @@ def simulate(
     """Run the schedule's lists against ``cost(task)``; ``link(dep, task)`` is the transfer time
     when ``dep`` ran on another device (default 0)."""
     device_of = {t: d for d, t in s.tasks()}
+    needs = {t: dependencies(s, t) for t in device_of}
     finish: dict[Task, float] = {}
     free = [0.0] * len(s.devices)
     heads = [0] * len(s.devices)
@@ -95,7 +88,7 @@ def simulate(
         for d, tasks in enumerate(s.devices):
             while heads[d] < len(tasks):
                 t = tasks[heads[d]]
-                deps = dependencies(s, t)
+                deps = needs[t]
                 if any(dep not in finish for dep in deps):
                     break
                 ready = max(
@@ -115,6 +108,12 @@ def simulate(
     return Timeline(s, tuple(tuple(x) for x in spans))
 
 
+def simulate_costs(schedule: Schedule, costs: StageCosts) -> Timeline:
+    """The schedule with every task priced by ``costs`` (a split backward as its two halves)."""
+    priced = costs.split(schedule.split_backward)
+    return simulate(schedule, priced.task_ms, link=priced.link_ms)
+
+
 def simulate_stages(
     schedule: Schedule,
     *,
@@ -128,20 +127,6 @@ def simulate_stages(
     forward of one micro-batch on device ``j``, and the time to send that stage's activations
     to the next device (a gradient travels back as large as the activation it belongs to; none
     given: free). Optimizer steps and the loss take no time."""
-    n = len(student_fwd_ms)
-    s_send = list(student_send_ms) if student_send_ms is not None else [0.0] * n
-    t_send = list(teacher_send_ms) if teacher_send_ms is not None else [0.0] * n
-    work = {
-        (kind, j): ms
-        for kind, values in (("sf", student_fwd_ms), ("sb", student_bwd_ms), ("tf", teacher_fwd_ms))
-        for j, ms in enumerate(values)
-    }
-
-    def transfer(dep: Task, task: Task) -> float:
-        if dep.kind == "sf":
-            return s_send[dep.stage]
-        if dep.kind == "sb":
-            return s_send[task.stage]
-        return t_send[dep.stage] if dep.kind == "tf" else 0.0
-
-    return simulate(schedule, lambda t: work.get((t.kind, t.stage), 0.0), link=transfer)
+    costs = StageCosts.of(student_fwd_ms, student_bwd_ms, teacher_fwd_ms,
+                          student_send_ms or (), teacher_send_ms or ())  # fmt: skip
+    return simulate_costs(schedule, costs)

@@ -2,9 +2,21 @@
 
 A task is one unit of work on one device: a teacher forward (``tf``), a student forward
 (``sf``) or backward (``sb``) of one micro-batch of one view of one batch on one stage, the loss
-of a batch (``loss``, on the last device, over the whole batch), or the optimizer step of a
-stage (``opt``, followed by its EMA update in momentum mode). A :class:`Schedule` is one ordered
-task list per device; :func:`dependencies` is the task graph every schedule must respect.
+(``loss``, on the last device), or the optimizer step of a stage (``opt``, followed by its EMA
+update in momentum mode). A schedule that splits the backward (zero-bubble, Qi et al. 2023)
+runs ``sb`` as the input-gradient half only and a later ``sw`` for the weight gradients.
+
+The loss granularity (:data:`LOSSES`) says what one ``loss`` task covers:
+
+- ``batch``: the whole batch, every view (one task per batch);
+- ``micro``: one micro-batch, every view, with that micro-batch's teacher outputs (a loss that
+  is a mean over samples: soft-target KD, BYOL); the terms are weighted by their share of the
+  batch so that they add up to the whole-batch loss;
+- ``micro_full_teacher``: one micro-batch of student outputs against the teacher outputs of the
+  whole batch (InfoNCE of a query micro-batch against every key: a mean over queries).
+
+A :class:`Schedule` is one ordered task list per device; :func:`dependencies` is the task graph
+every schedule must respect.
 """
 
 from __future__ import annotations
@@ -15,9 +27,13 @@ from typing import Literal
 
 from tspipe_fx.errors import TspipeError
 
-__all__ = ["Kind", "Schedule", "ScheduleError", "Task", "dependencies", "must_precede"]
+__all__ = [
+    "LOSSES", "Kind", "Schedule", "ScheduleError", "Task", "dependencies", "must_precede", "order_key",
+    "task_devices", "window_of",
+]  # fmt: skip
 
-Kind = Literal["tf", "sf", "sb", "loss", "opt"]
+Kind = Literal["tf", "sf", "sb", "sw", "loss", "opt"]
+LOSSES = ("batch", "micro", "micro_full_teacher")
 
 
 class ScheduleError(TspipeError):
@@ -56,7 +72,21 @@ class Schedule:
     staleness: int  # momentum: batch b's teacher forward sees the EMA after step b-1-staleness
     n_batches: int
     devices: tuple[tuple[Task, ...], ...]
-    loss_per_micro: bool = False  # 1f1b: one loss per micro-batch (needs a loss that is a mean over samples)
+    loss: str = "batch"  # the loss granularity, one of LOSSES
+    split_backward: bool = False  # sb computes input gradients only; sw the weight gradients
+    variant: str = ""  # how a synthesized schedule was made (for reports)
+
+    @property
+    def loss_per_micro(self) -> bool:
+        """One loss task per micro-batch (the student's forwards then run micro-batch-major)."""
+        return self.loss != "batch"
+
+    @property
+    def micro_major(self) -> bool:
+        """Whether micro-batches pass each stage before views (``m0v0 m0v1 m1v0 …``): the order
+        a per-micro-batch loss needs. BatchNorm statistics depend on it; the reference trainer
+        takes it (``micro_major=``) and the validator holds every device to it."""
+        return self.loss_per_micro and self.views > 1 and self.micro_batches > 1
 
     def tasks(self) -> Iterator[tuple[int, Task]]:
         for d, tasks in enumerate(self.devices):
@@ -82,16 +112,20 @@ def dependencies(s: Schedule, t: Task) -> list[Task]:
             deps.append(Task("opt", t.stage, version))
     elif t.kind == "loss":
         parts = [(v, m) for v, m in every if not s.loss_per_micro or m == t.micro]
+        keys = every if s.loss == "micro_full_teacher" else parts
         deps += [Task("sf", last, t.batch, v, m) for v, m in parts]
-        deps += [Task("tf", last, t.batch, v, m) for v, m in parts]
+        deps += [Task("tf", last, t.batch, v, m) for v, m in keys]
     elif t.kind == "sb":
         deps.append(Task("sf", t.stage, t.batch, t.view, t.micro))
         if t.stage < last:
             deps.append(Task("sb", t.stage + 1, t.batch, t.view, t.micro))
         else:
             deps.append(Task("loss", last, t.batch, 0, t.micro if s.loss_per_micro else 0))
+    elif t.kind == "sw":
+        deps.append(Task("sb", t.stage, t.batch, t.view, t.micro))
     elif t.kind == "opt":
-        deps += [Task("sb", t.stage, t.batch, v, m) for v, m in every]
+        last_half: Kind = "sw" if s.split_backward else "sb"
+        deps += [Task(last_half, t.stage, t.batch, v, m) for v, m in every]
     return deps
 
 
@@ -102,3 +136,33 @@ def must_precede(s: Schedule, t: Task) -> list[Task]:
         if 0 <= newer < s.n_batches and newer < t.batch:
             return [Task("opt", t.stage, newer)]
     return []
+
+
+def order_key(s: Schedule, t: Task) -> tuple[int, int]:
+    """Where a forward comes in its stage's order of one batch (views first, or micro-batches)."""
+    return (t.micro, t.view) if s.micro_major else (t.view, t.micro)
+
+
+def window_of(s: Schedule, t: Task) -> int:
+    """The window a task runs in: window ``b`` ends with the optimizer step of batch ``b``; a
+    teacher forward that may read the weights before step ``b`` (KD, or a one-step-late momentum
+    teacher) runs in the window before its batch's, filling the gaps of batch ``b``'s student."""
+    if t.kind == "tf" and (s.mode == "kd" or s.staleness >= 1):
+        return max(0, t.batch - 1)
+    return t.batch
+
+
+def task_devices(s: Schedule) -> dict[Task, int]:
+    """Every task the schedule must contain, with its device."""
+    kinds: tuple[Kind, ...] = ("tf", "sf", "sb", "sw") if s.split_backward else ("tf", "sf", "sb")
+    out: dict[Task, int] = {}
+    for b in range(s.n_batches):
+        for j in range(s.n_stages):
+            for v in range(s.views):
+                for i in range(s.micro_batches):
+                    for kind in kinds:
+                        out[Task(kind, j, b, v, i)] = j
+            out[Task("opt", j, b)] = j
+        for i in range(s.micro_batches if s.loss_per_micro else 1):
+            out[Task("loss", s.n_stages - 1, b, 0, i)] = s.n_stages - 1
+    return out

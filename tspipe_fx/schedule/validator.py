@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from tspipe_fx.schedule.task import Schedule, ScheduleError, Task, dependencies, must_precede
+from tspipe_fx.schedule.task import (
+    Schedule,
+    ScheduleError,
+    Task,
+    dependencies,
+    must_precede,
+    order_key,
+    task_devices,
+)
 
 __all__ = ["validate"]
-
-
-def _expected(s: Schedule) -> dict[Task, int]:
-    """Every task the schedule must contain, with its device."""
-    out: dict[Task, int] = {}
-    for b in range(s.n_batches):
-        for j in range(s.n_stages):
-            for v in range(s.views):
-                for i in range(s.micro_batches):
-                    for kind in ("tf", "sf", "sb"):
-                        out[Task(kind, j, b, v, i)] = j
-            out[Task("opt", j, b)] = j
-        for i in range(s.micro_batches if s.loss_per_micro else 1):
-            out[Task("loss", s.n_stages - 1, b, 0, i)] = s.n_stages - 1
-    return out
 
 
 def validate(s: Schedule, *, max_in_flight: int | None = None) -> dict[str, int]:
@@ -29,7 +22,7 @@ def validate(s: Schedule, *, max_in_flight: int | None = None) -> dict[str, int]
     Returns ``{"max_in_flight": ...}`` (student micro-batches forwarded but not yet backwarded
     on one device, at most). Raises :class:`ScheduleError` naming the first violation.
     """
-    expected = _expected(s)
+    expected = task_devices(s)
     seen: dict[Task, int] = {}
     for d, t in s.tasks():
         if t in seen:
@@ -55,8 +48,27 @@ def validate(s: Schedule, *, max_in_flight: int | None = None) -> dict[str, int]
                         f"{s.name}: device {d} runs {later} before {t}, so the teacher would see weights "
                         f"newer than staleness {s.staleness} allows"
                     )
+    _check_forward_order(s)
     _check_deadlock(s, position)
     return {"max_in_flight": _in_flight(s, max_in_flight)}
+
+
+def _check_forward_order(s: Schedule) -> None:
+    """Every stage runs the forwards of a batch in one order (views first, or micro-batches first
+    when the loss is per micro-batch): BatchNorm statistics depend on it, and the reference
+    trainer runs that order."""
+    seen: dict[tuple[int, str, int], list[Task]] = {}
+    for d, t in s.tasks():
+        if t.kind in ("sf", "tf"):
+            seen.setdefault((d, t.kind, t.batch), []).append(t)
+    for (d, kind, b), tasks in seen.items():
+        keys = [order_key(s, t) for t in tasks]
+        if keys != sorted(keys):
+            order = "micro-batches first" if s.micro_major else "views first"
+            raise ScheduleError(
+                f"{s.name}: device {d} runs the {kind} of batch {b} as {[str(t) for t in tasks][:6]}, not in "
+                f"one order ({order}), so BatchNorm would see another order than the reference trainer"
+            )
 
 
 def _check_deadlock(s: Schedule, position: dict[Task, tuple[int, int]]) -> None:
@@ -92,6 +104,6 @@ def _in_flight(s: Schedule, bound: int | None) -> int:
                     raise ScheduleError(
                         f"{s.name}: device {d} holds {live} micro-batches' activations at {t}, more than {bound}"
                     )
-            elif t.kind == "sb":
+            elif t.kind == ("sw" if s.split_backward else "sb"):  # the stage's activations are freed
                 live -= 1
     return worst

@@ -1,0 +1,129 @@
+"""What a schedule's tasks cost: per stage, one micro-batch, in milliseconds.
+
+The simulator, the synthesizer and the plan price tasks with one :class:`StageCosts`: stage
+``j``'s student forward and backward and teacher forward run on device ``j``; an activation
+(or its gradient, as large) crosses the link to the neighbouring device in ``*_send_ms``.
+Optimizer steps and the loss take no time.
+
+A split backward (zero-bubble) prices its halves with ``weight_grad_share``: of a layer with
+weights, the backward computes the input gradient and the weight gradient at about the same
+cost each (two matrix products of the forward's size), so ``sb`` takes ``1 - share`` of the
+stage's backward and ``sw`` the rest. Stage 0's inputs are the model's inputs, which need no
+gradient: its ``sb`` is free and its ``sw`` is the whole backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tspipe_fx.schedule.task import ScheduleError, Task
+
+__all__ = ["StageCosts", "transfer_ms"]
+
+
+def transfer_ms(nbytes: float, gbs: float, latency_ms: float) -> float:
+    """Milliseconds to send ``nbytes`` over a link of ``gbs`` GB/s and ``latency_ms`` per message
+    (nothing to send over a link without latency is free). The partitioner's objective and the
+    simulator both price a transfer with this rule."""
+    if nbytes <= 0 and latency_ms == 0:
+        return 0.0
+    return nbytes / (gbs * 1e6) + latency_ms
+
+
+def _floats(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Task times per stage (see the module docstring).
+
+    Example:
+        >>> c = StageCosts.of([1, 1], [2, 2], [1, 1])
+        >>> c.task_ms(Task("sb", 1, 0))
+        2.0
+    """
+
+    student_fwd_ms: tuple[float, ...]
+    student_bwd_ms: tuple[float, ...]
+    teacher_fwd_ms: tuple[float, ...]
+    student_send_ms: tuple[float, ...] = field(default=())
+    teacher_send_ms: tuple[float, ...] = field(default=())
+    weight_grad_share: float = 0.5
+    split_backward: bool = False  # price sb as the input-gradient half
+
+    def __post_init__(self) -> None:
+        n = len(self.student_fwd_ms)
+        for name in ("student_bwd_ms", "teacher_fwd_ms", "student_send_ms", "teacher_send_ms"):
+            values = getattr(self, name)
+            if name.endswith("send_ms") and not values:
+                object.__setattr__(self, name, (0.0,) * n)
+            elif len(values) != n:
+                raise ScheduleError(f"StageCosts.{name} has {len(values)} stages, student_fwd_ms {n}")
+        every = (*self.student_fwd_ms, *self.student_bwd_ms, *self.teacher_fwd_ms,
+                 *self.student_send_ms, *self.teacher_send_ms)  # fmt: skip
+        if any(not v >= 0 for v in every):
+            raise ScheduleError(
+                f"task times must be numbers >= 0, got {[v for v in every if not v >= 0][:3]}"
+            )
+        if not 0 <= self.weight_grad_share <= 1:
+            raise ScheduleError(f"weight_grad_share must be in [0, 1], got {self.weight_grad_share}")
+
+    @classmethod
+    def of(
+        cls,
+        student_fwd_ms: Sequence[float],
+        student_bwd_ms: Sequence[float],
+        teacher_fwd_ms: Sequence[float],
+        student_send_ms: Sequence[float] = (),
+        teacher_send_ms: Sequence[float] = (),
+    ) -> StageCosts:
+        return cls(_floats(student_fwd_ms), _floats(student_bwd_ms), _floats(teacher_fwd_ms),
+                   _floats(student_send_ms), _floats(teacher_send_ms))  # fmt: skip
+
+    @classmethod
+    def unit(cls, n_stages: int) -> StageCosts:
+        """TSPipe's unit model: forward 1, backward 2."""
+        return cls.of([1.0] * n_stages, [2.0] * n_stages, [1.0] * n_stages)
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.student_fwd_ms)
+
+    def split(self, on: bool) -> StageCosts:
+        """The same costs, with ``sb`` priced as the input-gradient half (``on``) or whole."""
+        return self if on == self.split_backward else dataclasses.replace(self, split_backward=on)
+
+    def task_ms(self, t: Task) -> float:
+        j = t.stage
+        if t.kind == "sf":
+            return self.student_fwd_ms[j]
+        if t.kind == "tf":
+            return self.teacher_fwd_ms[j]
+        if t.kind in ("sb", "sw"):
+            whole = self.student_bwd_ms[j]
+            if not self.split_backward:
+                return whole if t.kind == "sb" else 0.0
+            weights = whole if j == 0 else whole * self.weight_grad_share
+            return weights if t.kind == "sw" else whole - weights
+        return 0.0
+
+    def link_ms(self, dep: Task, t: Task) -> float:
+        """The transfer before ``t`` when ``dep`` ran on another device."""
+        if dep.kind == "sf":
+            return self.student_send_ms[dep.stage]
+        if dep.kind == "sb":
+            return self.student_send_ms[t.stage]
+        return self.teacher_send_ms[dep.stage] if dep.kind == "tf" else 0.0
+
+    def work_ms(self, micro_batches: int, views: int) -> float:
+        """Every device's work of one batch, summed (the physical limit is this over devices)."""
+        per_micro = sum(self.student_fwd_ms) + sum(self.student_bwd_ms) + sum(self.teacher_fwd_ms)
+        return per_micro * micro_batches * views
+
+    def loads_ms(self, micro_batches: int, views: int) -> list[float]:
+        """Each device's work of one batch."""
+        return [(f + b + t) * micro_batches * views for f, b, t in
+                zip(self.student_fwd_ms, self.student_bwd_ms, self.teacher_fwd_ms, strict=True)]  # fmt: skip

@@ -1,0 +1,336 @@
+"""The schedule synthesizer (``schedule="auto"``): task lists made for the plan's costs.
+
+List scheduling on the task graph of a few batches (Graham; highest level first): whenever a
+device is free it runs, among its tasks whose inputs have arrived, the one with the longest
+path to the end of the run (its *bottom level*, task and link times included). The student's
+critical chain (forward, loss, backward, optimizer step, next forward) is the longest, so it
+goes first; teacher forwards and deferred weight gradients, with short paths, fill the gaps.
+
+The lists must also respect what the trainer runs: windows (:func:`~tspipe_fx.schedule.task
+.window_of`; each device's window ``b`` ends with its optimizer step of ``b``, and the
+teacher forwards of ``b+1`` run inside it), forwards in one order per stage (BatchNorm), and a
+cap on the micro-batches whose activations a device holds. From a run of ``HORIZON`` batches it
+takes the first window, one steady window (repeated) and the last, and keeps the variant whose
+repeated schedule simulates fastest; the result is periodic, so the trainer's windows and the
+simulator's period describe one schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from dataclasses import dataclass
+
+from tspipe_fx.schedule.costs import StageCosts
+from tspipe_fx.schedule.periodic import HORIZON, Lists, Templates, periodic, window_lists
+from tspipe_fx.schedule.simulator import simulate_costs
+from tspipe_fx.schedule.task import (
+    Schedule,
+    ScheduleError,
+    Task,
+    dependencies,
+    order_key,
+    task_devices,
+)
+from tspipe_fx.schedule.validator import validate
+
+__all__ = ["insertion_schedule", "list_schedule", "templates"]
+
+Early = tuple[int, ...]  # per stage: how many of a batch's teacher forwards run in the window before
+
+
+def _window_of(s: Schedule, early: Early, t: Task) -> int:
+    """Batch ``c``'s first ``early[j]`` teacher forwards on stage ``j`` (in forward order) run in
+    window ``c - 1``, the rest in window ``c``; every other task in its batch's window."""
+    if t.kind != "tf" or t.batch == 0:
+        return t.batch
+    rank = order_key(s, t)
+    position = rank[0] * (s.micro_batches if not s.micro_major else s.views) + rank[1]
+    return t.batch - 1 if position < early[t.stage] else t.batch
+
+
+def _graph(s: Schedule, early: Early) -> tuple[dict[Task, int], dict[Task, list[Task]]]:
+    """Every task with its device, and what must finish before it: the data dependencies, the
+    window bounds (after the device's previous step, before its own) and one forward order."""
+    device = task_devices(s)
+    preds: dict[Task, list[Task]] = {t: list(dependencies(s, t)) for t in device}
+    for t in device:
+        w = _window_of(s, early, t)
+        if t.kind != "opt":
+            opt = Task("opt", t.stage if t.kind != "loss" else s.n_stages - 1, w)
+            preds[opt].append(t)
+            if w > 0 and t.kind == "tf":
+                preds[t].append(Task("opt", t.stage, w - 1))
+    chains: dict[tuple[str, int, int], list[Task]] = {}
+    for t in device:
+        if t.kind in ("sf", "tf", "loss"):
+            chains.setdefault((t.kind, t.stage, t.batch), []).append(t)
+    for key, tasks in chains.items():
+        tasks.sort(key=(lambda t: t.micro) if key[0] == "loss" else (lambda t: order_key(s, t)))
+        for a, b in itertools.pairwise(tasks):
+            preds[b].append(a)
+    return device, preds
+
+
+def _bottom_levels(
+    device: dict[Task, int], preds: dict[Task, list[Task]], costs: StageCosts
+) -> dict[Task, float]:
+    succs: dict[Task, list[Task]] = {t: [] for t in device}
+    missing = 0
+    for t, ps in preds.items():
+        for p in ps:
+            succs[p].append(t)
+    left = {t: len(succs[t]) for t in device}
+    stack = [t for t, n in left.items() if n == 0]
+    level: dict[Task, float] = {}
+    while stack:
+        t = stack.pop()
+        tail = 0.0
+        for u in succs[t]:
+            link = costs.link_ms(t, u) if device[u] != device[t] else 0.0
+            tail = max(tail, link + level[u])
+        level[t] = costs.task_ms(t) + tail
+        for p in preds[t]:
+            left[p] -= 1
+            if left[p] == 0:
+                stack.append(p)
+    missing = len(device) - len(level)
+    if missing:
+        raise ScheduleError(f"the task graph has a cycle ({missing} tasks on it)")
+    return level
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A horizon's task graph, priced, with its bottom levels (shared by the methods)."""
+
+    s: Schedule
+    costs: StageCosts
+    device: dict[Task, int]
+    preds: dict[Task, list[Task]]
+    level: dict[Task, float]
+
+    @classmethod
+    def of(cls, s: Schedule, costs: StageCosts, early: Early) -> _Problem:
+        priced = costs.split(s.split_backward)
+        device, preds = _graph(s, early)
+        return cls(s, priced, device, preds, _bottom_levels(device, preds, priced))
+
+
+def list_schedule(
+    s: Schedule, costs: StageCosts, early: Early, *, max_in_flight: int, lookahead: bool
+) -> Lists:
+    """Per-device task lists for the tasks of ``s`` (its ``devices`` are ignored).
+
+    ``max_in_flight``: a device starts no student forward while it holds that many micro-batches'
+    activations. ``lookahead``: a device does not start a task that would still run when a task
+    with a longer path becomes ready, unless it fits in the wait.
+    """
+    return _list_schedule(_Problem.of(s, costs, early), max_in_flight, lookahead)
+
+
+def _list_schedule(problem: _Problem, max_in_flight: int, lookahead: bool) -> Lists:
+    s, priced, device, preds, level = problem.s, problem.costs, problem.device, problem.preds, problem.level
+    rank = {t: i for i, t in enumerate(sorted(device))}  # ties: a fixed order
+    succs: dict[Task, list[Task]] = {t: [] for t in device}
+    for t, ps in preds.items():
+        for p in ps:
+            succs[p].append(t)
+    left = {t: len(ps) for t, ps in preds.items()}
+    ready_at: dict[Task, float] = {}
+    finish: dict[Task, float] = {}
+    n = s.n_stages
+    candidates: list[list[Task]] = [[] for _ in range(n)]
+    for t, k in left.items():
+        if k == 0:
+            ready_at[t] = 0.0
+            candidates[device[t]].append(t)
+    free = [0.0] * n
+    live = [0] * n
+    frees = "sw" if s.split_backward else "sb"
+    out: list[list[Task]] = [[] for _ in range(n)]
+    heap: list[tuple[float, int]] = []
+
+    def usable(d: int) -> list[Task]:
+        return [t for t in candidates[d] if t.kind != "sf" or live[d] < max_in_flight]
+
+    def decision(d: int) -> float | None:
+        ok = usable(d)
+        return max(free[d], min(ready_at[t] for t in ok)) if ok else None
+
+    for d in range(n):
+        when = decision(d)
+        if when is not None:
+            heapq.heappush(heap, (when, d))
+    remaining = len(device)
+    while remaining:
+        if not heap:
+            stuck = {d: [str(t) for t in candidates[d]][:3] for d in range(n) if candidates[d]}
+            raise ScheduleError(
+                f"the synthesizer cannot go on with at most {max_in_flight} micro-batches in flight "
+                f"(waiting: {stuck}); hint: allow more micro-batches in flight"
+            )
+        when, d = heapq.heappop(heap)
+        if decision(d) != when:  # stale entry
+            continue
+        ok = usable(d)
+        now = [t for t in ok if ready_at[t] <= when]
+        pick = max(now, key=lambda t: (level[t], -rank[t]))
+        if lookahead:
+            soon = [
+                t for t in ok if when < ready_at[t] < when + priced.task_ms(pick) and level[t] > level[pick]
+            ]
+            if soon:
+                urgent = max(soon, key=lambda t: (level[t], -rank[t]))
+                gap = ready_at[urgent] - when
+                fits = [t for t in now if priced.task_ms(t) <= gap]
+                if not fits:  # wait for it
+                    free[d] = ready_at[urgent]
+                    heapq.heappush(heap, (decision(d) or free[d], d))
+                    continue
+                pick = max(fits, key=lambda t: (level[t], -rank[t]))
+        start = when
+        end = start + priced.task_ms(pick)
+        finish[pick] = end
+        free[d] = end
+        out[d].append(pick)
+        candidates[d].remove(pick)
+        live[d] += (pick.kind == "sf") - (pick.kind == frees)
+        remaining -= 1
+        touched = {d}
+        for u in succs[pick]:
+            left[u] -= 1
+            if left[u] == 0:
+                du = device[u]
+                ready_at[u] = max(
+                    (finish[p] + (priced.link_ms(p, u) if device[p] != du else 0.0) for p in preds[u]),
+                    default=0.0,
+                )
+                candidates[du].append(u)
+                touched.add(du)
+        for e in touched:
+            when_e = decision(e)
+            if when_e is not None:
+                heapq.heappush(heap, (when_e, e))
+    return tuple(tuple(x) for x in out)
+
+
+def insertion_schedule(s: Schedule, costs: StageCosts, early: Early) -> Lists:
+    """Per-device task lists by insertion (HEFT, Topcuoglu et al. 2002): tasks in order of their
+    bottom level, each at the earliest idle gap of its device that is long enough and starts
+    after its inputs arrive. The student's chain is placed first, as if alone; teacher forwards
+    and weight gradients then go into the gaps it leaves, never delaying it."""
+    return _insertion_schedule(_Problem.of(s, costs, early))
+
+
+def _insertion_schedule(problem: _Problem) -> Lists:
+    s, priced, device, preds, level = problem.s, problem.costs, problem.device, problem.preds, problem.level
+    rank = {t: i for i, t in enumerate(sorted(device))}
+    busy: list[list[tuple[float, float, Task]]] = [[] for _ in range(s.n_stages)]
+    finish: dict[Task, float] = {}
+    # A predecessor has a longer path than its successor, except through tasks of no cost:
+    # among equal levels, the task with fewer transitive predecessors goes first.
+    depth: dict[Task, int] = {}
+
+    def deep(t: Task) -> int:
+        if t not in depth:
+            stack = [t]
+            while stack:
+                x = stack[-1]
+                todo = [p for p in preds[x] if p not in depth]
+                if todo:
+                    stack += todo
+                    continue
+                stack.pop()
+                depth[x] = 1 + max((depth[p] for p in preds[x]), default=0)
+        return depth[t]
+
+    for t in sorted(device, key=lambda t: (-level[t], deep(t), rank[t])):
+        d = device[t]
+        ready = max(
+            (finish[p] + (priced.link_ms(p, t) if device[p] != d else 0.0) for p in preds[t]), default=0.0
+        )
+        cost = priced.task_ms(t)
+        slots = busy[d]
+        start, at = ready, len(slots)
+        for i, (a, _end, _) in enumerate(slots):  # the first gap after ``ready`` that holds it
+            lo = max(ready, slots[i - 1][1] if i else 0.0)
+            if lo + cost <= a and lo < a:  # (a task of no time never goes before one at its own time)
+                start, at = lo, i
+                break
+        else:
+            start = max(ready, slots[-1][1] if slots else 0.0)
+        slots.insert(at, (start, start + cost, t))
+        finish[t] = start + cost
+    return tuple(tuple(t for _, _, t in slots) for slots in busy)
+
+
+def _splits(s: Schedule) -> list[Early]:
+    """Where the teacher forwards of a batch may go: a momentum teacher has no choice (one step
+    late: all in the window before; synchronous: all in its own); a KD teacher tries TSPipe's
+    (all before), none before, and the first stages' before, the last stages' in their own."""
+    n, per = s.n_stages, s.micro_batches * s.views
+    if s.mode == "momentum":
+        return [(per if s.staleness >= 1 else 0,) * n]
+    out: list[Early] = []
+    for k in sorted({n, n - 1, n - 2, 3 * n // 4, n // 2, n // 4, 0}, reverse=True):
+        if k < 0:
+            continue
+        for part in (0.0, 0.5):
+            if part and k == n:
+                continue
+            early = tuple(per if j < k else round(per * part) if j == k else 0 for j in range(n))
+            if early not in out:
+                out.append(early)
+    return out
+
+
+def templates(
+    skeleton: Schedule,
+    costs: StageCosts,
+    *,
+    max_in_flight: int,
+    split_options: tuple[bool, ...],
+    known: dict[str, Lists],
+) -> Templates:
+    """The fastest periodic schedule among the variants (split backward or not, where the
+    teacher forwards go, insertion or list scheduling, which steady window of the run) and the
+    ``known`` schedules' lists over ``HORIZON`` batches, scored by the simulated period over 6
+    batches: never slower than the best of them."""
+    best: tuple[float, Templates] | None = None
+    for name, lists in known.items():
+        cand = Templates(
+            window_lists(lists, 0),
+            window_lists(lists, 1),
+            window_lists(lists, HORIZON - 1),
+            False,
+            f"as {name}",
+        )
+        period = simulate_costs(periodic(skeleton, cand, 6), costs).period
+        if best is None or period < best[0] - 1e-9:
+            best = (period, cand)
+    for split in split_options:
+        horizon = dataclasses.replace(skeleton, n_batches=HORIZON, split_backward=split, devices=())
+        for early in _splits(horizon):
+            problem = _Problem.of(horizon, costs, early)
+            for method in ("insertion", "lookahead"):
+                if method == "insertion":
+                    lists = _insertion_schedule(problem)
+                    if validate(dataclasses.replace(horizon, devices=lists))["max_in_flight"] > max_in_flight:
+                        continue
+                else:
+                    lists = _list_schedule(problem, max_in_flight, lookahead=True)
+                lookahead = method
+                first, last = window_lists(lists, 0), window_lists(lists, HORIZON - 1)
+                for w in range(1, HORIZON - 1):
+                    variant = (
+                        f"{lookahead}{', split backward' if split else ''}"
+                        f", teacher forwards ahead {list(early)}"
+                    )
+                    cand = Templates(first, window_lists(lists, w), last, split, variant)
+                    period = simulate_costs(periodic(skeleton, cand, 6), costs).period
+                    if best is None or period < best[0] - 1e-9:
+                        best = (period, cand)
+    assert best is not None
+    return best[1]

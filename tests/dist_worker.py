@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--mode", choices=["kd", "momentum"], default="kd")
     parser.add_argument("--schedule", default="tspipe")
+    parser.add_argument("--loss", default=None, help="the loss granularity (default: the plan's)")
     parser.add_argument("--tied", action="store_true")
     parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--steps", type=int, default=6)
@@ -97,7 +98,7 @@ def main() -> None:
     pipe = tspipe_fx.compile(student, teacher, args.stages, example_inputs=(x0,), mode=args.mode, **options)
     views = 1 if args.mode == "kd" else 2
     trainer = pipe.trainer(loss_fn, optimizer=sgd, runtime="dist", schedule=args.schedule, views=views,
-                           momentum=0.9, clip_grad_norm=args.clip, timeout_s=30)  # fmt: skip
+                           momentum=0.9, clip_grad_norm=args.clip, timeout_s=30, loss=args.loss)  # fmt: skip
     start = 0
     if args.resume is not None:
         load_checkpoint(trainer, args.resume)
@@ -129,6 +130,7 @@ def main() -> None:
             "teacher": teacher.state_dict(),
             "compiled_cuts": (pipe.plan.student.cuts, pipe.plan.teacher.cuts),
             "cuts": (trainer.plan.student.cuts, trainer.plan.teacher.cuts),
+            "split_backward": trainer.schedules[3].split_backward,
             "time": time.time(),
         },
         args.out / f"rank-{rank}.pt",

@@ -102,11 +102,12 @@ def one_thread() -> Iterator[None]:
 
 
 def reference(mode: str, steps: int, micro: int, *, tied: bool = False, clip: float | None = None,
-              short_last: bool = False) -> tuple[list[float], ReferenceTrainer]:  # fmt: skip
+              short_last: bool = False, loss: str = "batch") -> tuple[list[float], ReferenceTrainer]:  # fmt: skip
     student, teacher = worker.models(mode, tied)
-    loss = worker.kd_loss if mode == "kd" else worker.byol_loss
-    ref = ReferenceTrainer(copy.deepcopy(student), copy.deepcopy(teacher), loss, optimizer=worker.sgd, mode=mode,
-                           micro_batches=micro, views=1 if mode == "kd" else 2, momentum=0.9, clip_grad_norm=clip)  # fmt: skip
+    loss_fn = worker.kd_loss if mode == "kd" else worker.byol_loss
+    ref = ReferenceTrainer(copy.deepcopy(student), copy.deepcopy(teacher), loss_fn, optimizer=worker.sgd, mode=mode,
+                           micro_batches=micro, views=1 if mode == "kd" else 2, momentum=0.9, clip_grad_norm=clip,
+                           loss=loss, micro_major=loss != "batch")  # fmt: skip
     losses = []
     with one_thread():
         for step in range(steps):
@@ -154,6 +155,18 @@ def test_equals_the_reference(tmp_path: Path, ranks: int, mode: str, extra: list
     clip = float(extra[extra.index("--clip") + 1]) if "--clip" in extra else None
     want, ref = reference(mode, 6, ranks, clip=clip, short_last="--short-last" in extra)
     assert_matches(got[0], want, ref)
+
+
+@pytest.mark.parametrize(("ranks", "mode"), [(2, "momentum"), (3, "kd")])
+def test_auto_with_a_loss_per_micro_batch_equals_the_reference(tmp_path: Path, ranks: int, mode: str) -> None:
+    """The synthesized schedule (here with its backward split in two) across ranks."""
+    run(ranks, tmp_path, "--stages", str(ranks), "--mode", mode, "--steps", "5", "--schedule", "auto",
+        "--loss", "micro")  # fmt: skip
+    got = results(tmp_path)
+    assert_replicas_equal(got)
+    assert got[0]["split_backward"] == (mode == "kd")  # what the synthesizer chose for these costs
+    want, ref = reference(mode, 5, ranks, loss="micro")
+    assert_matches(got[0], want, ref, rtol=1e-4, atol=1e-5)  # per-micro-batch terms: fp32 rounding
 
 
 def test_tied_weights_and_clipping_across_ranks(tmp_path: Path) -> None:
@@ -245,12 +258,15 @@ def test_a_failing_rank_ends_every_rank(tmp_path: Path, how: str) -> None:
         in text
     ), text[-4000:]
     assert not list(out.glob("rank-*.pt"))
-    assert _root_cause(text) == (1, f"rank 1 (stage 1) failed: {'task loss0: ' if how == 'loss' else ''}{error}")
+    assert _root_cause(text) == (
+        1,
+        f"rank 1 (stage 1) failed: {'task loss0: ' if how == 'loss' else ''}{error}",
+    )
 
 
 def _root_cause(text: str) -> tuple[int, str]:
     """The rank and the first line of the message in torchrun's "Root Cause" box."""
-    box = text[text.index("Root Cause (first observed failure):"):]
+    box = text[text.index("Root Cause (first observed failure):") :]
     rank = re.search(r"rank\s*: (\d+) \(local_rank", box)
     message = re.search(r"(?:traceback|error_file)\s*:.*\n(?:\s*traceback\s*:\s*)?(.*)", box)
     assert rank and message, box[:2000]
@@ -280,7 +296,9 @@ def test_a_killed_rank_ends_the_other_node(tmp_path: Path) -> None:
     assert "lost rank 1 (stage 1)" in text0 or "rank 1 (stage 1) stopped answering" in text0, text0[-4000:]
     # The survivor's torchrun names rank 0 (its only rank), with the lost rank as the reason.
     rank, message = _root_cause(text0)
-    assert rank == 0 and re.match(r"rank 0 stops: rank 1 \(stage 1\) (was lost|stopped answering)", message), message
+    assert rank == 0 and re.match(
+        r"rank 0 stops: rank 1 \(stage 1\) (was lost|stopped answering)", message
+    ), message
 
 
 def test_a_world_that_is_no_multiple_of_the_stages(tmp_path: Path) -> None:

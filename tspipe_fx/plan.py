@@ -100,8 +100,13 @@ class Plan:
 
     @property
     def max_load_ms(self) -> float:
-        """The busiest device's work per batch: no schedule's period is shorter."""
+        """The partition's objective: the busiest device's work and transfers per batch."""
         return max(self.loads_ms)
+
+    @property
+    def busiest_ms(self) -> float:
+        """The busiest device's compute per batch (transfers overlap it): no schedule is faster."""
+        return max(self.stage_costs().loads_ms(self.micro_batches, self.views))
 
     @property
     def period_ms(self) -> float:
@@ -145,8 +150,7 @@ class Plan:
         """The plan's schedule over ``n_batches`` batches (``auto``: made for the plan's costs)."""
         return make_schedule(self.schedule, self.n_stages, self.micro_batches, views=self.views,
                              mode=self.mode, staleness=self.staleness, n_batches=n_batches, loss=self.loss,
-                             costs=costs or self.stage_costs(), split_backward=False)  # fmt: skip
-        # (the runtimes run a backward whole: no split-backward schedule is planned for them yet)
+                             costs=costs or self.stage_costs())  # fmt: skip
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

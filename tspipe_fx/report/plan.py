@@ -57,7 +57,8 @@ def render_plan(plan: Plan) -> str:
         "GFLOP s/t", "s fwd ms", "s bwd ms", "t fwd ms", "cut MB in/out", "memory MB", "load ms",
     ]  # fmt: skip
     table = tabulate(rows, headers=headers, floatfmt=".3f")
-    worst = max(range(plan.n_stages), key=lambda j: plan.loads_ms[j])
+    compute = plan.stage_costs().loads_ms(plan.micro_batches, plan.views)
+    worst = max(range(plan.n_stages), key=lambda j: compute[j])
     timeline = simulate_plan(plan)
     period = timeline.period
     views = f", {plan.views} views" if plan.views > 1 else ""
@@ -70,9 +71,11 @@ def render_plan(plan: Plan) -> str:
         f"{'schedule':18s} {plan.schedule}{' (' + timeline.schedule.variant + ')' if timeline.schedule.variant else ''}"
         f", loss per {'batch' if plan.loss == 'batch' else 'micro-batch'}",
         f"{'period':18s} {period:12.3f} ms per batch (the schedule run on these costs, steady state)",
-        f"{'busiest device':18s} {plan.max_load_ms:12.3f} ms of work per batch (device {worst}; no schedule is faster)",
+        f"{'busiest device':18s} {plan.busiest_ms:12.3f} ms of compute per batch (device {worst}; no schedule is "
+        "faster)",
         f"{'lower bound':18s} {plan.lower_bound_ms:12.3f} ms (all work spread evenly, no communication)",
-        f"{'imbalance':18s} {100 * plan.imbalance:12.1f} % (busiest device over the lower bound)",
+        f"{'imbalance':18s} {100 * plan.imbalance:12.1f} % (the largest load, transfers included, over the "
+        "lower bound)",
         f"{'efficiency':18s} {plan.lower_bound_ms / period if period else 1.0:12.3f} (lower bound / period)",
         f"{'throughput':18s} {plan.batch_size / period * 1e3 if period else float('inf'):12.1f} samples/s "
         "at that period",

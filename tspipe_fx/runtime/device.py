@@ -37,6 +37,9 @@ class DeviceState:
     )
     teacher_out: dict[tuple[int, int, int], tuple[Any, ...]] = field(default_factory=dict)
     student_out: dict[tuple[int, int, int], tuple[Any, ...]] = field(default_factory=dict)
+    weight_work: dict[tuple[int, int, int], Any] = field(
+        default_factory=dict
+    )  # a split backward's second half
 
 
 def call_stage(module: fx.GraphModule, args: Sequence[Any], label: str) -> tuple[Any, ...]:

@@ -30,6 +30,7 @@ from tspipe_fx.runtime.board import Board
 from tspipe_fx.runtime.device import DeviceState, call_stage
 from tspipe_fx.runtime.optim import build_optimizer, optimizer_params, parameter_names
 from tspipe_fx.runtime.options import TrainOptions
+from tspipe_fx.runtime.split_backward import input_gradients, weight_gradients
 from tspipe_fx.runtime.teacher import TeacherVersions
 from tspipe_fx.schedule.task import Schedule, Task
 from tspipe_fx.stage import ModelIO, Stage, StagedModel
@@ -89,6 +90,7 @@ class StageTasks(ABC):
         self.versions, self.clip = versions, options.clip_grad_norm
         self.timeout_s = timeout_s
         self.loss_per_micro, self.loss = schedule.loss_per_micro, schedule.loss
+        self.split_backward = schedule.split_backward
         self.micro_batches = schedule.micro_batches
         self.loss_terms: dict[int, int] = {}  # per batch, the loss tasks done (micro_full_teacher)
         self.param_order = [n for n, _ in student.parameters.named_parameters()]
@@ -259,15 +261,22 @@ class StageTasks(ABC):
             for o, g in zip(out, grads, strict=True)
             if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
         ]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        names = list(leaves)
+        if self.split_backward:  # input gradients now, the weights' in this stage's sw task
+            outs, seeds = [o for o, _ in pairs], [g for _, g in pairs]
+            params = [p for p in d.student.parameters() if p.requires_grad]
+            dx, work = input_gradients(outs, seeds, [leaves[n] for n in names], params)
+            d.weight_work[(t.batch, t.view, t.micro)] = work
+            sent = dict(zip(names, dx, strict=True))
+        else:
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            sent = {n: leaves[n].grad for n in names}
         if d.index > 0:
-            self.send(
-                d,
-                board,
-                ("sb", d.index, t.batch, t.view, t.micro),
-                {n: leaf.grad for n, leaf in leaves.items()},
-            )
+            self.send(d, board, ("sb", d.index, t.batch, t.view, t.micro), sent)
+
+    def _sw(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
+        weight_gradients(d.weight_work.pop((t.batch, t.view, t.micro)))
 
     def _opt(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         for names, stages in self.ties:  # the owner sums its copies' gradients
@@ -314,6 +323,7 @@ class StageTasks(ABC):
             d.saved.clear()
             d.teacher_out.clear()
             d.student_out.clear()
+            d.weight_work.clear()
             d.student.zero_grad(set_to_none=True)
         self.losses.clear()
         self.loss_terms.clear()

@@ -53,6 +53,7 @@ class StageCosts:
     teacher_send_ms: tuple[float, ...] = field(default=())
     weight_grad_share: float = 0.5
     split_backward: bool = False  # price sb as the input-gradient half
+    teacher_parts: int = 1  # a teacher forward is this share of a student micro-batch (linear)
 
     def __post_init__(self) -> None:
         n = len(self.student_fwd_ms)
@@ -96,12 +97,18 @@ class StageCosts:
         """The same costs, with ``sb`` priced as the input-gradient half (``on``) or whole."""
         return self if on == self.split_backward else dataclasses.replace(self, split_backward=on)
 
+    def for_schedule(self, split_backward: bool, teacher_parts: int) -> StageCosts:
+        """Priced as a schedule runs: its backward split or not, its teacher micro-batches."""
+        if (split_backward, teacher_parts) == (self.split_backward, self.teacher_parts):
+            return self
+        return dataclasses.replace(self, split_backward=split_backward, teacher_parts=teacher_parts)
+
     def task_ms(self, t: Task) -> float:
         j = t.stage
         if t.kind == "sf":
             return self.student_fwd_ms[j]
         if t.kind == "tf":
-            return self.teacher_fwd_ms[j]
+            return self.teacher_fwd_ms[j] / self.teacher_parts
         if t.kind in ("sb", "sw"):
             whole = self.student_bwd_ms[j]
             if not self.split_backward:
@@ -116,7 +123,7 @@ class StageCosts:
             return self.student_send_ms[dep.stage]
         if dep.kind == "sb":
             return self.student_send_ms[t.stage]
-        return self.teacher_send_ms[dep.stage] if dep.kind == "tf" else 0.0
+        return self.teacher_send_ms[dep.stage] / self.teacher_parts if dep.kind == "tf" else 0.0
 
     def work_ms(self, micro_batches: int, views: int) -> float:
         """Every device's work of one batch, summed (the physical limit is this over devices)."""

@@ -23,6 +23,7 @@ import functools
 
 from tspipe_fx.schedule.costs import StageCosts
 from tspipe_fx.schedule.periodic import HORIZON, Templates, periodic
+from tspipe_fx.schedule.repair import repair
 from tspipe_fx.schedule.synthesis import templates
 from tspipe_fx.schedule.task import LOSSES, Schedule, ScheduleError, Task
 from tspipe_fx.schedule.validator import validate
@@ -157,13 +158,15 @@ def _synthesized(skeleton: Schedule, costs: StageCosts, max_in_flight: int, spli
         name: tuple(tuple(d) for d in _FIXED[name](s.n_stages, s.micro_batches, s.views, s.mode, s.staleness,
                                                     HORIZON, s.loss))
         for name in (("tspipe", "gpipe") if s.loss == "batch" else ("1f1b", "tspipe"))
+        if s.teacher_parts == 1
     }  # fmt: skip
     known = {
         name: lists for name, lists in known.items()
         if validate(dataclasses.replace(s, n_batches=HORIZON, devices=lists))["max_in_flight"] <= max_in_flight
     }  # fmt: skip
-    return templates(skeleton, costs, max_in_flight=max_in_flight, known=known,
+    best = templates(skeleton, costs, max_in_flight=max_in_flight, known=known,
                      split_options=(False, True) if split is None else (split,))  # fmt: skip
+    return repair(skeleton, costs, best) if not best.variant.startswith("as ") else best
 
 
 def make_schedule(
@@ -179,6 +182,7 @@ def make_schedule(
     costs: StageCosts | None = None,
     split_backward: bool | None = None,
     max_in_flight: int | None = None,
+    teacher_parts: int = 1,
 ) -> Schedule:
     """Build a schedule by name: ``auto``, ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential``.
 
@@ -211,11 +215,19 @@ def make_schedule(
         raise ScheduleError(f"staleness must be 0 (synchronous) or 1 (TSPipe), got {staleness!r}")
     if loss not in LOSSES:
         raise ScheduleError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+    if isinstance(teacher_parts, bool) or not isinstance(teacher_parts, int) or teacher_parts < 1:
+        raise ScheduleError(f"teacher_parts must be an integer >= 1, got {teacher_parts!r}")
+    if teacher_parts > 1 and name != "auto":
+        raise ScheduleError(
+            f"{name} runs the teacher in the student's micro-batches; teacher_parts needs 'auto'"
+        )
     if name == "1f1b" and loss == "batch":
         loss = "micro"
     m = 1 if name == "sequential" else micro_batches
     staleness = staleness if mode == "momentum" else 0
-    skeleton = Schedule(name, n_stages, m, views, mode, staleness, n_batches, (), loss=loss)
+    skeleton = Schedule(
+        name, n_stages, m, views, mode, staleness, n_batches, (), loss=loss, teacher_parts=teacher_parts
+    )
     if name != "auto":
         lists = _FIXED[name](n_stages, m, views, mode, staleness, n_batches, loss)
         return Schedule(

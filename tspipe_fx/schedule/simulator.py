@@ -110,7 +110,7 @@ def simulate(
 
 def simulate_costs(schedule: Schedule, costs: StageCosts) -> Timeline:
     """The schedule with every task priced by ``costs`` (a split backward as its two halves)."""
-    priced = costs.split(schedule.split_backward)
+    priced = costs.for_schedule(schedule.split_backward, schedule.teacher_parts)
     return simulate(schedule, priced.task_ms, link=priced.link_ms)
 
 

@@ -46,7 +46,7 @@ def _window_of(s: Schedule, early: Early, t: Task) -> int:
     if t.kind != "tf" or t.batch == 0:
         return t.batch
     rank = order_key(s, t)
-    position = rank[0] * (s.micro_batches if not s.micro_major else s.views) + rank[1]
+    position = rank[0] * (s.teacher_micro if not s.micro_major else s.views) + rank[1]
     return t.batch - 1 if position < early[t.stage] else t.batch
 
 
@@ -113,7 +113,7 @@ class _Problem:
 
     @classmethod
     def of(cls, s: Schedule, costs: StageCosts, early: Early) -> _Problem:
-        priced = costs.split(s.split_backward)
+        priced = costs.for_schedule(s.split_backward, s.teacher_parts)
         device, preds = _graph(s, early)
         return cls(s, priced, device, preds, _bottom_levels(device, preds, priced))
 
@@ -216,61 +216,100 @@ def _list_schedule(problem: _Problem, max_in_flight: int, lookahead: bool) -> Li
     return tuple(tuple(x) for x in out)
 
 
-def insertion_schedule(s: Schedule, costs: StageCosts, early: Early) -> Lists:
+def insertion_schedule(s: Schedule, costs: StageCosts, early: Early, *, student_first: bool = False) -> Lists:
     """Per-device task lists by insertion (HEFT, Topcuoglu et al. 2002): tasks in order of their
     bottom level, each at the earliest idle gap of its device that is long enough and starts
-    after its inputs arrive. The student's chain is placed first, as if alone; teacher forwards
-    and weight gradients then go into the gaps it leaves, never delaying it."""
-    return _insertion_schedule(_Problem.of(s, costs, early))
+    after its inputs arrive. ``student_first``: every student task is placed first, as if the
+    teacher's outputs were there, and the teacher's forwards then go into the gaps it leaves."""
+    return _insertion_schedule(_Problem.of(s, costs, early), student_first)
 
 
-def _insertion_schedule(problem: _Problem) -> Lists:
+def _depths(preds: dict[Task, list[Task]]) -> dict[Task, int]:
+    """Longest chain of predecessors: among tasks of equal level, predecessors come first."""
+    depth: dict[Task, int] = {}
+    for t in preds:
+        stack = [t]
+        while stack:
+            x = stack[-1]
+            if x in depth:
+                stack.pop()
+                continue
+            todo = [p for p in preds[x] if p not in depth]
+            if todo:
+                stack += todo
+                continue
+            stack.pop()
+            depth[x] = 1 + max((depth[p] for p in preds[x]), default=0)
+    return depth
+
+
+def _insertion_schedule(problem: _Problem, student_first: bool) -> Lists:
     s, priced, device, preds, level = problem.s, problem.costs, problem.device, problem.preds, problem.level
     rank = {t: i for i, t in enumerate(sorted(device))}
+    depth = _depths(preds)
     busy: list[list[tuple[float, float, Task]]] = [[] for _ in range(s.n_stages)]
+    start_of: dict[Task, float] = {}
     finish: dict[Task, float] = {}
-    # A predecessor has a longer path than its successor, except through tasks of no cost:
-    # among equal levels, the task with fewer transitive predecessors goes first.
-    depth: dict[Task, int] = {}
 
-    def deep(t: Task) -> int:
-        if t not in depth:
-            stack = [t]
-            while stack:
-                x = stack[-1]
-                todo = [p for p in preds[x] if p not in depth]
-                if todo:
-                    stack += todo
-                    continue
-                stack.pop()
-                depth[x] = 1 + max((depth[p] for p in preds[x]), default=0)
-        return depth[t]
+    def key(t: Task) -> tuple[object, ...]:
+        if student_first and t.kind == "tf":  # after every student task, in the teacher's own order
+            return (1, t.batch, t.stage, order_key(s, t))
+        return (0, -level[t], depth[t], rank[t])
 
-    for t in sorted(device, key=lambda t: (-level[t], deep(t), rank[t])):
+    for t in sorted(device, key=key):
         d = device[t]
         ready = max(
-            (finish[p] + (priced.link_ms(p, t) if device[p] != d else 0.0) for p in preds[t]), default=0.0
+            (finish[p] + (priced.link_ms(p, t) if device[p] != d else 0.0) for p in preds[t] if p in finish),
+            default=0.0,
         )
         cost = priced.task_ms(t)
         slots = busy[d]
-        start, at = ready, len(slots)
+        at, start = len(slots), max(ready, slots[-1][1] if slots else 0.0)
         for i, (a, _end, _) in enumerate(slots):  # the first gap after ``ready`` that holds it
             lo = max(ready, slots[i - 1][1] if i else 0.0)
             if lo + cost <= a and lo < a:  # (a task of no time never goes before one at its own time)
-                start, at = lo, i
+                at, start = i, lo
                 break
-        else:
-            start = max(ready, slots[-1][1] if slots else 0.0)
         slots.insert(at, (start, start + cost, t))
-        finish[t] = start + cost
-    return tuple(tuple(t for _, _, t in slots) for slots in busy)
+        start_of[t], finish[t] = start, start + cost
+    return _device_orders(device, preds, start_of)
+
+
+def _device_orders(device: dict[Task, int], preds: dict[Task, list[Task]], start: dict[Task, float]) -> Lists:
+    """Each device's tasks in the order of their planned starts, as far as the dependencies
+    between tasks of the same device allow (a placement may have put a task after one that
+    needs it: the simulation then delays the later one)."""
+    n = max(device.values()) + 1
+    mine: list[list[Task]] = [[] for _ in range(n)]
+    for t, d in device.items():
+        mine[d].append(t)
+    out = []
+    for d, tasks in enumerate(mine):
+        local = {t: [p for p in preds[t] if device[p] == d] for t in tasks}
+        waiting = {t: len(ps) for t, ps in local.items()}
+        after: dict[Task, list[Task]] = {t: [] for t in tasks}
+        for t, ps in local.items():
+            for p in ps:
+                after[p].append(t)
+        heap = [(start[t], t) for t in tasks if waiting[t] == 0]
+        heapq.heapify(heap)
+        order = []
+        while heap:
+            _, t = heapq.heappop(heap)
+            order.append(t)
+            for u in after[t]:
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    heapq.heappush(heap, (start[u], u))
+        out.append(tuple(order))
+    return tuple(out)
 
 
 def _splits(s: Schedule) -> list[Early]:
     """Where the teacher forwards of a batch may go: a momentum teacher has no choice (one step
     late: all in the window before; synchronous: all in its own); a KD teacher tries TSPipe's
     (all before), none before, and the first stages' before, the last stages' in their own."""
-    n, per = s.n_stages, s.micro_batches * s.views
+    n, per = s.n_stages, s.teacher_micro * s.views
     if s.mode == "momentum":
         return [(per if s.staleness >= 1 else 0,) * n]
     out: list[Early] = []
@@ -314,10 +353,14 @@ def templates(
         horizon = dataclasses.replace(skeleton, n_batches=HORIZON, split_backward=split, devices=())
         for early in _splits(horizon):
             problem = _Problem.of(horizon, costs, early)
-            for method in ("insertion", "lookahead"):
-                if method == "insertion":
-                    lists = _insertion_schedule(problem)
-                    if validate(dataclasses.replace(horizon, devices=lists))["max_in_flight"] > max_in_flight:
+            for method in ("insertion", "student first", "lookahead"):
+                if method != "lookahead":
+                    lists = _insertion_schedule(problem, method == "student first")
+                    try:
+                        held = validate(dataclasses.replace(horizon, devices=lists))["max_in_flight"]
+                    except ScheduleError:
+                        continue
+                    if held > max_in_flight:
                         continue
                 else:
                     lists = _list_schedule(problem, max_in_flight, lookahead=True)

@@ -75,6 +75,12 @@ class Schedule:
     loss: str = "batch"  # the loss granularity, one of LOSSES
     split_backward: bool = False  # sb computes input gradients only; sw the weight gradients
     variant: str = ""  # how a synthesized schedule was made (for reports)
+    teacher_parts: int = 1  # teacher micro-batches per student micro-batch (each a slice of its rows)
+
+    @property
+    def teacher_micro(self) -> int:
+        """Teacher micro-batches per batch (and view): ``tf`` tasks count micro-batches in these."""
+        return self.micro_batches * self.teacher_parts
 
     @property
     def loss_per_micro(self) -> bool:
@@ -112,7 +118,10 @@ def dependencies(s: Schedule, t: Task) -> list[Task]:
             deps.append(Task("opt", t.stage, version))
     elif t.kind == "loss":
         parts = [(v, m) for v, m in every if not s.loss_per_micro or m == t.micro]
-        keys = every if s.loss == "micro_full_teacher" else parts
+        k = s.teacher_parts
+        keys = [(v, i) for v in range(s.views) for i in range(s.teacher_micro)]
+        if s.loss == "micro":  # the teacher micro-batches that slice this micro-batch
+            keys = [(v, i) for v, i in keys if i // k == t.micro]
         deps += [Task("sf", last, t.batch, v, m) for v, m in parts]
         deps += [Task("tf", last, t.batch, v, m) for v, m in keys]
     elif t.kind == "sb":
@@ -154,11 +163,13 @@ def window_of(s: Schedule, t: Task) -> int:
 
 def task_devices(s: Schedule) -> dict[Task, int]:
     """Every task the schedule must contain, with its device."""
-    kinds: tuple[Kind, ...] = ("tf", "sf", "sb", "sw") if s.split_backward else ("tf", "sf", "sb")
+    kinds: tuple[Kind, ...] = ("sf", "sb", "sw") if s.split_backward else ("sf", "sb")
     out: dict[Task, int] = {}
     for b in range(s.n_batches):
         for j in range(s.n_stages):
             for v in range(s.views):
+                for i in range(s.teacher_micro):
+                    out[Task("tf", j, b, v, i)] = j
                 for i in range(s.micro_batches):
                     for kind in kinds:
                         out[Task(kind, j, b, v, i)] = j

@@ -1,0 +1,139 @@
+"""A stage's backward in two halves (zero-bubble, Qi et al. 2023): input gradients now, weight
+gradients later.
+
+:func:`input_gradients` runs autograd from the stage's outputs to its inputs only, so the
+previous stage can go on; on the way it keeps, at every node where a weight's gradient path
+joins the input path (a matmul's backward, say), the gradient that arrived there.
+:func:`weight_gradients` later starts autograd from those nodes with those gradients and stops
+at the weights: no gradient is computed twice (the approach of torch.distributed.pipelining's
+zero-bubble schedules). A weight whose path never meets the inputs' (every weight of the first
+stage, whose inputs need no gradient) takes its gradient from the outputs in the second half.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.autograd.graph import GradientEdge, Node
+
+__all__ = ["WeightWork", "input_gradients", "weight_gradients"]
+
+
+def _node(t: torch.Tensor) -> Node | None:
+    """The autograd node a tensor's gradient enters (a leaf's accumulator, made on demand)."""
+    if t.grad_fn is not None:
+        return t.grad_fn
+    if not t.requires_grad:
+        return None
+    return t.view_as(t).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+
+
+@dataclass
+class WeightWork:
+    """What the weight half needs: per group of weights, the nodes where their paths join the
+    input path and the gradients that arrived there; the weights reached from the outputs only."""
+
+    groups: list[tuple[list[torch.nn.Parameter], list[Node], list[tuple[torch.Tensor | None, ...]]]]
+    direct: list[torch.nn.Parameter]
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    grads: list[torch.Tensor] = field(default_factory=list)
+
+
+def input_gradients(
+    outputs: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    params: Sequence[torch.nn.Parameter],
+) -> tuple[list[torch.Tensor | None], WeightWork]:
+    """The gradients of ``inputs`` (None where one has none), and the weight half's work."""
+    roots = [n for n in map(_node, outputs) if n is not None]
+    above: dict[Node, list[Node]] = collections.defaultdict(list)  # node -> nodes nearer the outputs
+    queue, seen = collections.deque(roots), set(roots)
+    while queue:
+        node = queue.popleft()
+        for child, _ in node.next_functions:
+            if child is not None:
+                above[child].append(node)
+                if child not in seen:
+                    seen.add(child)
+                    queue.append(child)
+
+    def closure(starts: list[Node], stop: set[Node]) -> tuple[set[Node], set[Node]]:
+        """Nodes reached walking toward the outputs, and the ``stop`` nodes met (not passed)."""
+        inside, met, todo = set(starts), set(), collections.deque(starts)
+        while todo:
+            for parent in above[todo.popleft()]:
+                if parent in stop:
+                    met.add(parent)
+                elif parent not in inside:
+                    inside.add(parent)
+                    todo.append(parent)
+        return inside, met
+
+    wanted = [x for x in inputs if x.requires_grad]
+    input_path, _ = closure([n for n in map(_node, wanted) if n is not None], set())
+    by_join: dict[frozenset[Node], list[torch.nn.Parameter]] = {}
+    direct = []
+    for p in params:
+        acc = _node(p)
+        if acc is None or acc not in seen:
+            continue  # not used by these outputs
+        _, met = closure([acc], input_path)
+        if met:
+            by_join.setdefault(frozenset(met), []).append(p)
+        else:
+            direct.append(p)
+    captured: dict[Node, tuple[torch.Tensor | None, ...]] = {}
+    handles = []
+    for joins in by_join:
+        for n in joins:
+            if n not in captured:
+                captured[n] = ()
+                handles.append(n.register_prehook(lambda g, n=n: captured.__setitem__(n, tuple(g))))
+    try:
+        got = (
+            torch.autograd.grad(list(outputs), wanted, list(grads), retain_graph=True, allow_unused=True)
+            if wanted
+            else ()
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    it = iter(got)
+    dinputs = [next(it) if x.requires_grad else None for x in inputs]
+    groups = [(ps, list(joins), [captured[n] for n in joins]) for joins, ps in by_join.items()]
+    return dinputs, WeightWork(groups, direct, list(outputs) if direct else [], list(grads) if direct else [])
+
+
+def weight_gradients(work: WeightWork) -> None:
+    """Accumulate the weights' gradients into ``.grad``; the stage's graph is released after."""
+    for i, (params, joins, arrived) in enumerate(work.groups):
+        edges, seeds = [], []
+        for n, g in zip(joins, arrived, strict=True):
+            for k, x in enumerate(g):
+                if x is not None:
+                    edges.append(GradientEdge(n, k))
+                    seeds.append(x)
+        if not edges:
+            continue
+        # A join below another would also receive the upper one's gradient: pin each to its own.
+        handles = (
+            [n.register_prehook(lambda _, g=g: g) for n, g in zip(joins, arrived, strict=True)]
+            if len(joins) > 1
+            else []
+        )
+        try:
+            keep = bool(work.direct) or i < len(work.groups) - 1
+            got = torch.autograd.grad(edges, [GradientEdge(_node(p), 0) for p in params], seeds,  # type: ignore[arg-type]
+                                      retain_graph=keep, allow_unused=True)  # fmt: skip
+        finally:
+            for h in handles:
+                h.remove()
+        for p, dw in zip(params, got, strict=True):
+            if dw is not None:
+                p.grad = dw if p.grad is None else p.grad + dw
+    if work.direct:
+        torch.autograd.backward(work.outputs, work.grads, inputs=work.direct)

@@ -118,6 +118,60 @@ def test_a_bad_loss_granularity_is_refused() -> None:
     with pytest.raises(TspipeError, match=r"loss must be one of .*'micro' for a mean over samples"):
         tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform",
                           loss="per-sample")  # fmt: skip
+    with pytest.raises(TspipeError, match="teacher_parts=2 needs schedule='auto'"):
+        tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform",
+                          teacher_parts=2)  # fmt: skip
     pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform")
     with pytest.raises(TspipeError, match="loss must be 'batch', 'micro'"):
         pipe.trainer(kd_loss, optimizer=sgd, loss="sample")
+
+
+def test_compile_chooses_the_micro_batches_with_the_schedule() -> None:
+    """schedule="auto" without micro_batches: M = N, 2N or 4N, the one whose synthesized schedule
+    simulates fastest on its own partition and costs (more micro-batches are not free: the
+    roofline's launch term grows with them)."""
+    torch.manual_seed(0)
+    student, teacher = Net(), Net(32).eval()
+    x = torch.randn(16, 8)
+    common = dict(example_inputs=(x,), cost_model="roofline", device_specs=["h100"] * 2, loss="micro")
+    chosen = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, schedule="auto", **common)
+    assert chosen.plan.micro_batches in (2, 4, 8)
+    for m in (2, 4, 8):
+        fixed = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, schedule="auto",
+                                  micro_batches=m, **common)  # fmt: skip
+        assert chosen.plan.period_ms <= fixed.plan.period_ms * (1 + 1e-9)
+    assert chosen.trainer(kd_loss, optimizer=sgd).m == chosen.plan.micro_batches
+
+
+@pytest.mark.parametrize(
+    ("mode", "loss"), [("kd", "micro"), ("kd", "batch"), ("momentum", "micro_full_teacher")]
+)
+def test_finer_teacher_micro_batches_equal_the_reference(mode: str, loss: str) -> None:
+    """teacher_parts=2: the teacher runs each student micro-batch as two (its BatchNorm, in train
+    mode, sees those); the loss still sees every micro-batch's teacher outputs joined."""
+    torch.manual_seed(0)
+    if mode == "kd":
+        student, teacher, loss_fn, views = Net(), Net(32).train(), kd_loss, 1
+    else:
+        student = Online()
+        teacher, loss_fn, views = Target(student), info_nce, 2
+    pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 3, example_inputs=(torch.randn(12, 8),),
+                             mode=mode, cost_model="uniform", schedule="auto", loss=loss)  # fmt: skip
+    trainer = pipe.trainer(loss_fn, optimizer=sgd, teacher_parts=2, momentum=0.9)
+    assert trainer.schedules[3].teacher_parts == 2
+    ref = ReferenceTrainer(copy.deepcopy(student), copy.deepcopy(teacher), loss_fn, optimizer=sgd, mode=mode,
+                           micro_batches=trainer.m, views=views, loss=loss, teacher_parts=2, momentum=0.9,
+                           micro_major=trainer.micro_major)  # fmt: skip
+    if mode == "kd":
+        batches = [(torch.randn(12, 8), {"target": torch.randint(0, 4, (12,))}) for _ in range(5)]
+        want = [ref.step(x, **kw) for x, kw in batches]
+    else:
+        batches = [(torch.randn(12, 8), torch.randn(12, 8)) for _ in range(5)]
+        want = [ref.step(*b) for b in batches]
+    got = _run(trainer, batches)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    _assert_same_params(trainer, student, ref.student, **TOL)
+    _assert_same_params(trainer, teacher, ref.teacher, which="teacher", **TOL)
+    if mode == "kd":  # 12 samples in 3 micro-batches of 4: not into 8 teacher micro-batches each
+        with pytest.raises(TspipeError, match="micro-batch of 4 samples cannot be cut into teacher_parts=8"):
+            pipe.trainer(loss_fn, optimizer=sgd, teacher_parts=8).step(batches[0][0], **batches[0][1])

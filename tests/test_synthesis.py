@@ -141,3 +141,14 @@ def test_a_forward_out_of_order_is_refused() -> None:
 def test_bad_synthesizer_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ScheduleError, match=match):
         make_schedule("auto", 2, 2, **kwargs)
+
+
+def test_teacher_forwards_out_of_batch_order_are_refused() -> None:
+    """A teacher in train mode updates its BatchNorm statistics batch after batch: a device may
+    not run batch 2's teacher forward before the rest of batch 1's."""
+    s = make_schedule("tspipe", 2, 2, n_batches=3)
+    d0 = list(s.devices[0])
+    late, early = d0.index(Task("tf", 0, 1, 0, 1)), d0.index(Task("tf", 0, 2, 0, 0))
+    d0.insert(late, d0.pop(early))
+    with pytest.raises(ScheduleError, match=r"runs tf2\.0\.0 before tf1\.0\.1.*BatchNorm"):
+        validate(dataclasses.replace(s, devices=(tuple(d0), *s.devices[1:])))

@@ -24,18 +24,18 @@ from torch import nn
 
 from tspipe_fx.compiler.assemble import model_plan
 from tspipe_fx.compiler.costs import cost_models
-from tspipe_fx.compiler.cuts import check_momentum_names, check_plan, manual_cuts, shared_names
+from tspipe_fx.compiler.cuts import check_momentum_names, cut_space
 from tspipe_fx.compiler.hardware import hardware, resolve_devices, spec_for
-from tspipe_fx.compiler.partitioner import Cuts, Partitioner
+from tspipe_fx.compiler.micro_batches import Partitioned, candidates, fastest
+from tspipe_fx.compiler.partitioner import Partitioner
 from tspipe_fx.compiler.refine import refine as refine_step
 from tspipe_fx.cost.devices import DeviceSpec, device_spec
 from tspipe_fx.cost.model import CostModel
 from tspipe_fx.cost.profile import Profile
 from tspipe_fx.cost.stage_times import at_batch
 from tspipe_fx.errors import CaptureError, TspipeError
-from tspipe_fx.partition.problem import PartitionError
 from tspipe_fx.passes import annotate_structure, annotate_symbolic
-from tspipe_fx.passes.chain import GraphChain, graph_chain, mirrored_cuts
+from tspipe_fx.passes.chain import GraphChain, graph_chain
 from tspipe_fx.passes.split import split
 from tspipe_fx.passes.symbolic import input_sizes
 from tspipe_fx.pipeline import Pipeline
@@ -77,6 +77,7 @@ def compile(
     views: int | None = None,
     staleness: int = 1,
     loss: str = "batch",
+    teacher_parts: int = 1,
 ) -> Pipeline:
     """Cut ``student`` and ``teacher`` into ``n_gpus`` balanced stage pairs.
 
@@ -129,6 +130,13 @@ def compile(
             ``"micro_full_teacher"`` (one micro-batch of student outputs against the whole batch's
             teacher outputs: InfoNCE of a query micro-batch against every key). A per-micro-batch
             loss lets the student's backward start before the whole batch is forwarded.
+        teacher_parts: with ``schedule="auto"``, the teacher runs each student micro-batch as this
+            many smaller ones, so that its tasks fit the gaps the student leaves (a teacher in
+            train mode gets BatchNorm statistics of those); costed linearly. The trainer's default.
+
+    With ``schedule="auto"`` and no ``micro_batches``, compile also chooses M (N, 2N or 4N) with
+    the partition: the one whose synthesized schedule simulates fastest
+    (:mod:`tspipe_fx.compiler.micro_batches`).
 
     Example:
         >>> pipe = tspipe_fx.compile(resnet18, vit_b16, 4, example_inputs=(x,))
@@ -136,6 +144,11 @@ def compile(
     """
     n, mode = _check_args(student, teacher, n_gpus, mode, micro_batches, max_candidates)
     _check_options(schedule, refine, batch_size, views, staleness, loss)
+    if isinstance(teacher_parts, bool) or not isinstance(teacher_parts, int) or teacher_parts < 1:
+        raise TspipeError(f"teacher_parts must be an integer >= 1, got {teacher_parts!r}")
+    if teacher_parts > 1 and schedule != "auto":
+        raise TspipeError(f"teacher_parts={teacher_parts} needs schedule='auto' (the fixed schedules run the "
+                          f"teacher in the student's micro-batches), got schedule={schedule!r}")  # fmt: skip
     views = views if views is not None else (2 if mode == "momentum" else 1)
     run_on = resolve_devices(devices, n)
     s_example = _example(example_inputs, example_kwargs)
@@ -163,7 +176,6 @@ def compile(
         )
     if mode == "momentum":
         check_momentum_names(s_cap, t_cap)
-    micro, t_micro = {**sizes, "B": math.ceil(batch / m)}, {**t_sizes, "B": math.ceil(batch / m)}
     for role, cap, flat in (("student", s_cap, s_flat), ("teacher", t_cap, t_flat)):
         annotate_structure(cap.graph_module)
         _shapes(role, cap, flat)
@@ -171,21 +183,40 @@ def compile(
         [device_spec(s) for s in device_specs] if device_specs is not None else [spec_for(d) for d in run_on]
     )
     hw = hardware(run_on, specs, device_specs is not None, memory_limit)
-    s_gc = graph_chain(s_cap.graph_module, micro, max_candidates=max_candidates)
-    t_gc = graph_chain(t_cap.graph_module, t_micro, max_candidates=max_candidates)
-    # Every check that needs only the graphs comes before the costs (which may mean profiling).
-    fixed, pairs = _cut_space(plan, balance, s_cap, t_cap, s_gc, t_gc, n, mode)
     polish_for = "tspipe" if schedule == "auto" else schedule  # (auto is made for the costs polished)
-    tuned = make_schedule(polish_for, n, m, views=views, mode=mode, staleness=staleness, n_batches=4, loss=loss) \
-        if polish_for is not None and n > 1 else None  # fmt: skip
-    partitioner = Partitioner(s_gc, t_gc, hw, m, optimizer_factor, fixed=fixed, pairs=pairs, schedule=tuned)
 
+    def chains(k: int) -> tuple[dict[str, int], dict[str, int], GraphChain, GraphChain, Any]:
+        micro, t_micro = {**sizes, "B": math.ceil(batch / k)}, {**t_sizes, "B": math.ceil(batch / k)}
+        s_gc = graph_chain(s_cap.graph_module, micro, max_candidates=max_candidates)
+        t_gc = graph_chain(t_cap.graph_module, t_micro, max_candidates=max_candidates)
+        return micro, t_micro, s_gc, t_gc, cut_space(plan, balance, s_cap, t_cap, s_gc, t_gc, n, mode)
+
+    first = chains(m)  # every check that needs only the graphs comes before the costs (profiling)
     s_cm, t_cm, cm_name = cost_models(
         cost_model, profile, s_cap, t_cap, (s_example, t_example), run_on[0], specs[0]
     )
-    s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch
-    t_costs = t_cm.graph_costs(t_cap.graph_module, t_micro)
-    part = partitioner.best(s_costs, t_costs)
+
+    def partition_at(k: int) -> Partitioned:
+        micro, t_micro, s_gc, t_gc, (fixed, pairs) = first if k == m else chains(k)
+        tuned = make_schedule(polish_for, n, k, views=views, mode=mode, staleness=staleness, n_batches=4,
+                              loss=loss) if polish_for is not None and n > 1 else None  # fmt: skip
+        partitioner = Partitioner(
+            s_gc, t_gc, hw, k, optimizer_factor, fixed=fixed, pairs=pairs, schedule=tuned
+        )
+        s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch
+        t_costs = t_cm.graph_costs(t_cap.graph_module, t_micro)
+        return Partitioned(k, micro, t_micro, s_gc, t_gc, partitioner, s_costs, t_costs,
+                           partitioner.best(s_costs, t_costs))  # fmt: skip
+
+    choose = schedule == "auto" and micro_batches is None and plan is None and balance is None and n > 1
+    if choose:  # M with the partition, by the synthesized schedule's simulated period
+        chosen, _ = fastest(partition_at, candidates(n, batch), views=views, mode=mode, staleness=staleness,
+                            loss=loss)  # fmt: skip
+    else:
+        chosen = partition_at(m)
+    m, micro, t_micro, s_gc, t_gc = chosen.m, chosen.micro, chosen.t_micro, chosen.s_gc, chosen.t_gc
+    partitioner, s_costs, t_costs, part = chosen.partitioner, chosen.s_costs, chosen.t_costs, chosen.part
+    fixed = first[4][0]
     if refine:
         example_batch = sizes.get("B", 1)
         if micro["B"] != example_batch and not (s_cap.dynamic_batch and t_cap.dynamic_batch):
@@ -220,6 +251,7 @@ def compile(
         views=views,
         staleness=staleness,
         loss=loss,
+        teacher_parts=teacher_parts,
         links=tuple((d.link_gbs, d.link_latency_ms) for d in partitioner.devices)
         if any(math.isfinite(d.link_gbs) or d.link_latency_ms for d in partitioner.devices)
         else (),
@@ -325,40 +357,3 @@ def _shapes(role: str, cap: CapturedModel, flat: list[torch.Tensor]) -> None:
             f"{role} takes; a teacher that takes other inputs than the student gets its own "
             "(compile(..., teacher_example_inputs=...), trainer.step(..., teacher_inputs=...))"
         ) from None
-
-
-def _cut_space(
-    plan: Plan | None,
-    balance: Any,
-    s_cap: CapturedModel,
-    t_cap: CapturedModel,
-    s_gc: GraphChain,
-    t_gc: GraphChain,
-    n: int,
-    mode: str,
-) -> tuple[Cuts | None, tuple[tuple[int, int], ...] | None]:
-    """The cuts given (a saved plan, a manual balance), or a momentum pair's mirrored cut pairs;
-    an error where there are too few positions for ``n`` stages."""
-    if plan is not None:
-        check_plan(plan, s_cap, t_cap, n, mode)
-        return (
-            [s_gc.position_of(name) for name in plan.student.cuts],
-            [t_gc.position_of(name) for name in plan.teacher.cuts],
-        ), None
-    if balance is not None:
-        return manual_cuts(balance, s_gc, t_gc, n, mode, s_cap, t_cap), None
-    if mode == "momentum":
-        pairs = mirrored_cuts(s_gc, t_gc, shared_names(s_cap, t_cap))
-        if len(pairs) < n - 1:
-            raise PartitionError(
-                f"the momentum pair has {len(pairs)} cut positions that split the student and the "
-                f"teacher alike: too few for {n} stages; hint: use fewer devices"
-            )
-        return None, tuple(pairs)
-    for role, gc in (("student", s_gc), ("teacher", t_gc)):
-        if len(gc.candidates) < n - 1:
-            raise PartitionError(
-                f"the {role} graph has {len(gc.candidates)} candidate cuts: too few for {n} stages; "
-                "hint: use fewer devices, or allow more cut positions (max_candidates)"
-            )
-    return None, None

@@ -90,6 +90,7 @@ class Plan:
     loss: str = "batch"  # the loss granularity (tspipe_fx.schedule.task.LOSSES)
     # per device, the link to the next one: (GB/s, latency ms); empty: transfers are free
     links: tuple[tuple[float, float], ...] = ()
+    teacher_parts: int = 1  # teacher micro-batches per student micro-batch (schedule "auto")
 
     def __post_init__(self) -> None:
         _check(self)
@@ -150,7 +151,7 @@ class Plan:
         """The plan's schedule over ``n_batches`` batches (``auto``: made for the plan's costs)."""
         return make_schedule(self.schedule, self.n_stages, self.micro_batches, views=self.views,
                              mode=self.mode, staleness=self.staleness, n_batches=n_batches, loss=self.loss,
-                             costs=costs or self.stage_costs())  # fmt: skip
+                             costs=costs or self.stage_costs(), teacher_parts=self.teacher_parts)  # fmt: skip
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -211,6 +212,8 @@ def _check(plan: Plan) -> None:
         raise bad("staleness", "0 or 1")
     if plan.loss not in LOSSES:
         raise bad("loss", f"one of {list(LOSSES)}")
+    if not count(plan.teacher_parts, 1) or (plan.teacher_parts > 1 and plan.schedule != "auto"):
+        raise bad("teacher_parts", "an integer >= 1 (above 1 with schedule 'auto' only)")
     if plan.links and (
         len(plan.links) != len(plan.devices)
         or not all(len(x) == 2 and x[0] > 0 and x[1] >= 0 for x in plan.links)
@@ -278,7 +281,7 @@ def simulate_plan(
     """
     name = schedule if schedule is not None else plan.schedule
     costs = plan.stage_costs(link, scale=plan.micro_batches if name == "sequential" else 1)
-    s = dataclasses.replace(plan, schedule=name, views=views or plan.views).build_schedule(
-        n_batches, costs=costs
-    )
+    parts = plan.teacher_parts if name == "auto" else 1
+    as_run = dataclasses.replace(plan, schedule=name, views=views or plan.views, teacher_parts=parts)
+    s = as_run.build_schedule(n_batches, costs=costs)
     return simulate_costs(s, costs)

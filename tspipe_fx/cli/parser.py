@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=list(LOSSES), default="batch",
                    help="what one loss call covers: the batch, a micro-batch, or a micro-batch against the "
                    "whole batch's teacher outputs (default batch)")  # fmt: skip
+    p.add_argument("--teacher-parts", type=int, default=1,
+                   help="with --schedule auto: teacher micro-batches per student micro-batch (default 1)")  # fmt: skip
     p.add_argument("--cost-model", default="measured",
                    choices=["measured", "calibrated", "roofline", "params", "uniform"],
                    help="measured/calibrated profile here on the CPU; roofline models --device-spec (default measured)")  # fmt: skip

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from tspipe_fx.compiler.partitioner import Cuts
 from tspipe_fx.errors import TspipeError
+from tspipe_fx.partition.problem import PartitionError
 from tspipe_fx.passes.chain import GraphChain, mirror_map, mirrored_cuts
 from tspipe_fx.passes.fingerprint import graph_fingerprint
 from tspipe_fx.plan import Plan
 from tspipe_fx.tracing.model import CapturedModel
 
-__all__ = ["check_momentum_names", "check_plan", "cuts_from_balance", "manual_cuts", "shared_names"]
+__all__ = [
+    "check_momentum_names",
+    "check_plan",
+    "cut_space",
+    "cuts_from_balance",
+    "manual_cuts",
+    "shared_names",
+]
 
 
 def shared_names(s_cap: CapturedModel, t_cap: CapturedModel) -> set[str]:
@@ -114,3 +123,40 @@ def check_plan(
                 f"the plan's {role} ({mp.model_name}, graph {mp.graph_hash}) is not this {role}'s graph "
                 f"({graph_fingerprint(cap.graph_module)}); hint: compile the plan anew"
             )
+
+
+def cut_space(
+    plan: Plan | None,
+    balance: Any,
+    s_cap: CapturedModel,
+    t_cap: CapturedModel,
+    s_gc: GraphChain,
+    t_gc: GraphChain,
+    n: int,
+    mode: str,
+) -> tuple[Cuts | None, tuple[tuple[int, int], ...] | None]:
+    """The cuts given (a saved plan, a manual balance), or a momentum pair's mirrored cut pairs;
+    an error where there are too few positions for ``n`` stages."""
+    if plan is not None:
+        check_plan(plan, s_cap, t_cap, n, mode)
+        return (
+            [s_gc.position_of(name) for name in plan.student.cuts],
+            [t_gc.position_of(name) for name in plan.teacher.cuts],
+        ), None
+    if balance is not None:
+        return manual_cuts(balance, s_gc, t_gc, n, mode, s_cap, t_cap), None
+    if mode == "momentum":
+        pairs = mirrored_cuts(s_gc, t_gc, shared_names(s_cap, t_cap))
+        if len(pairs) < n - 1:
+            raise PartitionError(
+                f"the momentum pair has {len(pairs)} cut positions that split the student and the "
+                f"teacher alike: too few for {n} stages; hint: use fewer devices"
+            )
+        return None, tuple(pairs)
+    for role, gc in (("student", s_gc), ("teacher", t_gc)):
+        if len(gc.candidates) < n - 1:
+            raise PartitionError(
+                f"the {role} graph has {len(gc.candidates)} candidate cuts: too few for {n} stages; "
+                "hint: use fewer devices, or allow more cut positions (max_candidates)"
+            )
+    return None, None

@@ -53,10 +53,12 @@ def fed_batch(
     target: Any,
     teacher_inputs: Any = None,
     teacher_kwargs: dict[str, Any] | None = None,
+    teacher_parts: int = 1,
 ) -> Fed:
     """Cut a batch into views and micro-batches. ``teacher_inputs`` (a tensor or a tuple of
     positional arguments) and ``teacher_kwargs`` are the teacher's own call for the same samples
-    (neither: the student's)."""
+    (neither: the student's). ``teacher_parts``: the teacher runs each student micro-batch as
+    that many smaller ones (slices of its rows, in order)."""
     teacher = None
     if teacher_inputs is not None or teacher_kwargs is not None:
         positional = () if teacher_inputs is None else teacher_inputs
@@ -85,6 +87,20 @@ def fed_batch(
                 "teacher_inputs are the same samples as the student's, prepared for the teacher"
             )
     (s_args, s_kwargs), (t_args, t_kwargs) = cut[0], cut[-1]
+    if teacher_parts > 1:
+        finer = [[], []]  # type: list[list[Any]]
+        for args, kws in zip(t_args, t_kwargs, strict=True):
+            parts = []
+            for a, k in zip(args, kws, strict=True):
+                if batch_size((a, k)) < teacher_parts:
+                    raise TspipeError(
+                        f"a micro-batch of {batch_size((a, k))} samples cannot be cut into teacher_parts="
+                        f"{teacher_parts} teacher micro-batches; hint: a larger batch, or fewer parts"
+                    )
+                parts += split_micro(a, k, teacher_parts)
+            finer[0].append([a for a, _ in parts])
+            finer[1].append([k for _, k in parts])
+        t_args, t_kwargs = finer
     return Fed(s_args, s_kwargs, target, t_args, t_kwargs)
 
 

@@ -32,6 +32,9 @@ class TrainOptions:
     staleness: int | None = None
     # what one loss call covers: "batch", "micro" or "micro_full_teacher" (None: the plan's; reference: "batch")
     loss: str | None = None
+    # teacher micro-batches per student micro-batch (finer teacher tasks fill smaller gaps; None: the
+    # plan's, the reference trainer: 1; schedule "auto" only)
+    teacher_parts: int | None = None
     momentum: float = 0.996  # EMA momentum of a momentum teacher
     ema_buffers: bool = False  # buffers (BatchNorm statistics) follow the student too
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None  # per optimizer, stepped per batch
@@ -48,6 +51,8 @@ class TrainOptions:
             raise bad("optimizer", "a torch.optim.Optimizer or a factory params -> optimizer")
         if self.micro_batches is not None and not count(self.micro_batches):
             raise bad("micro_batches", "an integer >= 1")
+        if self.teacher_parts is not None and not count(self.teacher_parts):
+            raise bad("teacher_parts", "an integer >= 1")
         if self.views not in (None, 1, 2) or isinstance(self.views, bool):
             raise bad("views", "1 or 2")
         if self.staleness not in (None, 0, 1) or isinstance(self.staleness, bool):

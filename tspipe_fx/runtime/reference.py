@@ -79,6 +79,7 @@ class ReferenceTrainer:
         # or micro-batches first (1f1b, which needs both views of a micro-batch for its loss).
         self.micro_major = micro_major
         self.loss = opts.loss or "batch"
+        self.teacher_parts = opts.teacher_parts or 1
         built = build_optimizer(opts.optimizer, dict(student.named_parameters()), parameter_names(student))
         if built is None:
             raise TspipeError("the optimizer holds none of the student's parameters")
@@ -126,26 +127,29 @@ class ReferenceTrainer:
         **kwargs: Any,
     ) -> float:
         """Train on one batch; returns its loss (arguments: :meth:`Trainer.step`)."""
-        fed = fed_batch(
-            self.views, self.micro_batches, inputs, kwargs, target, teacher_inputs, teacher_kwargs
-        )
+        fed = fed_batch(self.views, self.micro_batches, inputs, kwargs, target, teacher_inputs, teacher_kwargs,
+                        self.teacher_parts)  # fmt: skip
         views = fed.student_args
         if self.mode == "momentum":  # the version this batch may see: the oldest one kept
             self._load_teacher(self.versions[0])
-        order = [(v, m) for v in range(len(views)) for m in range(self.micro_batches)]
-        if self.micro_major:
-            order.sort(key=lambda vm: (vm[1], vm[0]))
+        k = self.teacher_parts
+
+        def order(micro: int) -> list[tuple[int, int]]:  # each model's own order (BatchNorm)
+            pairs = [(v, m) for v in range(len(views)) for m in range(micro)]
+            return sorted(pairs, key=lambda vm: (vm[1], vm[0])) if self.micro_major else pairs
+
         t_parts: dict[tuple[int, int], Any] = {}
         s_parts: dict[tuple[int, int], Any] = {}
         # On copies: a model may write its input, and the micro-batches are views of one tensor.
-        for v, m in order:
+        for v, m in order(self.micro_batches * k):
             with torch.no_grad():
-                a, k = tree_map(_copy, fed.inputs(True, v, m))
-                t_parts[(v, m)] = self.teacher(*a, **k)
-            a, k = tree_map(_copy, fed.inputs(False, v, m))
-            s_parts[(v, m)] = self.student(*a, **k)
+                a, kw = tree_map(_copy, fed.inputs(True, v, m))
+                t_parts[(v, m)] = self.teacher(*a, **kw)
+        for v, m in order(self.micro_batches):
+            a, kw = tree_map(_copy, fed.inputs(False, v, m))
+            s_parts[(v, m)] = self.student(*a, **kw)
         teacher_out = [
-            join_micro([t_parts[(v, m)] for m in range(self.micro_batches)]) for v in range(len(views))
+            join_micro([t_parts[(v, m)] for m in range(self.micro_batches * k)]) for v in range(len(views))
         ]
         student_out = [
             join_micro([s_parts[(v, m)] for m in range(self.micro_batches)]) for v in range(len(views))
@@ -158,8 +162,12 @@ class ReferenceTrainer:
             loss = torch.zeros(())
             for m, size in enumerate(sizes):
                 mine = [s_parts[(v, m)] for v in range(len(views))]
-                if self.loss == "micro":
-                    keys, extra = [t_parts[(v, m)] for v in range(len(views))], {}
+                if self.loss == "micro":  # the teacher micro-batches that slice this one
+                    keys = [
+                        join_micro([t_parts[(v, i)] for i in range(m * k, (m + 1) * k)])
+                        for v in range(len(views))
+                    ]
+                    extra: dict[str, Any] = {}
                 else:  # every key of the batch; the queries are rows start..start+size
                     start = sum(sizes[:m])
                     keys, extra = teacher_out, {"rows": slice(start, start + size)}

@@ -90,7 +90,7 @@ class StageTasks(ABC):
         self.versions, self.clip = versions, options.clip_grad_norm
         self.timeout_s = timeout_s
         self.loss_per_micro, self.loss = schedule.loss_per_micro, schedule.loss
-        self.split_backward = schedule.split_backward
+        self.split_backward, self.teacher_parts = schedule.split_backward, schedule.teacher_parts
         self.micro_batches = schedule.micro_batches
         self.loss_terms: dict[int, int] = {}  # per batch, the loss tasks done (micro_full_teacher)
         self.param_order = [n for n, _ in student.parameters.named_parameters()]
@@ -218,10 +218,13 @@ class StageTasks(ABC):
                         o = leaf
                     outs.append(o)
                 s_parts.append(outs)
-                if not full_teacher:
-                    t_parts.append(list(d.teacher_out.pop((b, v, m))))
+                if not full_teacher:  # the teacher micro-batches that slice this one
+                    k = self.teacher_parts
+                    t_parts += [list(d.teacher_out.pop((b, v, i))) for i in range(m * k, (m + 1) * k)]
             if full_teacher:  # every micro-batch's keys, kept until the batch's last loss
-                t_parts = [list(d.teacher_out[(b, v, m)]) for m in range(self.micro_batches)]
+                t_parts = [
+                    list(d.teacher_out[(b, v, i)]) for i in range(self.micro_batches * self.teacher_parts)
+                ]
             per_view_s.append(self.student.io.unflatten_outputs(join_micro(s_parts)))
             per_view_t.append(self.teacher.io.unflatten_outputs(join_micro(t_parts)))
         with torch.enable_grad():

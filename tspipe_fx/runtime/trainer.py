@@ -95,6 +95,8 @@ class Trainer:
             views=opts.views or plan.views,
             staleness=opts.staleness if opts.staleness is not None else plan.staleness,
             loss=opts.loss or plan.loss,
+            teacher_parts=opts.teacher_parts
+            or (plan.teacher_parts if (schedule or plan.schedule) == "auto" else 1),
         )
         self.student, self.teacher = student, teacher
         self.n = self.plan.n_stages
@@ -124,7 +126,7 @@ class Trainer:
         # ReferenceTrainer with micro_major=... reproduces it: micro-batch-major where the loss is
         # per micro-batch (it needs every view of its micro-batch).
         self.micro_major = longest.micro_major
-        self.loss = longest.loss
+        self.loss, self.teacher_parts = longest.loss, longest.teacher_parts
         self.pending: _Pending | None = None
         self.next_index = 0
         self.segment_start = 0
@@ -165,7 +167,8 @@ class Trainer:
         inputs for the same samples (``teacher_inputs``: a tensor or a tuple of positional
         arguments, ``teacher_kwargs``), as it was compiled with ``teacher_example_inputs``.
         """
-        data = fed_batch(self.views, self.m, inputs, kwargs, target, teacher_inputs, teacher_kwargs)
+        data = fed_batch(self.views, self.m, inputs, kwargs, target, teacher_inputs, teacher_kwargs,
+                         self.teacher_parts)  # fmt: skip
         for model, role in ((self.student, False), (self.teacher, True)):
             model.io.flatten_inputs(*data.inputs(role, 0, 0))  # a batch a model cannot take fails here
         current = _Pending(self.next_index, data)

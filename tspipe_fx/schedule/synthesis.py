@@ -17,6 +17,7 @@ simulator's period describe one schedule.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import itertools
@@ -63,11 +64,11 @@ def _graph(s: Schedule, early: Early) -> tuple[dict[Task, int], dict[Task, list[
             if w > 0 and t.kind == "tf":
                 preds[t].append(Task("opt", t.stage, w - 1))
     chains: dict[tuple[str, int, int], list[Task]] = {}
-    for t in device:
+    for t in device:  # the teacher's forwards in one order across batches too (its BatchNorm)
         if t.kind in ("sf", "tf", "loss"):
-            chains.setdefault((t.kind, t.stage, t.batch), []).append(t)
+            chains.setdefault((t.kind, t.stage, -1 if t.kind == "tf" else t.batch), []).append(t)
     for key, tasks in chains.items():
-        tasks.sort(key=(lambda t: t.micro) if key[0] == "loss" else (lambda t: order_key(s, t)))
+        tasks.sort(key=(lambda t: t.micro) if key[0] == "loss" else (lambda t: (t.batch, *order_key(s, t))))
         for a, b in itertools.pairwise(tasks):
             preds[b].append(a)
     return device, preds
@@ -248,6 +249,7 @@ def _insertion_schedule(problem: _Problem, student_first: bool) -> Lists:
     rank = {t: i for i, t in enumerate(sorted(device))}
     depth = _depths(preds)
     busy: list[list[tuple[float, float, Task]]] = [[] for _ in range(s.n_stages)]
+    ended: list[list[float]] = [[] for _ in range(s.n_stages)]  # the slots' ends, in order
     start_of: dict[Task, float] = {}
     finish: dict[Task, float] = {}
 
@@ -263,14 +265,15 @@ def _insertion_schedule(problem: _Problem, student_first: bool) -> Lists:
             default=0.0,
         )
         cost = priced.task_ms(t)
-        slots = busy[d]
-        at, start = len(slots), max(ready, slots[-1][1] if slots else 0.0)
-        for i, (a, _end, _) in enumerate(slots):  # the first gap after ``ready`` that holds it
-            lo = max(ready, slots[i - 1][1] if i else 0.0)
-            if lo + cost <= a and lo < a:  # (a task of no time never goes before one at its own time)
+        slots, ends = busy[d], ended[d]
+        at, start = len(slots), max(ready, ends[-1] if ends else 0.0)
+        for i in range(bisect.bisect_right(ends, ready), len(slots)):  # the first gap after ``ready``
+            lo = max(ready, ends[i - 1] if i else 0.0)  # that holds it (a task of no time never
+            if lo + cost <= slots[i][0] and lo < slots[i][0]:  # goes before one at its own time)
                 at, start = i, lo
                 break
         slots.insert(at, (start, start + cost, t))
+        ends.insert(at, start + cost)
         start_of[t], finish[t] = start, start + cost
     return _device_orders(device, preds, start_of)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from tspipe_fx.errors import TspipeError
 
@@ -40,9 +40,11 @@ class ScheduleError(TspipeError):
     """A schedule is malformed or would deadlock."""
 
 
-@dataclass(frozen=True, order=True)
-class Task:
-    """One unit of work; ``stage`` is also the device it runs on (``loss``: the last one)."""
+class Task(NamedTuple):
+    """One unit of work; ``stage`` is also the device it runs on (``loss``: the last one).
+
+    A named tuple: schedules of thousands of tasks are hashed and compared at C speed.
+    """
 
     kind: Kind
     stage: int

@@ -57,17 +57,19 @@ def _check_forward_order(s: Schedule) -> None:
     """Every stage runs the forwards of a batch in one order (views first, or micro-batches first
     when the loss is per micro-batch): BatchNorm statistics depend on it, and the reference
     trainer runs that order."""
-    seen: dict[tuple[int, str, int], list[Task]] = {}
+    seen: dict[tuple[int, str], list[Task]] = {}
     for d, t in s.tasks():
         if t.kind in ("sf", "tf"):
-            seen.setdefault((d, t.kind, t.batch), []).append(t)
-    for (d, kind, b), tasks in seen.items():
-        keys = [order_key(s, t) for t in tasks]
+            seen.setdefault((d, t.kind), []).append(t)
+    for (d, kind), tasks in seen.items():
+        keys = [(t.batch, *order_key(s, t)) for t in tasks]
         if keys != sorted(keys):
             order = "micro-batches first" if s.micro_major else "views first"
+            at = next(i for i in range(1, len(keys)) if keys[i] < keys[i - 1])
             raise ScheduleError(
-                f"{s.name}: device {d} runs the {kind} of batch {b} as {[str(t) for t in tasks][:6]}, not in "
-                f"one order ({order}), so BatchNorm would see another order than the reference trainer"
+                f"{s.name}: device {d} runs {tasks[at - 1]} before {tasks[at]}: its {kind} tasks are not in "
+                f"one order (batch by batch, {order}), so BatchNorm would see another order than the "
+                "reference trainer"
             )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -43,7 +44,8 @@ from torch import nn
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
-CONTENDERS = ["plain-1t", "plain-2t", "tspipe", "pippy-gpipe", "pippy-1f1b"]
+CONTENDERS = ["plain-1t", "plain-2t", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b", "pippy-interleaved1f1b",
+              "pippy-interleavedzb", "pippy-zbv"]  # fmt: skip
 FAILURES: dict[str, str] = {}
 
 
@@ -72,15 +74,15 @@ def sgd(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.9)
 
 
-def compiled(args: argparse.Namespace) -> Any:
+def compiled(args: argparse.Namespace, plan: Path | None = None, stages: int = 2) -> Any:
     """The pipeline every contender shares: the saved plan's split (no profiling here)."""
     import tspipe_fx
     from tspipe_fx.plan import Plan
 
     student, teacher = pair()
     x, _ = data(args.batch)
-    return tspipe_fx.compile(student, teacher, 2, example_inputs=(x,), micro_batches=args.micro,
-                             plan=Plan.load(args.plan), cost_model="uniform")  # fmt: skip
+    return tspipe_fx.compile(student, teacher, stages, example_inputs=(x,), micro_batches=args.micro,
+                             plan=Plan.load(plan or args.plan), cost_model="uniform")  # fmt: skip
 
 
 # --- the contenders (each a worker process) ----------------------------------------------------
@@ -103,12 +105,91 @@ def plain(args: argparse.Namespace) -> float:
     return timed(step, args)
 
 
-def tspipe(args: argparse.Namespace) -> float:
+def tspipe(args: argparse.Namespace, schedule: str = "tspipe") -> float:
+    """Ours: ``tspipe`` (one loss per batch), or ``auto`` (synthesized, one loss per micro-batch)."""
     pipe = compiled(args)
-    trainer = pipe.trainer(kd_loss, optimizer=sgd, runtime="dist", schedule="tspipe")
+    loss = "micro" if schedule == "auto" else "batch"
+    trainer = pipe.trainer(kd_loss, optimizer=sgd, runtime="dist", schedule=schedule, loss=loss)
     x, y = data(args.batch)
     seconds = timed(lambda: trainer.step(x, target=y), args)
     trainer.finish()
+    return seconds
+
+
+MULTI = {"pippy-interleaved1f1b": "ScheduleInterleaved1F1B", "pippy-interleavedzb": "ScheduleInterleavedZeroBubble",
+         "pippy-zbv": "ScheduleZBVZeroBubble"}  # fmt: skip
+
+
+def pippy_multi(args: argparse.Namespace, kind: str) -> float:
+    """Two stages per rank (4 stages, cut by our partitioner for 4 devices): interleaved
+    (rank r holds stages r and r+2) or, for ZBV, V-shaped (rank 0 holds 0 and 3). The teacher runs
+    its own forward-only pass through the same schedule first, as with the single-stage ones."""
+    import torch.distributed as dist
+    import torch.distributed.pipelining as pipelining
+    from torch.distributed.pipelining import PipelineStage
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    pipe = compiled(args, plan=args.plan4, stages=4)
+    mine = [rank, 3 - rank] if kind == "pippy-zbv" else [rank, rank + 2]
+    x, y = data(args.batch)
+    micro_x = x[: args.batch // args.micro]
+
+    class Stage(nn.Module):
+        """As ``pippy``'s: tensors only between stages, the cuts' non-tensor values put back."""
+
+        def __init__(self, gm: nn.Module, given: dict[int, Any], dropped: set[int], last: bool):
+            super().__init__()
+            self.gm, self.given, self.dropped, self.last = gm, given, dropped, last
+
+        def forward(self, *xs: torch.Tensor) -> Any:
+            it = iter(x.clone() for x in xs)
+            n = len(xs) + len(self.given)
+            xs = tuple(self.given[i] if i in self.given else next(it) for i in range(n))
+            out = tuple(o.contiguous() if isinstance(o, torch.Tensor) else o for o in self.gm(*xs))
+            out = tuple(o for i, o in enumerate(out) if i not in self.dropped)
+            return out[0] if self.last or len(out) == 1 else out
+
+    def stages(ios: Any, frozen: bool) -> list[PipelineStage]:
+        with torch.no_grad():  # every cut's non-tensor values, from one micro-batch run on copies
+            values: tuple[Any, ...] = (micro_x,)
+            given: list[dict[int, Any]] = [{}]
+            for io in ios:
+                values = tuple(copy.deepcopy(io.module)(*values))
+                given.append({i: v for i, v in enumerate(values) if not isinstance(v, torch.Tensor)})
+        out = []
+        for j in mine:
+            mod = Stage(ios[j].module, given[j] if j else {}, set(given[j + 1]) if j < 3 else set(), j == 3)
+            out.append(PipelineStage(mod.requires_grad_(not frozen), j, 4, torch.device("cpu")))
+        return out
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return kd_loss(out, target[:, :-1], target[:, -1].long())
+
+    cls = getattr(pipelining, MULTI[kind])
+    s_stages, t_stages = stages(pipe.student_io, False), stages(pipe.teacher_io, True)
+    schedule = cls(s_stages, args.micro, loss_fn=loss_fn)
+    teacher = cls(t_stages, args.micro)
+    opt = sgd([p for st in s_stages for p in st.submod.parameters()])
+    holds_last = 3 in mine
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        t = teacher.eval(x) if rank == 0 else teacher.eval()
+        if holds_last:
+            packed = torch.cat([t, y[:, None].float()], dim=1)
+            if rank == 0:
+                schedule.step(x, target_mbs=list(packed.chunk(args.micro)))
+            else:
+                schedule.step(target_mbs=list(packed.chunk(args.micro)))
+        elif rank == 0:
+            schedule.step(x)
+        else:
+            schedule.step()
+        opt.step()
+
+    seconds = timed(step, args)
+    dist.destroy_process_group()
     return seconds
 
 
@@ -195,8 +276,8 @@ def timed(step: Any, args: argparse.Namespace) -> float:
 
 def launch(name: str, args: argparse.Namespace, out: Path) -> float:
     """One contender in fresh processes; its samples/s."""
-    common = ["--plan", str(args.plan), "--batch", str(args.batch), "--micro", str(args.micro),
-              "--steps", str(args.steps), "--result", str(out)]  # fmt: skip
+    common = ["--plan", str(args.plan), "--plan4", str(args.plan4), "--batch", str(args.batch), "--micro",
+              str(args.micro), "--steps", str(args.steps), "--result", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if name.startswith("plain"):
         cmd = [sys.executable, str(HERE), "--worker", "plain", "--threads", name[-2], *common]
@@ -229,7 +310,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--micro", type=int, default=4)
-    parser.add_argument("--worker", choices=["plain", "tspipe", "pippy-gpipe", "pippy-1f1b"])
+    parser.add_argument("--worker", choices=["plain", *CONTENDERS[2:]])
+    parser.add_argument("--plan4", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plan", type=Path)
     parser.add_argument("--result", type=Path)
@@ -242,8 +324,10 @@ def main() -> None:
     if args.worker is not None:
         if args.worker == "plain":
             seconds = plain(args)
-        elif args.worker == "tspipe":
-            seconds = tspipe(args)
+        elif args.worker in ("tspipe", "auto"):
+            seconds = tspipe(args, args.worker)
+        elif args.worker in MULTI:
+            seconds = pippy_multi(args, args.worker)
         else:
             seconds = pippy(args, args.worker.split("-")[1])
         if int(os.environ.get("RANK", "0")) == 0:
@@ -271,9 +355,19 @@ def main() -> None:
     if args.save_plan is not None:
         pipe.plan.save(args.save_plan)
     print(pipe.report())
+    # The interleaved and zero-bubble peers hold two stages per rank: the same pair cut for 4.
+    four = tspipe_fx.compile(student, teacher, 4, example_inputs=(micro_x,), batch_size=args.batch,
+                             micro_batches=args.micro, cost_model="uniform")  # fmt: skip
+    from tspipe_fx.plan import simulate_plan
+
+    simulated = {
+        name: args.batch / simulate_plan(dataclasses.replace(pipe.plan, loss=loss), name).period * 1e3
+        for name, loss in (("tspipe", "batch"), ("auto", "micro"))
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        args.plan = Path(tmp) / "plan.json"
+        args.plan, args.plan4 = Path(tmp) / "plan.json", Path(tmp) / "plan4.json"
         pipe.plan.save(args.plan)
+        four.plan.save(args.plan4)
         FAILURES.clear()
         figures: dict[str, list[float]] = {name: [] for name in args.only or CONTENDERS}
         for r in range(args.rounds):
@@ -283,14 +377,15 @@ def main() -> None:
     base = statistics.median(figures["plain-1t"]) if "plain-1t" in figures else float("nan")
     print(f"\n{args.rounds} rounds x {args.steps} steps, batch {args.batch} in {args.micro} micro-batches, "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs\n")  # fmt: skip
-    print("| contender | samples/s (median) | min | max | vs plain 1 thread |")
-    print("|---|---:|---:|---:|---:|")
+    print("| contender | samples/s (median) | min | max | vs plain 1 thread | measured / simulated |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, values in figures.items():
         if name in FAILURES:
-            print(f"| {name} | failed: {FAILURES[name]} | | | |")
+            print(f"| {name} | failed: {FAILURES[name]} | | | | |")
             continue
         med = statistics.median(values)
-        print(f"| {name} | {med:.1f} | {min(values):.1f} | {max(values):.1f} | {med / base:.2f}x |")
+        sim = f"{med / simulated[name]:.2f}" if name in simulated else ""
+        print(f"| {name} | {med:.1f} | {min(values):.1f} | {max(values):.1f} | {med / base:.2f}x | {sim} |")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
 

@@ -2,6 +2,7 @@
 
     python benchmarks/schedule/run.py simulate [--pairs ...] [--gpus 2 4 8] [--profiles h100 --link nvlink4]
     python benchmarks/schedule/run.py balance [--profiles h100] [--links nvlink4 pcie4]
+    python benchmarks/schedule/run.py auto [--pairs ...] [--gpus 8] [--device h100] [--link nvlink4]
     python benchmarks/schedule/run.py overhead [--repeats 15]
 
 ``simulate``: for each paper pair (CPU profiles of ``benchmarks/partition``, scaled to the
@@ -107,6 +108,47 @@ def balance(args: argparse.Namespace) -> None:
                                   "tspipe TSPipe's ms", "TSPipe's / ours"], tablefmt="github", disable_numparse=True))  # fmt: skip
 
 
+LOSS = {"kd_vitl_r152": "micro", "kd_bertl_distilbertl": "micro", "byol_r18": "micro",
+        "mocov3_vitb": "micro_full_teacher"}  # fmt: skip
+
+
+def auto(args: argparse.Namespace) -> None:
+    """The synthesized schedule against the fixed ones and the physical limit: each paper pair
+    planned with roofline costs of ``--device`` and ``--link`` for ``--gpus`` devices
+    (``schedule="auto"``, the loss per micro-batch, M chosen by compile), then simulated: auto
+    as planned and with finer teacher micro-batches, tspipe on the same partition."""
+    import dataclasses
+
+    import tspipe_fx
+    from tspipe_fx.cost.devices import device_spec
+
+    rows = []
+    for pair in args.pairs:
+        pp = profiled(pair, "cpu")  # (the captures; costs come from the roofline)
+        views = 2 if pp.mode == "momentum" else 1
+        n = args.gpus
+        t0 = time.perf_counter()
+        pipe = tspipe_fx.compile(pp.student, pp.teacher, n, example_inputs=pp.inputs, example_kwargs=pp.kwargs,
+                                 mode=pp.mode, batch_size=BATCH[pair], cost_model="roofline", schedule="auto",
+                                 loss=LOSS[pair], views=views,
+                                 device_specs=[device_spec(args.device).with_link(args.link)] * n)  # fmt: skip
+        compile_s = time.perf_counter() - t0
+        plan = pipe.plan
+        bound = plan.lower_bound_ms
+        for name, parts in (("tspipe", 1), ("auto", 1), ("auto", 2), ("auto", 4)):
+            t0 = time.perf_counter()
+            tl = simulate_plan(dataclasses.replace(plan, schedule=name, teacher_parts=parts), n_batches=6)
+            took = time.perf_counter() - t0
+            label = name if parts == 1 else f"{name}, teacher_parts={parts}"
+            rows.append([pair, n, plan.micro_batches, label, f"{tl.period:.1f}", f"{bound / tl.period:.3f}",
+                         f"{tl.period / bound:.2f}x", f"{plan.busiest_ms / bound:.2f}x",
+                         f"{took:.1f}" if name == "auto" else "", f"{compile_s:.0f}" if name == "tspipe" else ""])  # fmt: skip
+            print(rows[-1], flush=True)
+    print(tabulate(rows, headers=["pair", "gpus", "M", "schedule", "ms per batch", "efficiency", "vs lower bound",
+                                  "busiest device vs bound", "synthesis s", "compile s"], tablefmt="github",
+                   disable_numparse=True))  # fmt: skip
+
+
 def overhead(args: argparse.Namespace) -> None:
     import copy
 
@@ -170,10 +212,15 @@ def main() -> None:
     bal = sub.add_parser("balance", help="ours against the TSPipe repository's hand-written balance")
     bal.add_argument("--profiles", default="h100", help="h100 (benchmarks/gpu/'s profiles), or cpu")
     bal.add_argument("--links", nargs="+", default=["nvlink4", "pcie4"])
+    aut = sub.add_parser("auto", help="the synthesized schedule on roofline plans of the paper's pairs")
+    aut.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    aut.add_argument("--gpus", type=int, default=8)
+    aut.add_argument("--device", default="h100")
+    aut.add_argument("--link", default="nvlink4")
     ovh = sub.add_parser("overhead")
     ovh.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    {"simulate": simulate_pairs, "balance": balance, "overhead": overhead}[args.part](args)
+    {"simulate": simulate_pairs, "balance": balance, "auto": auto, "overhead": overhead}[args.part](args)
 
 
 if __name__ == "__main__":

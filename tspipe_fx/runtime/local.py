@@ -115,26 +115,27 @@ class LocalRuntime(StageTasks):
     def drain(self) -> None:
         """Wait until every message sent has left (they are in memory here)."""
 
-    def sum_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
-        """At the owner (the group's first stage): add the copies' gradients to its own."""
-        if d.index != stages[0]:
-            return
+    def sum_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...], board: Board) -> None:
+        """Each copy hands its gradient over at its own optimizer step (its last weight gradient
+        may come after the owner's backward, with a split backward); the owner adds them up."""
         mine = parameter_of(d.student, names)
+        if d.index != stages[0]:
+            board.put(("tied-grad", names, d.index), mine.grad)
+            mine.grad = None
+            return
         for k in stages[1:]:
-            other = parameter_of(self.stage[k].student, names)
-            if other.grad is not None:
-                mine.grad = (
-                    other.grad.to(mine.device)
-                    if mine.grad is None
-                    else mine.grad + other.grad.to(mine.device)
-                )
-                other.grad = None
+            other = board.take(("tied-grad", names, k))
+            if other is not None:
+                mine.grad = other.to(mine.device) if mine.grad is None else mine.grad + other.to(mine.device)
 
-    def copy_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
-        """At the owner, after its step: write the new value into every copy."""
-        if d.index != stages[0]:
-            return
+    def copy_tied(
+        self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...], board: Board
+    ) -> None:
+        """The owner, after its step, hands the new value over; each copy takes it at its own step."""
         mine = parameter_of(d.student, names)
-        with torch.no_grad():
+        if d.index == stages[0]:
             for k in stages[1:]:
-                parameter_of(self.stage[k].student, names).copy_(mine)
+                board.put(("tied-value", names, k), mine.detach())
+            return
+        with torch.no_grad():
+            mine.copy_(board.take(("tied-value", names, d.index)).to(mine.device))

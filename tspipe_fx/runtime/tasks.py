@@ -284,7 +284,7 @@ class StageTasks(ABC):
     def _opt(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         for names, stages in self.ties:  # the owner sums its copies' gradients
             if d.index in stages:
-                self.sum_tied(d, names, stages)
+                self.sum_tied(d, names, stages, board)
         self.reduce_replicas(d)
         if self.clip is not None:
             # As torch.nn.utils.clip_grad_norm_ computes it on one device: the norm of every
@@ -311,7 +311,7 @@ class StageTasks(ABC):
             d.optimizer.zero_grad(set_to_none=True)
         for names, stages in self.ties:  # ... and hands out the new value
             if d.index in stages:
-                self.copy_tied(d, names, stages)
+                self.copy_tied(d, names, stages, board)
         self.versions.update(d.index, d.teacher, d.student)
 
     def recover(self) -> bool:
@@ -358,11 +358,13 @@ class StageTasks(ABC):
         """Every stage's gradient norms (a barrier: the global norm needs every stage)."""
 
     @abstractmethod
-    def sum_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
+    def sum_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...], board: Board) -> None:
         """At the owner (the group's first stage): add the copies' gradients to its own."""
 
     @abstractmethod
-    def copy_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
+    def copy_tied(
+        self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...], board: Board
+    ) -> None:
         """At the owner, after its step: write the new value into every copy."""
 
     @abstractmethod

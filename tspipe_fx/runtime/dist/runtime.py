@@ -216,7 +216,7 @@ class DistRuntime(StageTasks):
         vec = vec.cpu()
         return {n: vec[i] for i, n in enumerate(self.norm_names)}
 
-    def sum_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
+    def sum_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...], board: Board) -> None:
         mine = parameter_of(d.student, names)
         if d.index != stages[0]:
             grad = mine.grad if mine.grad is not None else torch.zeros_like(mine)
@@ -228,7 +228,7 @@ class DistRuntime(StageTasks):
             self._p2p(dist.irecv, other, k, wait=True)
             mine.grad = other if mine.grad is None else mine.grad + other
 
-    def copy_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...]) -> None:
+    def copy_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...], board: Board) -> None:
         mine = parameter_of(d.student, names)
         if d.index == stages[0]:
             for k in stages[1:]:

@@ -57,7 +57,9 @@ def pair() -> tuple[nn.Module, nn.Module]:
 
     torch.manual_seed(0)
     student = timm.create_model("resnet18", pretrained=False, num_classes=10)
-    teacher = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=IMAGE, depth=6)
+    teacher = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=10, img_size=IMAGE, depth=6
+    )
     return student, teacher.eval()
 
 
@@ -150,7 +152,7 @@ def pippy_multi(args: argparse.Namespace, kind: str) -> float:
             out = tuple(o for i, o in enumerate(out) if i not in self.dropped)
             return out[0] if self.last or len(out) == 1 else out
 
-    def stages(ios: Any, frozen: bool) -> list[PipelineStage]:
+    def stages(ios: Any, frozen: bool, mine: list[int]) -> list[PipelineStage]:
         with torch.no_grad():  # every cut's non-tensor values, from one micro-batch run on copies
             values: tuple[Any, ...] = (micro_x,)
             given: list[dict[int, Any]] = [{}]
@@ -158,7 +160,7 @@ def pippy_multi(args: argparse.Namespace, kind: str) -> float:
                 values = tuple(copy.deepcopy(io.module)(*values))
                 given.append({i: v for i, v in enumerate(values) if not isinstance(v, torch.Tensor)})
         out = []
-        for j in mine:
+        for j in mine:  # (the caller's stage indices)
             mod = Stage(ios[j].module, given[j] if j else {}, set(given[j + 1]) if j < 3 else set(), j == 3)
             out.append(PipelineStage(mod.requires_grad_(not frozen), j, 4, torch.device("cpu")))
         return out
@@ -167,19 +169,29 @@ def pippy_multi(args: argparse.Namespace, kind: str) -> float:
         return kd_loss(out, target[:, :-1], target[:, -1].long())
 
     cls = getattr(pipelining, MULTI[kind])
-    s_stages, t_stages = stages(pipe.student_io, False), stages(pipe.teacher_io, True)
+    # The teacher's forward-only pass: interleaved placement (ZBV runs no forward-only pass; its
+    # student's last stage is on rank 0, so the teacher's outputs travel there from rank 1).
+    s_stages, t_stages = stages(pipe.student_io, False, mine), stages(pipe.teacher_io, True, [rank, rank + 2])
     schedule = cls(s_stages, args.micro, loss_fn=loss_fn)
-    teacher = cls(t_stages, args.micro)
+    teacher = pipelining.ScheduleInterleaved1F1B(t_stages, args.micro)
     opt = sgd([p for st in s_stages for p in st.submod.parameters()])
     holds_last = 3 in mine
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         t = teacher.eval(x) if rank == 0 else teacher.eval()
+        if kind == "pippy-zbv":
+            if rank == 1:
+                dist.send(t.contiguous(), 0)
+            else:
+                t = torch.empty(args.batch, 10)
+                dist.recv(t, 1)
         if holds_last:
             packed = torch.cat([t, y[:, None].float()], dim=1)
-            if rank == 0:
-                schedule.step(x, target_mbs=list(packed.chunk(args.micro)))
+            if rank == 0:  # (with targets split by hand, the inputs go split too)
+                schedule.step(
+                    arg_mbs=[(c,) for c in x.chunk(args.micro)], target_mbs=list(packed.chunk(args.micro))
+                )
             else:
                 schedule.step(target_mbs=list(packed.chunk(args.micro)))
         elif rank == 0:
@@ -295,9 +307,7 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> float:
         # The first rank to fail names the error; its peers only lose their connection to it.
         raised = [ln for ln in lines if re.search(r"\]: [\w.]+(Error|Exception)\b", ln)]
         raised = [ln for ln in raised if "Connection closed by peer" not in ln] or raised
-        errors = ours or raised or [
-            ln for ln in lines if "Error" in ln
-        ]
+        errors = ours or raised or [ln for ln in lines if "Error" in ln]
         FAILURES[name] = errors[0].split("]: ")[-1][:200] if errors else done.stderr[-300:]
         return float("nan")
     seconds = float(out.read_text())
@@ -305,7 +315,9 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=32)

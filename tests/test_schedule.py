@@ -27,7 +27,7 @@ def test_every_schedule_is_valid(name: str, n: int, m: int, views: int, mode: st
     s = make_schedule(name, n, m, views=views, mode=mode, staleness=staleness, n_batches=3)
     info = validate(s, max_in_flight=s.micro_batches * s.views)
     assert 1 <= info["max_in_flight"] <= s.micro_batches * s.views
-    costs = StageCosts.unit(n).split(s.split_backward)
+    costs = StageCosts.unit(n).for_schedule(s.split_backward, s.teacher_parts)
     tl = simulate_costs(s, costs)
     # Every task ran once, on its device, for its cost.
     assert sum(len(x) for x in tl.spans) == sum(len(d) for d in s.devices)

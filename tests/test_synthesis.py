@@ -98,7 +98,7 @@ def test_a_split_backward_frees_activations_at_the_weight_gradient() -> None:
     assert s.split_backward and any(t.kind == "sw" for _, t in s.tasks())
     assert Task("sb", 1, 0, 0, 0) in dependencies(s, Task("sw", 1, 0, 0, 0))
     assert Task("sw", 1, 0, 0, 1) in dependencies(s, Task("opt", 1, 0))
-    priced = costs.split(True)
+    priced = costs.for_schedule(True, 1)
     assert priced.task_ms(Task("sb", 1, 0)) == priced.task_ms(Task("sw", 1, 0)) == 2.0
     assert (priced.task_ms(Task("sb", 0, 0)), priced.task_ms(Task("sw", 0, 0))) == (
         0.0,
@@ -152,3 +152,8 @@ def test_teacher_forwards_out_of_batch_order_are_refused() -> None:
     d0.insert(late, d0.pop(early))
     with pytest.raises(ScheduleError, match=r"runs tf2\.0\.0 before tf1\.0\.1.*BatchNorm"):
         validate(dataclasses.replace(s, devices=(tuple(d0), *s.devices[1:])))
+
+
+def test_a_bad_memory_cap_is_named_before_it_is_used() -> None:
+    with pytest.raises(ScheduleError, match="max_in_flight must be an integer >= 1, got '3'"):
+        make_schedule("auto", 2, 2, loss="micro", max_in_flight="3")  # type: ignore[arg-type]

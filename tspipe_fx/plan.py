@@ -117,7 +117,8 @@ class Plan:
     @property
     def efficiency(self) -> float:
         """The physical limit (all work spread evenly) over the period: 1.0 leaves no device idle."""
-        return self.lower_bound_ms / self.period_ms if self.period_ms > 0 else 1.0
+        period = self.period_ms  # (one simulation)
+        return self.lower_bound_ms / period if period > 0 else 1.0
 
     @property
     def imbalance(self) -> float:

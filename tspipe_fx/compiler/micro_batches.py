@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tspipe_fx.compiler.partitioner import Partitioner
-from tspipe_fx.partition.objective import stage_costs
+from tspipe_fx.partition.objective import schedule_costs
 from tspipe_fx.partition.problem import Partition, PartitionError
 from tspipe_fx.passes.chain import GraphChain
 from tspipe_fx.schedule.costs import StageCosts
@@ -41,9 +41,7 @@ class Partitioned:
     def stage_costs(self) -> StageCosts:
         """Per device, one micro-batch's task times on this partition (links included)."""
         problem = self.partitioner.problem(self.s_costs, self.t_costs)
-        per = stage_costs(problem, self.part.student_cuts, self.part.teacher_cuts)
-        return StageCosts.of(*([getattr(c, f) for c in per] for f in (
-            "student_fwd_ms", "student_bwd_ms", "teacher_fwd_ms", "student_send_ms", "teacher_send_ms")))  # fmt: skip
+        return schedule_costs(problem, self.part.student_cuts, self.part.teacher_cuts)
 
 
 def candidates(n_stages: int, batch: int) -> list[int]:

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from tspipe_fx.partition.problem import Chain, Device, Partition, PartitionError, Problem, StageCost
-from tspipe_fx.schedule.simulator import transfer_ms
+from tspipe_fx.schedule.costs import StageCosts, transfer_ms
 
-__all__ = ["Objective", "evaluate", "fits", "link_ms", "stage_costs"]
+__all__ = ["Objective", "evaluate", "fits", "link_ms", "schedule_costs", "stage_costs"]
 
 
 class _Prefix:
@@ -136,6 +136,20 @@ def stage_costs(
             )
         )
     return out
+
+
+def schedule_costs(
+    problem: Problem, student_cuts: Sequence[int], teacher_cuts: Sequence[int] = ()
+) -> StageCosts:
+    """:func:`stage_costs` as the schedule simulator and synthesizer take them."""
+    per = stage_costs(problem, student_cuts, teacher_cuts)
+    return StageCosts.of(
+        [c.student_fwd_ms for c in per],
+        [c.student_bwd_ms for c in per],
+        [c.teacher_fwd_ms for c in per],
+        [c.student_send_ms for c in per],
+        [c.teacher_send_ms for c in per],
+    )
 
 
 def fits(problem: Problem, part: Partition) -> bool:

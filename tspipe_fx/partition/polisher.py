@@ -16,9 +16,9 @@ import itertools
 import math
 from collections.abc import Sequence
 
-from tspipe_fx.partition.objective import evaluate, fits, stage_costs
+from tspipe_fx.partition.objective import evaluate, fits, schedule_costs
 from tspipe_fx.partition.problem import Partition, PartitionError, Problem
-from tspipe_fx.schedule.simulator import simulate_stages
+from tspipe_fx.schedule.simulator import simulate_costs
 from tspipe_fx.schedule.task import Schedule
 
 __all__ = ["polish", "simulated_period"]
@@ -33,15 +33,7 @@ def simulated_period(
             f"the schedule has {schedule.n_stages} stages and {schedule.micro_batches} micro-batches, the "
             f"problem {len(problem.devices)} and {problem.micro_batches}"
         )
-    costs = stage_costs(problem, student_cuts, teacher_cuts)
-    return simulate_stages(
-        schedule,
-        student_fwd_ms=[c.student_fwd_ms for c in costs],
-        student_bwd_ms=[c.student_bwd_ms for c in costs],
-        teacher_fwd_ms=[c.teacher_fwd_ms for c in costs],
-        student_send_ms=[c.student_send_ms for c in costs],
-        teacher_send_ms=[c.teacher_send_ms for c in costs],
-    ).period
+    return simulate_costs(schedule, schedule_costs(problem, student_cuts, teacher_cuts)).period
 
 
 def polish(

@@ -71,7 +71,7 @@ def render_plan(plan: Plan) -> str:
         f"{'schedule':18s} {plan.schedule}{' (' + timeline.schedule.variant + ')' if timeline.schedule.variant else ''}"
         f", loss per {'batch' if plan.loss == 'batch' else 'micro-batch'}",
         f"{'period':18s} {period:12.3f} ms per batch (the schedule run on these costs, steady state)",
-        f"{'busiest device':18s} {plan.busiest_ms:12.3f} ms of compute per batch (device {worst}; no schedule is "
+        f"{'busiest device':18s} {compute[worst]:12.3f} ms of compute per batch (device {worst}; no schedule is "
         "faster)",
         f"{'lower bound':18s} {plan.lower_bound_ms:12.3f} ms (all work spread evenly, no communication)",
         f"{'imbalance':18s} {100 * plan.imbalance:12.1f} % (the largest load, transfers included, over the "

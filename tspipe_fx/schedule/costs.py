@@ -93,10 +93,6 @@ class StageCosts:
     def n_stages(self) -> int:
         return len(self.student_fwd_ms)
 
-    def split(self, on: bool) -> StageCosts:
-        """The same costs, with ``sb`` priced as the input-gradient half (``on``) or whole."""
-        return self if on == self.split_backward else dataclasses.replace(self, split_backward=on)
-
     def for_schedule(self, split_backward: bool, teacher_parts: int) -> StageCosts:
         """Priced as a schedule runs: its backward split or not, its teacher micro-batches."""
         if (split_backward, teacher_parts) == (self.split_backward, self.teacher_parts):

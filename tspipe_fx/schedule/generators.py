@@ -237,11 +237,11 @@ def make_schedule(
         costs = StageCosts.unit(n_stages)
     if costs.n_stages != n_stages:
         raise ScheduleError(f"costs are for {costs.n_stages} stages, the schedule has {n_stages}")
-    whole = m * views
-    cap = whole if loss == "batch" or max_in_flight is None else max(views, min(whole, max_in_flight))
     if isinstance(max_in_flight, bool) or (
         max_in_flight is not None and (not isinstance(max_in_flight, int) or max_in_flight < 1)
     ):
         raise ScheduleError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
+    whole = m * views
+    cap = whole if loss == "batch" or max_in_flight is None else max(views, min(whole, max_in_flight))
     t = _synthesized(dataclasses.replace(skeleton, n_batches=1), costs, cap, split_backward)
     return dataclasses.replace(periodic(skeleton, t, n_batches), variant=t.variant)

@@ -10,6 +10,7 @@ was told and, after ``finish()``, the user's student and teacher state_dicts.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from toys import Net, Online, Target, byol_loss, kd_loss, sgd
+from toys import Net, Noisy, Online, Target, byol_loss, kd_loss, sgd
 
 import tspipe_fx
 from tspipe_fx.runtime.checkpoint import load_checkpoint, save_checkpoint, save_consolidated
@@ -41,8 +42,11 @@ class Tied(nn.Module):
         return (h @ self.inp.weight)[:, :4]  # the input projection's weight again, transposed
 
 
-def models(mode: str, tied: bool) -> tuple[nn.Module, nn.Module]:
+def models(mode: str, tied: bool, noisy: bool = False) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
+    if noisy:  # dropout and drop-path: the student's, and a momentum teacher's in train mode
+        student = Noisy() if mode == "kd" else Noisy(16, 8)
+        return student, Net(32).eval() if mode == "kd" else copy.deepcopy(student)
     if mode == "kd":
         student = Tied() if tied else Net()
         return student, Net(32).eval()
@@ -71,6 +75,7 @@ def main() -> None:
     parser.add_argument("--schedule", default="tspipe")
     parser.add_argument("--loss", default=None, help="the loss granularity (default: the plan's)")
     parser.add_argument("--tied", action="store_true")
+    parser.add_argument("--noisy", action="store_true", help="models with dropout and drop-path")
     parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument(
@@ -90,7 +95,7 @@ def main() -> None:
             raise ValueError("boom in the loss")
         return kd_loss(*outs) if args.mode == "kd" else byol_loss(*outs)
 
-    student, teacher = models(args.mode, args.tied)
+    student, teacher = models(args.mode, args.tied, args.noisy)
     x0 = batch(0, args.mode)[0][: BATCH // pipelines]
     options: dict[str, Any] = {"cost_model": "uniform"}
     if args.other_plan and rank > 0:  # 2 KD stages cut elsewhere than the uniform cost model cuts

@@ -102,8 +102,9 @@ def one_thread() -> Iterator[None]:
 
 
 def reference(mode: str, steps: int, micro: int, *, tied: bool = False, clip: float | None = None,
-              short_last: bool = False, loss: str = "batch") -> tuple[list[float], ReferenceTrainer]:  # fmt: skip
-    student, teacher = worker.models(mode, tied)
+              short_last: bool = False, loss: str = "batch",
+              noisy: bool = False) -> tuple[list[float], ReferenceTrainer]:  # fmt: skip
+    student, teacher = worker.models(mode, tied, noisy)
     loss_fn = worker.kd_loss if mode == "kd" else worker.byol_loss
     ref = ReferenceTrainer(copy.deepcopy(student), copy.deepcopy(teacher), loss_fn, optimizer=worker.sgd, mode=mode,
                            micro_batches=micro, views=1 if mode == "kd" else 2, momentum=0.9, clip_grad_norm=clip,
@@ -167,6 +168,15 @@ def test_auto_with_a_loss_per_micro_batch_equals_the_reference(tmp_path: Path, r
     assert got[0]["split_backward"] == (mode == "kd")  # what the synthesizer chose for these costs
     want, ref = reference(mode, 5, ranks, loss="micro")
     assert_matches(got[0], want, ref, rtol=1e-4, atol=1e-5)  # per-micro-batch terms: fp32 rounding
+
+
+@pytest.mark.parametrize(("ranks", "mode"), [(2, "momentum"), (3, "kd")])
+def test_dropout_and_drop_path_across_ranks_equal_the_reference(tmp_path: Path, ranks: int, mode: str) -> None:
+    """Each draw is seeded by its identity, not by the rank that makes it."""
+    run(ranks, tmp_path, "--stages", str(ranks), "--mode", mode, "--steps", "4", "--noisy")
+    got = results(tmp_path)
+    want, ref = reference(mode, 4, ranks, noisy=True)
+    assert_matches(got[0], want, ref)
 
 
 def test_tied_weights_and_clipping_across_ranks(tmp_path: Path) -> None:

@@ -26,6 +26,27 @@ class Net(nn.Module):
         return self.head(torch.relu(self.c(torch.relu(self.b(h)))) + h)
 
 
+class Noisy(nn.Module):
+    """Dropout (a module and a functional) and a drop-path (timm's: a per-sample Bernoulli mask
+    from ``new_empty(...).bernoulli_``) around a residual connection that crosses stages."""
+
+    def __init__(self, width: int = 16, out: int = 4):
+        super().__init__()
+        self.a = nn.Linear(8, width)
+        self.drop = nn.Dropout(0.3)
+        self.b = nn.Linear(width, width)
+        self.c = nn.Linear(width, width)
+        self.head = nn.Linear(width, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.a(x)))
+        r = torch.relu(self.b(h))
+        keep = r.new_empty(r.shape[0], 1).bernoulli_(0.8) / 0.8
+        h = h + r * keep
+        h = F.dropout(torch.relu(self.c(h)), 0.2, self.training)
+        return self.head(h)
+
+
 def kd_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
 

@@ -39,6 +39,8 @@ class TrainOptions:
     ema_buffers: bool = False  # buffers (BatchNorm statistics) follow the student too
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None  # per optimizer, stepped per batch
     clip_grad_norm: float | None = None  # the global norm over every stage, as clip_grad_norm_ computes it
+    # dropout, drop-path...: draw k of micro-batch m's forward is seeded by (seed, model, batch, view, m, k)
+    seed: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, rule: str) -> TspipeError:
@@ -70,6 +72,8 @@ class TrainOptions:
             or not self.clip_grad_norm > 0
         ):  # fmt: skip
             raise bad("clip_grad_norm", "a number > 0, or None")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise bad("seed", "an integer >= 0")
 
     @classmethod
     def of(cls, optimizer: OptimizerSpec, options: dict[str, Any], *, where: str) -> TrainOptions:

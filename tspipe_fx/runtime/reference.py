@@ -30,6 +30,7 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.batches import batch_size, fed_batch, join_micro, split_tree
 from tspipe_fx.runtime.optim import OptimizerSpec, build_optimizer, parameter_names
 from tspipe_fx.runtime.options import TrainOptions
+from tspipe_fx.runtime.randomness import SeededDraws
 from tspipe_fx.runtime.tasks import checked_loss
 from tspipe_fx.runtime.teacher import checked_momentum, ema_update
 
@@ -70,10 +71,11 @@ class ReferenceTrainer:
         self.student, self.teacher, self.loss_fn = student, teacher, loss_fn
         self.mode, self.micro_batches, self.views = mode, opts.micro_batches or 1, opts.views or 1
         self.staleness = (opts.staleness if opts.staleness is not None else 1) if mode == "momentum" else 0
-        self.momentum, self.ema_buffers, self.clip_grad_norm = (
+        self.momentum, self.ema_buffers, self.clip_grad_norm, self.seed = (
             opts.momentum,
             opts.ema_buffers,
             opts.clip_grad_norm,
+            opts.seed,
         )
         # BatchNorm statistics depend on the order micro-batches pass: views first (tspipe, gpipe)
         # or micro-batches first (1f1b, which needs both views of a micro-batch for its loss).
@@ -141,13 +143,15 @@ class ReferenceTrainer:
         t_parts: dict[tuple[int, int], Any] = {}
         s_parts: dict[tuple[int, int], Any] = {}
         # On copies: a model may write its input, and the micro-batches are views of one tensor.
+        # Each forward draws by its identity (model 0 student, 1 teacher), as the pipeline's stages do.
         for v, m in order(self.micro_batches * k):
-            with torch.no_grad():
+            with torch.no_grad(), SeededDraws(self.seed, 1, self.steps, v, m):
                 a, kw = tree_map(_copy, fed.inputs(True, v, m))
                 t_parts[(v, m)] = self.teacher(*a, **kw)
         for v, m in order(self.micro_batches):
             a, kw = tree_map(_copy, fed.inputs(False, v, m))
-            s_parts[(v, m)] = self.student(*a, **kw)
+            with SeededDraws(self.seed, 0, self.steps, v, m):
+                s_parts[(v, m)] = self.student(*a, **kw)
         teacher_out = [
             join_micro([t_parts[(v, m)] for m in range(self.micro_batches * k)]) for v in range(len(views))
         ]

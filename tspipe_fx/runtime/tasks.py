@@ -30,6 +30,7 @@ from tspipe_fx.runtime.board import Board
 from tspipe_fx.runtime.device import DeviceState, call_stage
 from tspipe_fx.runtime.optim import build_optimizer, optimizer_params, parameter_names
 from tspipe_fx.runtime.options import TrainOptions
+from tspipe_fx.runtime.randomness import ModelDraws, draw_counts
 from tspipe_fx.runtime.split_backward import input_gradients, weight_gradients
 from tspipe_fx.runtime.teacher import TeacherVersions
 from tspipe_fx.schedule.task import Schedule, Task
@@ -114,6 +115,10 @@ class StageTasks(ABC):
             params = self.owned_parameters(d.index, d.student)
             d.optimizer = build_optimizer(options.optimizer, params, originals) if params else None
             d.scheduler = options.lr_scheduler(d.optimizer) if options.lr_scheduler and d.optimizer else None
+        self.seed = options.seed
+        # Per model (0 student, 1 teacher): each stage's random operations per forward (counted
+        # at the first batch: count_draws); a stage's draws are seeded by their identity.
+        self.draws: dict[int, ModelDraws] = {}
         self.losses: dict[int, float] = {}
         self.broken: RuntimeFailure | None = None
         self.stepped: set[int] = set()  # the stages that took their optimizer step in this window
@@ -123,6 +128,14 @@ class StageTasks(ABC):
         return {
             n: p for n, p in module.named_parameters() if p.requires_grad and (stage, n) not in self.not_owned
         }
+
+    def count_draws(self, fed: Fed) -> None:
+        """Once, before the first window: how many random operations each stage's forward runs."""
+        if self.draws:
+            return
+        for key, model in enumerate((self.student, self.teacher)):
+            flat = model.io.flatten_inputs(*fed.inputs(key == 1, 0, 0))
+            self.draws[key] = ModelDraws(key, tuple(draw_counts(model.stages, flat)))
 
     def run_task(self, d: DeviceState, task: Task, data: dict[int, Fed], board: Board) -> None:
         """Run one task of device ``d``'s list."""
@@ -145,7 +158,7 @@ class StageTasks(ABC):
         received = self._inputs(d, self.teacher.io, d.t_io, t, data, board)
         values = received if d.index == 0 else {n: to_device(v, d.device) for n, (v, _) in received.items()}
         args = [values[n] for n in d.t_io.inputs]
-        with torch.no_grad():
+        with torch.no_grad(), self.draws[1].seeded(self.seed, d.index, t.batch, t.view, t.micro):
             kept = self.versions.weights_for(d.index, t.batch)
             if kept is not None:  # a one-step-late teacher across a drained pipeline
                 out = tuple(torch.func.functional_call(d.teacher, kept, tuple(args), strict=False))
@@ -177,7 +190,7 @@ class StageTasks(ABC):
                     with torch.enable_grad():
                         x = x.clone()
             values[name] = x
-        with torch.enable_grad():
+        with torch.enable_grad(), self.draws[0].seeded(self.seed, d.index, t.batch, t.view, t.micro):
             out = call_stage(d.student, [values[n] for n in d.s_io.inputs], f"student stage {d.index}")
         d.saved[(t.batch, t.view, t.micro)] = (leaves, out)
         if d.index == self.n_stages - 1:

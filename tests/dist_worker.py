@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--schedule", default="tspipe")
     parser.add_argument("--loss", default=None, help="the loss granularity (default: the plan's)")
     parser.add_argument("--tied", action="store_true")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--recompute", default="never")
     parser.add_argument("--noisy", action="store_true", help="models with dropout and drop-path")
     parser.add_argument("--clip", type=float, default=None)
     parser.add_argument("--steps", type=int, default=6)
@@ -103,7 +105,8 @@ def main() -> None:
     pipe = tspipe_fx.compile(student, teacher, args.stages, example_inputs=(x0,), mode=args.mode, **options)
     views = 1 if args.mode == "kd" else 2
     trainer = pipe.trainer(loss_fn, optimizer=sgd, runtime="dist", schedule=args.schedule, views=views,
-                           momentum=0.9, clip_grad_norm=args.clip, timeout_s=30, loss=args.loss)  # fmt: skip
+                           momentum=0.9, clip_grad_norm=args.clip, timeout_s=30, loss=args.loss,
+                           precision=args.precision, recompute=args.recompute)  # fmt: skip
     start = 0
     if args.resume is not None:
         load_checkpoint(trainer, args.resume)

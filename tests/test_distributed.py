@@ -102,13 +102,13 @@ def one_thread() -> Iterator[None]:
 
 
 def reference(mode: str, steps: int, micro: int, *, tied: bool = False, clip: float | None = None,
-              short_last: bool = False, loss: str = "batch",
-              noisy: bool = False) -> tuple[list[float], ReferenceTrainer]:  # fmt: skip
+              short_last: bool = False, loss: str = "batch", noisy: bool = False,
+              precision: str = "fp32") -> tuple[list[float], ReferenceTrainer]:  # fmt: skip
     student, teacher = worker.models(mode, tied, noisy)
     loss_fn = worker.kd_loss if mode == "kd" else worker.byol_loss
     ref = ReferenceTrainer(copy.deepcopy(student), copy.deepcopy(teacher), loss_fn, optimizer=worker.sgd, mode=mode,
                            micro_batches=micro, views=1 if mode == "kd" else 2, momentum=0.9, clip_grad_norm=clip,
-                           loss=loss, micro_major=loss != "batch")  # fmt: skip
+                           loss=loss, micro_major=loss != "batch", precision=precision)  # fmt: skip
     losses = []
     with one_thread():
         for step in range(steps):
@@ -170,13 +170,24 @@ def test_auto_with_a_loss_per_micro_batch_equals_the_reference(tmp_path: Path, r
     assert_matches(got[0], want, ref, rtol=1e-4, atol=1e-5)  # per-micro-batch terms: fp32 rounding
 
 
-@pytest.mark.parametrize(("ranks", "mode"), [(2, "momentum"), (3, "kd")])
-def test_dropout_and_drop_path_across_ranks_equal_the_reference(tmp_path: Path, ranks: int, mode: str) -> None:
-    """Each draw is seeded by its identity, not by the rank that makes it."""
-    run(ranks, tmp_path, "--stages", str(ranks), "--mode", mode, "--steps", "4", "--noisy")
+@pytest.mark.parametrize(("ranks", "mode", "recompute"), [(2, "momentum", "never"), (3, "kd", "always")])
+def test_dropout_and_drop_path_across_ranks_equal_the_reference(tmp_path: Path, ranks: int, mode: str,
+                                                                recompute: str) -> None:  # fmt: skip
+    """Each draw is seeded by its identity, not by the rank that makes it (nor by a replay)."""
+    run(ranks, tmp_path, "--stages", str(ranks), "--mode", mode, "--steps", "4", "--noisy", "--recompute", recompute)
     got = results(tmp_path)
     want, ref = reference(mode, 4, ranks, noisy=True)
     assert_matches(got[0], want, ref)
+
+
+@pytest.mark.parametrize(("ranks", "mode", "precision"), [(2, "momentum", "bf16"), (3, "kd", "fp16")])
+def test_mixed_precision_across_ranks(tmp_path: Path, ranks: int, mode: str, precision: str) -> None:
+    """bf16 or fp16 activations cross the ranks; fp16's loss scale decides for every rank."""
+    run(ranks, tmp_path, "--stages", str(ranks), "--mode", mode, "--steps", "4", "--precision", precision)
+    got = results(tmp_path)
+    want, ref = reference(mode, 4, ranks, precision=precision)
+    tol = 2e-2 if precision == "bf16" else 2e-3  # a few roundings of the compute dtype
+    assert_matches(got[0], want, ref, rtol=tol, atol=tol)
 
 
 def test_tied_weights_and_clipping_across_ranks(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ things (``results/``, ``.``). Each save is a new *generation* ``G``::
 
     stage-0.gG.pt ... stage-{N-1}.gG.pt   student and teacher stage weights, optimizer, LR scheduler
     rng-0.gG.pt ... rng-{R-1}.gG.pt       each process's RNG states (one process: rng-0.gG.pt)
-    trainer.gG.pt                         batch counter, EMA momentum
+    trainer.gG.pt                         batch counter, EMA momentum, fp16 loss scale
     tspipe-checkpoint.json                the manifest: generation, stages, the plan's cuts
 
 The manifest is written last, atomically: it is the commit point. A crash before it leaves the
@@ -112,7 +112,7 @@ def save_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> Path:
     _atomic_save(_rng_state(), folder / f"rng-{rank}.g{generation}.pt")
     trainer.runtime.barrier()
     if rank == 0:
-        _atomic_save({"momentum": state["momentum"], "next_index": state["next_index"]},
+        _atomic_save({k: state[k] for k in ("momentum", "next_index", "loss_scale")},
                      folder / f"trainer.g{generation}.pt")  # fmt: skip
         manifest = {
             "format": 2,
@@ -168,6 +168,7 @@ def load_checkpoint(trainer: Any, directory: str | os.PathLike[str]) -> None:
             **{k: [s[k] for s in stages] for k in _STAGE_KEYS},
             "momentum": meta["momentum"],
             "next_index": meta["next_index"],
+            "loss_scale": meta.get("loss_scale"),
         }
     )
     rank, _ = _where(trainer)

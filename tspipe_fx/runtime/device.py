@@ -40,6 +40,8 @@ class DeviceState:
     weight_work: dict[tuple[int, int, int], Any] = field(
         default_factory=dict
     )  # a split backward's second half
+    # recompute: what each forward to replay received (None on the first stage: it reads the batch)
+    replays: dict[tuple[int, int, int], Any] = field(default_factory=dict)
 
 
 def call_stage(module: fx.GraphModule, args: Sequence[Any], label: str) -> tuple[Any, ...]:

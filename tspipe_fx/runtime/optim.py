@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from tspipe_fx.errors import TspipeError
 
-__all__ = ["OptimizerSpec", "build_optimizer", "optimizer_params", "parameter_names"]
+__all__ = ["OptimizerSpec", "build_optimizer", "clip_", "optimizer_params", "parameter_names"]
 
 OptimizerSpec = Callable[[list[nn.Parameter]], torch.optim.Optimizer] | torch.optim.Optimizer
 
@@ -61,3 +61,16 @@ def build_optimizer(
 def optimizer_params(opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:
     """Every parameter an optimizer steps (none without one)."""
     return [p for g in opt.param_groups for p in g["params"]] if opt is not None else []
+
+
+def clip_(
+    grads: dict[str, torch.Tensor], norms: dict[str, torch.Tensor], order: Sequence[str], max_norm: float
+) -> None:
+    """Scale ``grads`` (a stage's) as ``torch.nn.utils.clip_grad_norm_`` would on one device: by the
+    norm of every parameter's gradient norm (``norms``: every stage's), stacked in the model's
+    parameter order."""
+    stacked = [norms[n] for n in order if n in norms] + [v for n, v in norms.items() if n not in order]
+    total = torch.linalg.vector_norm(torch.stack(stacked)) if stacked else torch.tensor(0.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads.values():
+        g.mul_(coef.to(g.device))

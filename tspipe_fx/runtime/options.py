@@ -12,6 +12,8 @@ import torch
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.optim import OptimizerSpec
+from tspipe_fx.runtime.precision import Precision
+from tspipe_fx.runtime.recompute import checked_recompute
 from tspipe_fx.runtime.teacher import checked_momentum
 
 __all__ = ["TrainOptions"]
@@ -39,6 +41,12 @@ class TrainOptions:
     ema_buffers: bool = False  # buffers (BatchNorm statistics) follow the student too
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None  # per optimizer, stepped per batch
     clip_grad_norm: float | None = None  # the global norm over every stage, as clip_grad_norm_ computes it
+    # the forwards' autocast: "fp32", "bf16" or "fp16" (with a loss scale); parameters stay fp32
+    precision: str = "fp32"
+    teacher_precision: str | None = None  # the teacher's forwards (None: as the student's)
+    # activation recompute: "never", "always" or "except_last" (the batch's last micro-batch keeps its
+    # activations); the pipelined trainer's only: the reference trainer's results are the same
+    recompute: str = "never"
     # dropout, drop-path...: draw k of micro-batch m's forward is seeded by (seed, model, batch, view, m, k)
     seed: int = 0
 
@@ -72,6 +80,10 @@ class TrainOptions:
             or not self.clip_grad_norm > 0
         ):  # fmt: skip
             raise bad("clip_grad_norm", "a number > 0, or None")
+        Precision(self.precision)
+        checked_recompute(self.recompute)
+        if self.teacher_precision is not None:
+            Precision(self.teacher_precision)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise bad("seed", "an integer >= 0")
 

@@ -27,9 +27,11 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from tspipe_fx.errors import TspipeError
-from tspipe_fx.runtime.batches import batch_size, fed_batch, join_micro, split_tree
+from tspipe_fx.runtime.batches import batch_size, fed_batch, join_micro
+from tspipe_fx.runtime.loss_terms import micro_term
 from tspipe_fx.runtime.optim import OptimizerSpec, build_optimizer, parameter_names
 from tspipe_fx.runtime.options import TrainOptions
+from tspipe_fx.runtime.precision import Precision
 from tspipe_fx.runtime.randomness import SeededDraws
 from tspipe_fx.runtime.tasks import checked_loss
 from tspipe_fx.runtime.teacher import checked_momentum, ema_update
@@ -82,6 +84,11 @@ class ReferenceTrainer:
         self.micro_major = micro_major
         self.loss = opts.loss or "batch"
         self.teacher_parts = opts.teacher_parts or 1
+        # Autocast around each forward and the loss; fp16 scales the loss with torch's own GradScaler.
+        self.precision = Precision(opts.precision)
+        self.teacher_precision = Precision(opts.teacher_precision or opts.precision)
+        self.device = next((p.device for p in student.parameters()), torch.device("cpu"))
+        self.scaler = torch.amp.GradScaler(self.device.type) if opts.precision == "fp16" else None
         built = build_optimizer(opts.optimizer, dict(student.named_parameters()), parameter_names(student))
         if built is None:
             raise TspipeError("the optimizer holds none of the student's parameters")
@@ -145,12 +152,16 @@ class ReferenceTrainer:
         # On copies: a model may write its input, and the micro-batches are views of one tensor.
         # Each forward draws by its identity (model 0 student, 1 teacher), as the pipeline's stages do.
         for v, m in order(self.micro_batches * k):
-            with torch.no_grad(), SeededDraws(self.seed, 1, self.steps, v, m):
-                a, kw = tree_map(_copy, fed.inputs(True, v, m))
+            a, kw = tree_map(_copy, fed.inputs(True, v, m))
+            with (
+                torch.no_grad(),
+                SeededDraws(self.seed, 1, self.steps, v, m),
+                self.teacher_precision.autocast(self.device),
+            ):
                 t_parts[(v, m)] = self.teacher(*a, **kw)
         for v, m in order(self.micro_batches):
             a, kw = tree_map(_copy, fed.inputs(False, v, m))
-            with SeededDraws(self.seed, 0, self.steps, v, m):
+            with SeededDraws(self.seed, 0, self.steps, v, m), self.precision.autocast(self.device):
                 s_parts[(v, m)] = self.student(*a, **kw)
         teacher_out = [
             join_micro([t_parts[(v, m)] for m in range(self.micro_batches * k)]) for v in range(len(views))
@@ -158,28 +169,20 @@ class ReferenceTrainer:
         student_out = [
             join_micro([s_parts[(v, m)] for m in range(self.micro_batches)]) for v in range(len(views))
         ]
-        if self.loss == "batch":
-            loss = self._loss(student_out, teacher_out, target)
-        else:  # one term per micro-batch, weighted by its share of the batch
-            sizes = [batch_size(a) for a in views[0]]
-            targets = split_tree(target, len(sizes))
-            loss = torch.zeros(())
-            for m, size in enumerate(sizes):
-                mine = [s_parts[(v, m)] for v in range(len(views))]
-                if self.loss == "micro":  # the teacher micro-batches that slice this one
-                    keys = [
-                        join_micro([t_parts[(v, i)] for i in range(m * k, (m + 1) * k)])
-                        for v in range(len(views))
-                    ]
-                    extra: dict[str, Any] = {}
-                else:  # every key of the batch; the queries are rows start..start+size
-                    start = sum(sizes[:m])
-                    keys, extra = teacher_out, {"rows": slice(start, start + size)}
-                loss = loss + self._loss(mine, keys, targets[m], **extra) * (size / sum(sizes))
-        loss.backward()  # type: ignore[no-untyped-call]
+        with self.precision.autocast(self.device):
+            loss = self._batch_loss(views, s_parts, t_parts, student_out, teacher_out, target)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()  # type: ignore[no-untyped-call]
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.clip_grad_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -194,3 +197,25 @@ class ReferenceTrainer:
         if not math.isfinite(value):
             raise TspipeError(f"the loss of step {self.steps - 1} is {value}")
         return value
+
+    def _batch_loss(self, views: Any, s_parts: dict[tuple[int, int], Any], t_parts: dict[tuple[int, int], Any],
+                    student_out: list[Any], teacher_out: list[Any], target: Any) -> torch.Tensor:  # fmt: skip
+        """The batch's loss: one call, or one term per micro-batch weighted by its share."""
+        k = self.teacher_parts
+        if self.loss == "batch":
+            loss = self._loss(student_out, teacher_out, target).float()
+        else:  # one term per micro-batch, weighted by its share of the batch
+            sizes = [batch_size(a) for a in views[0]]
+            loss = torch.zeros(())
+            full_teacher = self.loss == "micro_full_teacher"
+            for m in range(len(sizes)):
+                weight, mine_target, extra = micro_term(sizes, target, m, full_teacher)
+                mine = [s_parts[(v, m)] for v in range(len(views))]
+                keys = teacher_out  # every key of the batch, or the teacher micro-batches slicing this one
+                if not full_teacher:
+                    keys = [
+                        join_micro([t_parts[(v, i)] for i in range(m * k, (m + 1) * k)])
+                        for v in range(len(views))
+                    ]
+                loss = loss + self._loss(mine, keys, mine_target, **extra).float() * weight
+        return loss

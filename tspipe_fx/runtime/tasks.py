@@ -7,17 +7,17 @@ did; its backward sends the gradients of those leaves back. The last device comp
 once per batch over the whole batch (or once per micro-batch, where the schedule says so) and
 hands each micro-batch's output gradients to its backward.
 
-How messages travel and how stages agree (gradient norms, tied weights, replicas) is the
-runtime's: :class:`~tspipe_fx.runtime.local.LocalRuntime` (threads and a mailbox) and
-:class:`~tspipe_fx.runtime.dist.runtime.DistRuntime` (ranks and point-to-point messages)
-implement the abstract methods.
+Forwards and the loss run under the run's precision (:mod:`.precision`: autocast, the compute
+dtype across boundaries, the fp16 loss scale) and draw their random numbers by identity
+(:mod:`.randomness`). How messages travel and how stages agree (gradient norms, tied weights,
+replicas) is the runtime's (:class:`~tspipe_fx.runtime.channels.Channels`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,12 +25,16 @@ import torch
 from torch import nn
 
 from tspipe_fx.errors import TspipeError
-from tspipe_fx.runtime.batches import Fed, batch_size, join_micro, split_tree, to_device, tree_to_device
+from tspipe_fx.runtime.batches import Fed, batch_size, join_micro, to_device, tree_to_device
 from tspipe_fx.runtime.board import Board
+from tspipe_fx.runtime.channels import Channels
 from tspipe_fx.runtime.device import DeviceState, call_stage
-from tspipe_fx.runtime.optim import build_optimizer, optimizer_params, parameter_names
+from tspipe_fx.runtime.loss_terms import gather_outputs, micro_term
+from tspipe_fx.runtime.optim import build_optimizer, clip_, optimizer_params, parameter_names
 from tspipe_fx.runtime.options import TrainOptions
+from tspipe_fx.runtime.precision import LossScale, Precision
 from tspipe_fx.runtime.randomness import ModelDraws, draw_counts
+from tspipe_fx.runtime.recompute import dropped_activations, frozen_buffers, recomputes
 from tspipe_fx.runtime.split_backward import input_gradients, weight_gradients
 from tspipe_fx.runtime.teacher import TeacherVersions
 from tspipe_fx.schedule.task import Schedule, Task
@@ -58,7 +62,7 @@ def checked_loss(value: Any) -> torch.Tensor:
     return value
 
 
-class StageTasks(ABC):
+class StageTasks(Channels):
     """The tasks of the stages this process holds (see the module docstring).
 
     Args:
@@ -116,6 +120,12 @@ class StageTasks(ABC):
             d.optimizer = build_optimizer(options.optimizer, params, originals) if params else None
             d.scheduler = options.lr_scheduler(d.optimizer) if options.lr_scheduler and d.optimizer else None
         self.seed = options.seed
+        self.precision = Precision(options.precision)
+        self.teacher_precision = Precision(options.teacher_precision or options.precision)
+        # fp16: the loss scale, one for every stage; a batch's inf decision, taken at its steps
+        self.loss_scale = LossScale() if options.precision == "fp16" else None
+        self.found_inf: dict[int, bool] = {}
+        self.recompute = options.recompute
         # Per model (0 student, 1 teacher): each stage's random operations per forward (counted
         # at the first batch: count_draws); a stage's draws are seeded by their identity.
         self.draws: dict[int, ModelDraws] = {}
@@ -158,7 +168,11 @@ class StageTasks(ABC):
         received = self._inputs(d, self.teacher.io, d.t_io, t, data, board)
         values = received if d.index == 0 else {n: to_device(v, d.device) for n, (v, _) in received.items()}
         args = [values[n] for n in d.t_io.inputs]
-        with torch.no_grad(), self.draws[1].seeded(self.seed, d.index, t.batch, t.view, t.micro):
+        with (
+            torch.no_grad(),
+            self.draws[1].seeded(self.seed, d.index, t.batch, t.view, t.micro),
+            self.teacher_precision.autocast(d.device),
+        ):
             kept = self.versions.weights_for(d.index, t.batch)
             if kept is not None:  # a one-step-late teacher across a drained pipeline
                 out = tuple(torch.func.functional_call(d.teacher, kept, tuple(args), strict=False))
@@ -171,36 +185,59 @@ class StageTasks(ABC):
                 d,
                 board,
                 ("tf", d.index, t.batch, t.view, t.micro),
-                {n: (o, False) for n, o in zip(d.t_io.outputs, out, strict=True)},
+                {
+                    n: (self.teacher_precision.boundary(o), False)
+                    for n, o in zip(d.t_io.outputs, out, strict=True)
+                },
             )
 
     def _sf(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         received = self._inputs(d, self.student.io, d.s_io, t, data, board)
-        leaves: dict[str, torch.Tensor] = {}
-        values: dict[str, Any] = {}
-        for name, item in received.items():
-            if d.index == 0:
-                values[name] = item
-                continue
-            x, needs_grad = item  # (value, whether it requires grad where it was made)
-            x = to_device(x, d.device)
-            if needs_grad:
-                x = leaves[name] = x.detach().requires_grad_()
-                if name in d.s_io.written_inputs:
-                    with torch.enable_grad():
-                        x = x.clone()
-            values[name] = x
-        with torch.enable_grad(), self.draws[0].seeded(self.seed, d.index, t.batch, t.view, t.micro):
-            out = call_stage(d.student, [values[n] for n in d.s_io.inputs], f"student stage {d.index}")
+        leaves, out = self._student_forward(d, t, received, keep=False)
+        if recomputes(self.recompute, t.micro, self.micro_batches):  # its backward runs it again
+            d.replays[(t.batch, t.view, t.micro)] = received if d.index > 0 else None
         d.saved[(t.batch, t.view, t.micro)] = (leaves, out)
         if d.index == self.n_stages - 1:
             d.student_out[(t.batch, t.view, t.micro)] = out
             return
         sent = {
-            name: (o.detach(), o.requires_grad) if isinstance(o, torch.Tensor) else (o, False)
+            name: (self.precision.boundary(o.detach()), o.requires_grad)
+            if isinstance(o, torch.Tensor)
+            else (o, False)
             for name, o in zip(d.s_io.outputs, out, strict=True)
         }
         self.send(d, board, ("sf", d.index, t.batch, t.view, t.micro), sent)
+
+    def _student_forward(
+        self, d: DeviceState, t: Task, received: dict[str, Any], *, keep: bool
+    ) -> tuple[dict[str, torch.Tensor], tuple[Any, ...]]:
+        """Stage ``d``'s student forward of ``received`` (stage 0: the values; later stages: (value,
+        whether it requires grad)): the leaves whose gradients go back, and the outputs. A forward
+        to be recomputed keeps no activation; ``keep``: the replay, whose activations the backward
+        uses (BatchNorm statistics move in the first run only; the draws repeat: seeded)."""
+        leaves: dict[str, torch.Tensor] = {}
+        values: dict[str, Any] = {}
+        for name, item in received.items():
+            x, needs_grad = (item, False) if d.index == 0 else (to_device(item[0], d.device), item[1])
+            if needs_grad:
+                x = leaves[name] = x.detach().requires_grad_()
+            if d.index > 0 and name in d.s_io.written_inputs:  # a leaf cannot be written; a replay
+                with torch.enable_grad():  # needs the value the first run saw
+                    x = x.clone()
+            values[name] = x
+        replayed = recomputes(self.recompute, t.micro, self.micro_batches)
+        with (
+            torch.enable_grad(),
+            self.draws[0].seeded(self.seed, d.index, t.batch, t.view, t.micro),
+            self.precision.autocast(d.device),
+            frozen_buffers(d.student)
+            if keep
+            else dropped_activations()
+            if replayed
+            else contextlib.nullcontext(),
+        ):
+            out = call_stage(d.student, [values[n] for n in d.s_io.inputs], f"student stage {d.index}")
+        return leaves, out
 
     def _loss(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         b = t.batch
@@ -208,47 +245,31 @@ class StageTasks(ABC):
         micro = sorted(
             {(v, m) for (bb, v, m) in d.student_out if bb == b and (not self.loss_per_micro or m == t.micro)}
         )
-        weight, extra = 1.0, {}
+        weight, extra = 1.0, dict[str, Any]()
         full_teacher = self.loss == "micro_full_teacher"
-        if self.loss_per_micro:  # a mean over samples: micro-batch m weighs its share of the batch
+        if self.loss_per_micro:
             sizes = [batch_size(a) for a in args[0]]
-            weight = sizes[t.micro] / sum(sizes)
-            target = split_tree(target, len(sizes))[t.micro]
-            if full_teacher:  # which rows of the batch the queries are (InfoNCE's positives)
-                start = sum(sizes[: t.micro])
-                extra["rows"] = slice(start, start + sizes[t.micro])
-        per_view_s, per_view_t, leaves = [], [], {}
-        for v in range(self.views):
-            s_parts, t_parts = [], []
-            for vv, m in micro:
-                if vv != v:
-                    continue
-                outs = []
-                for i, o in enumerate(d.student_out.pop((b, v, m))):
-                    if isinstance(o, torch.Tensor) and o.requires_grad:
-                        leaf = o.detach().requires_grad_()
-                        leaves[(v, m, i)] = leaf
-                        o = leaf
-                    outs.append(o)
-                s_parts.append(outs)
-                if not full_teacher:  # the teacher micro-batches that slice this one
-                    k = self.teacher_parts
-                    t_parts += [list(d.teacher_out.pop((b, v, i))) for i in range(m * k, (m + 1) * k)]
-            if full_teacher:  # every micro-batch's keys, kept until the batch's last loss
-                t_parts = [
-                    list(d.teacher_out[(b, v, i)]) for i in range(self.micro_batches * self.teacher_parts)
-                ]
-            per_view_s.append(self.student.io.unflatten_outputs(join_micro(s_parts)))
-            per_view_t.append(self.teacher.io.unflatten_outputs(join_micro(t_parts)))
+            weight, target, extra = micro_term(sizes, target, t.micro, full_teacher)
+        s_parts, t_parts, leaves = gather_outputs(
+            d.student_out, d.teacher_out, b, micro, self.views, teacher_parts=self.teacher_parts,
+            full_teacher=self.micro_batches * self.teacher_parts if full_teacher else None,
+        )  # fmt: skip
+        per_view_s = [self.student.io.unflatten_outputs(join_micro(p)) for p in s_parts]
+        per_view_t = [self.teacher.io.unflatten_outputs(join_micro(p)) for p in t_parts]
         with torch.enable_grad():
-            if self.views == 1:
-                loss = self.loss_fn(per_view_s[0], per_view_t[0], tree_to_device(target, d.device), **extra)
-            else:
-                loss = self.loss_fn(*per_view_s, *per_view_t, **extra)
-            loss = checked_loss(loss) * weight
+            with self.precision.autocast(d.device):
+                if self.views == 1:
+                    loss = self.loss_fn(
+                        per_view_s[0], per_view_t[0], tree_to_device(target, d.device), **extra
+                    )
+                else:
+                    loss = self.loss_fn(*per_view_s, *per_view_t, **extra)
+            loss = checked_loss(loss).float() * weight
             value = float(loss.detach())
             if not math.isfinite(value):  # before a gradient of it leaves
                 raise FloatingPointError(f"the loss of batch {b} is {value}")
+            if self.loss_scale is not None:
+                loss = loss * self.loss_scale.scale
             keys = list(leaves)
             grads = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True) if keys else ()
         for (v, m, i), g in zip(keys, grads, strict=True):
@@ -267,13 +288,18 @@ class StageTasks(ABC):
 
     def _sb(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         leaves, out = d.saved.pop((t.batch, t.view, t.micro))
+        if (t.batch, t.view, t.micro) in d.replays:  # recompute: the forward again, kept this time
+            received = d.replays.pop((t.batch, t.view, t.micro))
+            if received is None:  # the first stage reads its micro-batch again
+                received = self._inputs(d, self.student.io, d.s_io, t, data, board)
+            leaves, out = self._student_forward(d, t, received, keep=True)
         if d.index == self.n_stages - 1:
             grads = [board.take(("grad", t.batch, t.view, t.micro, i)) for i in range(len(out))]
         else:
             received = self.receive(d, board, ("sb", d.index + 1, t.batch, t.view, t.micro))
             grads = [received.get(name) for name in d.s_io.outputs]
         pairs = [
-            (o, to_device(g, o.device))
+            (o, to_device(g, o.device).to(o.dtype))  # a gradient crosses in the compute dtype
             for o, g in zip(out, grads, strict=True)
             if isinstance(o, torch.Tensor) and o.requires_grad and g is not None
         ]
@@ -299,26 +325,27 @@ class StageTasks(ABC):
             if d.index in stages:
                 self.sum_tied(d, names, stages, board)
         self.reduce_replicas(d)
-        if self.clip is not None:
-            # As torch.nn.utils.clip_grad_norm_ computes it on one device: the norm of every
-            # parameter's gradient norm, stacked in the model's parameter order.
+        skip = False
+        if self.clip is not None or self.loss_scale is not None:
             owned = {id(q) for q in optimizer_params(d.optimizer)}
             grads = {
                 n: p.grad for n, p in d.student.named_parameters() if p.grad is not None and id(p) in owned
             }
+            if self.loss_scale is not None:
+                for g in grads.values():
+                    g.mul_(1.0 / self.loss_scale.scale)
+            # Every stage's gradient norms: the global norm, and an inf anywhere skips every stage.
             norms = self.all_norms(
                 d, t.batch, {n: torch.linalg.vector_norm(g).cpu() for n, g in grads.items()}, board
             )
-            ordered = [norms[n] for n in self.param_order if n in norms] + [
-                v for n, v in norms.items() if n not in self.param_order
-            ]
-            total = torch.linalg.vector_norm(torch.stack(ordered)) if ordered else torch.tensor(0.0)
-            coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
-            for g in grads.values():
-                g.mul_(coef.to(g.device))
+            if self.loss_scale is not None:
+                skip = self.found_inf[t.batch] = not all(bool(torch.isfinite(v)) for v in norms.values())
+            if self.clip is not None and not skip:
+                clip_(grads, norms, self.param_order, self.clip)
         self.stepped.add(d.index)  # from here on, a failed window cannot be undone
         if d.optimizer is not None:
-            d.optimizer.step()
+            if not skip:
+                d.optimizer.step()
             if d.scheduler is not None:
                 d.scheduler.step()
             d.optimizer.zero_grad(set_to_none=True)
@@ -326,6 +353,11 @@ class StageTasks(ABC):
             if d.index in stages:
                 self.copy_tied(d, names, stages, board)
         self.versions.update(d.index, d.teacher, d.student)
+
+    def end_window(self, batch: int) -> None:
+        """After the window of ``batch`` ran on every stage: the loss scale takes its decision."""
+        if self.loss_scale is not None:
+            self.loss_scale.update(self.found_inf.pop(batch))
 
     def recover(self) -> bool:
         """After a failed window, put every stage back as it was after its last optimizer step:
@@ -340,54 +372,9 @@ class StageTasks(ABC):
             d.teacher_out.clear()
             d.student_out.clear()
             d.weight_work.clear()
+            d.replays.clear()
             d.student.zero_grad(set_to_none=True)
         self.losses.clear()
         self.loss_terms.clear()
         self.broken = None
         return True
-
-    # --- what each runtime provides -----------------------------------------------------------
-
-    @abstractmethod
-    def run(self, lists: Sequence[Sequence[Task]], data: dict[int, Fed]) -> None:
-        """Run one window: ``lists[j]`` on device ``j``; ``data[b]``: batch ``b``."""
-
-    @abstractmethod
-    def send(self, d: DeviceState, board: Board, key: Any, payload: Any) -> None:
-        """Send a stage's outputs (forward) or its inputs' gradients (backward) on."""
-
-    @abstractmethod
-    def receive(self, d: DeviceState, board: Board, key: Any) -> Any:
-        """Wait for the message ``key`` a neighbouring stage sends."""
-
-    @abstractmethod
-    def reduce_replicas(self, d: DeviceState) -> None:
-        """Average the student gradients over data-parallel replicas."""
-
-    @abstractmethod
-    def all_norms(
-        self, d: DeviceState, batch: int, mine: dict[str, torch.Tensor], board: Board
-    ) -> dict[str, torch.Tensor]:
-        """Every stage's gradient norms (a barrier: the global norm needs every stage)."""
-
-    @abstractmethod
-    def sum_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...], board: Board) -> None:
-        """At the owner (the group's first stage): add the copies' gradients to its own."""
-
-    @abstractmethod
-    def copy_tied(
-        self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...], board: Board
-    ) -> None:
-        """At the owner, after its step: write the new value into every copy."""
-
-    @abstractmethod
-    def stage_state_dicts(self, which: str) -> list[dict[str, torch.Tensor]]:
-        """Every stage's ``state_dict`` of the ``"student"`` or the ``"teacher"``."""
-
-    @abstractmethod
-    def barrier(self) -> None:
-        """Wait for every process of the run."""
-
-    @abstractmethod
-    def drain(self) -> None:
-        """Wait until every message sent has left."""

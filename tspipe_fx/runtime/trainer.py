@@ -218,6 +218,7 @@ class Trainer:
             e.add_note(self._recover(sorted(data)))
             raise
         self.versions.end_window(first=first, drains=drains)
+        self.runtime.end_window(batch.index)
         return StepLoss(batch.index, self.runtime.losses.pop(batch.index))
 
     def _recover(self, lost: list[int]) -> str:
@@ -258,7 +259,7 @@ class Trainer:
                         target[name].copy_(value.to(target[name].device))
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything to resume: stage weights, optimizers, schedulers, EMA momentum, step."""
+        """Everything to resume: stage weights, optimizers, schedulers, EMA momentum, step, loss scale."""
         if self.pending is not None:
             raise TspipeError("a batch is still in flight: call finish() before state_dict()")
         self.runtime.drain()
@@ -271,6 +272,9 @@ class Trainer:
             "teacher_prev": [self.versions.kept.get(d.index) for d in self.runtime.devices],
             "momentum": self.versions.momentum,
             "next_index": self.next_index,
+            "loss_scale": self.runtime.loss_scale.state_dict()
+            if self.runtime.loss_scale is not None
+            else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -291,3 +295,5 @@ class Trainer:
         }
         self.versions.set_momentum(state["momentum"])
         self.next_index = state["next_index"]
+        if self.runtime.loss_scale is not None and state.get("loss_scale") is not None:
+            self.runtime.loss_scale.load_state_dict(state["loss_scale"])

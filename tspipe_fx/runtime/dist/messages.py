@@ -24,6 +24,7 @@ from tspipe_fx.runtime.device import DeviceState
 from tspipe_fx.runtime.dist.layout import Layout
 from tspipe_fx.runtime.dist.shapes import Spec, boundary_specs, signature
 from tspipe_fx.runtime.dist.watchdog import PeerLost
+from tspipe_fx.runtime.precision import Precision
 from tspipe_fx.schedule.task import Task
 from tspipe_fx.stage import StagedModel
 
@@ -42,9 +43,11 @@ class Messages:
         student: StagedModel,
         teacher: StagedModel,
         timeout_s: float,
+        precisions: tuple[Precision, Precision],
     ):
         self.layout, self.channels, self.timeout_s = layout, channels, timeout_s
         self.student, self.teacher = student, teacher
+        self.precisions = precisions  # the student's and the teacher's: the dtypes that cross
         self.specs: dict[tuple[str, Any], list[dict[str, Any]]] = {}  # per input signature
         self.sends: list[tuple[Any, list[torch.Tensor], int]] = []  # work, its tensors, peer rank
         self.start_window([], {})
@@ -186,6 +189,7 @@ class Messages:
             flat = model.io.flatten_inputs(*self._data[batch].inputs(not student, view, micro))
             sig = (kind, signature(flat))
             if sig not in self.specs:
-                self.specs[sig] = boundary_specs(model.stages, flat, grad=student)
+                precision = self.precisions[0 if student else 1]
+                self.specs[sig] = boundary_specs(model.stages, flat, grad=student, precision=precision)
             self._window_specs[key] = self.specs[sig]
         return self._window_specs[key][j]

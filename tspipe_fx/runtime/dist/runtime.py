@@ -43,7 +43,6 @@ from tspipe_fx.runtime.device import NOTES_ATTR, DeviceState, parameter_of
 from tspipe_fx.runtime.dist.collectives import by_dtype, flatten, unflatten
 from tspipe_fx.runtime.dist.layout import Layout
 from tspipe_fx.runtime.dist.messages import Messages
-from tspipe_fx.runtime.dist.shapes import Spec, boundary_specs, signature
 from tspipe_fx.runtime.dist.watchdog import PeerLost, Watchdog
 from tspipe_fx.runtime.tasks import RuntimeFailure, StageTasks
 from tspipe_fx.runtime.optim import optimizer_params
@@ -92,7 +91,9 @@ class DistRuntime(StageTasks):
         self.norm_names = [n for n in self.param_order if n in owners] + [
             n for n in owners if n not in self.param_order
         ]
-        self.messages = Messages(layout, channels, student, teacher, self.timeout_s)
+        self.messages = Messages(
+            layout, channels, student, teacher, self.timeout_s, (self.precision, self.teacher_precision)
+        )
         self.watchdog = Watchdog(layout) if "MASTER_ADDR" in os.environ else None
 
     # --- a window ------------------------------------------------------------------------------

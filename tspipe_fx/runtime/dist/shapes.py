@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from tspipe_fx.runtime.precision import Precision
 from tspipe_fx.stage import Stage
 
 __all__ = ["Spec", "boundary_specs", "signature"]
@@ -30,10 +31,14 @@ def signature(values: Sequence[Any]) -> tuple[Any, ...]:
     )
 
 
-def boundary_specs(stages: Sequence[Stage], inputs: Sequence[Any], *, grad: bool) -> list[dict[str, Any]]:
-    """Each stage's outputs for these model inputs, from a run on fake tensors: a :class:`Spec`
-    per tensor, the value itself for anything else (sizes, flags). Nothing real is touched."""
+def boundary_specs(
+    stages: Sequence[Stage], inputs: Sequence[Any], *, grad: bool, precision: Precision
+) -> list[dict[str, Any]]:
+    """Each stage's outputs for these model inputs, as they cross to the next stage under
+    ``precision``, from a run on fake tensors: a :class:`Spec` per tensor, the value itself for
+    anything else (sizes, flags). Nothing real is touched."""
     out: list[dict[str, Any]] = []
+    device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         env: dict[str, Any] = {
             n: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
@@ -48,8 +53,8 @@ def boundary_specs(stages: Sequence[Stage], inputs: Sequence[Any], *, grad: bool
                     if n in st.written_inputs:  # as the runtime does: autograd forbids writing to a leaf
                         v = v.clone()
                 args.append(v)
-            with torch.set_grad_enabled(grad):
-                values = tuple(st.module(*args))
+            with torch.set_grad_enabled(grad), precision.autocast(device):
+                values = tuple(precision.boundary(v) for v in st.module(*args))
             specs = {
                 n: Spec(tuple(int(s) for s in v.shape), v.dtype, bool(v.requires_grad))
                 if isinstance(v, torch.Tensor)

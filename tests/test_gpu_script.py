@@ -22,3 +22,5 @@ def test_gpu_script_smoke(tmp_path: Path) -> None:
     for schedule in ("tspipe", "gpipe"):
         assert results["runtime_equality"][schedule]["loss_max_rel_diff"] < 1e-5
     assert (tmp_path / "profiles.tar.gz").stat().st_size > 1000
+    assert set(results["training"]) == {"fp32", "bf16", "fp32-recompute"}  # no compiles in smoke mode
+    assert not results["errors"]

@@ -9,6 +9,9 @@
 2. Cost-model fidelity: a 4-stage plan of each KD pair from those profiles; each stage
    GraphModule's measured forward and backward time against the plan's prediction.
 3. The local runtime with every stage on the one device equals the reference trainer there.
+4. Training options (issue 15): step time and peak memory of fp32, bf16, compiled stages and
+   recompute, a ResNet-18 student and a ViT-S/16 teacher, 2 stages on the device
+   (``benchmarks/training/run.py``'s contenders).
 
 Writes ``results.json`` and ``results.md`` beside the archive after every step, so a run cut
 short still returns what it measured; a step that fails records its error and the rest go on.
@@ -22,6 +25,7 @@ import copy
 import json
 import re
 import statistics
+import sys
 import tarfile
 import tempfile
 import time
@@ -234,6 +238,22 @@ def runtime_equality(device: torch.device, results: dict[str, Any]) -> None:
     results["runtime_equality"] = out
 
 
+def training_options(device: torch.device, smoke: bool, results: dict[str, Any]) -> None:
+    """Issue 15 on the device: each training option's step time and peak memory, side by side."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from training.run import CONTENDERS, pair, time_contenders
+
+    image, batch = (64, 8) if smoke else (224, 64)
+    student, teacher = pair(image)
+    x = torch.randn(batch, 3, image, image, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(x,), micro_batches=4, cost_model="uniform",
+                             devices=[device, device])  # fmt: skip
+    names = [n for n in CONTENDERS if not (smoke and "compiled" in n)]  # CPU compiles take minutes
+    results["training"] = time_contenders(pipe, x, y, names, 1 if smoke else 3, 1 if smoke else 3,
+                                          lambda m: print(m, flush=True))  # fmt: skip
+
+
 def write_results(out: Path, results: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [f"# GPU run on {results.get('device_name', results['device'])} (torch {results['torch']}), "
@@ -249,6 +269,11 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
                      f"backward {statistics.median(berrs):.1%}" if errs and berrs else f"\n{pair}")  # fmt: skip
     for schedule, eq in results.get("runtime_equality", {}).items():
         lines.append(f"\nruntime {schedule} vs reference: {eq}")
+    if results.get("training"):
+        base = results["training"].get("fp32", {}).get("s_per_step")
+        lines += ["", "| option | s / step | over fp32 | peak MiB |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['s_per_step']:.4f} | {base / v['s_per_step']:.2f}x | {v.get('peak_mib', float('nan')):.0f} |"
+                  for k, v in results["training"].items()]  # fmt: skip
     lines += [f"\nskipped: {x}" for x in results["skipped"]]
     lines += [f"\nERROR {k}:\n```\n{v}```" for k, v in results["errors"].items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -292,6 +317,7 @@ def main() -> None:
             write_results(args.out, results)
 
     step("runtime equality", lambda: runtime_equality(device, results))
+    step("training options", lambda: training_options(device, args.smoke, results))
     kept = step(
         "profiles",
         lambda: profile_all(args.out, device, 4 if args.smoke else args.batch, args.smoke, results, left),

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from tspipe_fx.errors import TspipeError
+from tspipe_fx.runtime.compiled import checked_compile
 from tspipe_fx.runtime.optim import OptimizerSpec
 from tspipe_fx.runtime.precision import Precision
 from tspipe_fx.runtime.recompute import checked_recompute
@@ -47,6 +48,8 @@ class TrainOptions:
     # activation recompute: "never", "always" or "except_last" (the batch's last micro-batch keeps its
     # activations); the pipelined trainer's only: the reference trainer's results are the same
     recompute: str = "never"
+    # torch.compile each stage (True or a mode: "reduce-overhead", ...); stages that draw stay eager
+    compile_stages: bool | str = False
     # dropout, drop-path...: draw k of micro-batch m's forward is seeded by (seed, model, batch, view, m, k)
     seed: int = 0
 
@@ -82,6 +85,7 @@ class TrainOptions:
             raise bad("clip_grad_norm", "a number > 0, or None")
         Precision(self.precision)
         checked_recompute(self.recompute)
+        checked_compile(self.compile_stages)
         if self.teacher_precision is not None:
             Precision(self.teacher_precision)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:

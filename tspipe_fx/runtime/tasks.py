@@ -28,6 +28,7 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.batches import Fed, batch_size, join_micro, to_device, tree_to_device
 from tspipe_fx.runtime.board import Board
 from tspipe_fx.runtime.channels import Channels
+from tspipe_fx.runtime.compiled import check_toolchain, checked_compile, compile_stages
 from tspipe_fx.runtime.device import DeviceState, call_stage
 from tspipe_fx.runtime.loss_terms import gather_outputs, micro_term
 from tspipe_fx.runtime.optim import build_optimizer, clip_, optimizer_params, parameter_names
@@ -126,8 +127,13 @@ class StageTasks(Channels):
         self.loss_scale = LossScale() if options.precision == "fp16" else None
         self.found_inf: dict[int, bool] = {}
         self.recompute = options.recompute
+        self.compile_mode = checked_compile(options.compile_stages)
+        # A compiled stage is one autograd node: nothing to split (its sw tasks have no work).
+        self.split_backward = self.split_backward and self.compile_mode is None
+        if self.compile_mode is not None:
+            check_toolchain([d.device for d in self.devices])
         # Per model (0 student, 1 teacher): each stage's random operations per forward (counted
-        # at the first batch: count_draws); a stage's draws are seeded by their identity.
+        # at the first batch: prepare); a stage's draws are seeded by their identity.
         self.draws: dict[int, ModelDraws] = {}
         self.losses: dict[int, float] = {}
         self.broken: RuntimeFailure | None = None
@@ -139,13 +145,16 @@ class StageTasks(Channels):
             n: p for n, p in module.named_parameters() if p.requires_grad and (stage, n) not in self.not_owned
         }
 
-    def count_draws(self, fed: Fed) -> None:
-        """Once, before the first window: how many random operations each stage's forward runs."""
+    def prepare(self, fed: Fed) -> None:
+        """Once, before the first window: how many random operations each stage's forward runs;
+        then the stages that draw none are compiled, where asked."""
         if self.draws:
             return
         for key, model in enumerate((self.student, self.teacher)):
             flat = model.io.flatten_inputs(*fed.inputs(key == 1, 0, 0))
             self.draws[key] = ModelDraws(key, tuple(draw_counts(model.stages, flat)))
+        if self.compile_mode is not None:
+            compile_stages(self.devices, self.draws, self.compile_mode)
 
     def run_task(self, d: DeviceState, task: Task, data: dict[int, Fed], board: Board) -> None:
         """Run one task of device ``d``'s list."""
@@ -318,7 +327,8 @@ class StageTasks(Channels):
             self.send(d, board, ("sb", d.index, t.batch, t.view, t.micro), sent)
 
     def _sw(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
-        weight_gradients(d.weight_work.pop((t.batch, t.view, t.micro)))
+        if self.split_backward:
+            weight_gradients(d.weight_work.pop((t.batch, t.view, t.micro)))
 
     def _opt(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         for names, stages in self.ties:  # the owner sums its copies' gradients

@@ -211,7 +211,7 @@ class Trainer:
             data[nxt.index] = nxt.data
         first, drains = batch.index == self.segment_start, nxt is None
         self.versions.start_window(batch.index, first=first, drains=drains)
-        self.runtime.count_draws(batch.data)
+        self.runtime.prepare(batch.data)
         try:
             self.runtime.run(lists, data)
         except RuntimeFailure as e:

@@ -1,0 +1,70 @@
+"""Compiled stages: the same losses and weights as eager stages; a missing toolchain is named
+before anything runs; stages that draw random numbers stay eager."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from typing import Any
+
+import pytest
+import torch
+from toys import Net, Noisy, kd_loss, sgd
+from toys import run_batches as _run
+
+import tspipe_fx
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.runtime.compiled import checked_compile
+
+
+def _train(schedule: str, model: type = Net, **options: Any) -> tuple[list[float], dict[str, torch.Tensor], Any]:
+    torch.manual_seed(0)
+    student, teacher = model(), model().eval()
+    pipe = tspipe_fx.compile(copy.deepcopy(student), teacher, 2, example_inputs=(torch.randn(8, 8),),
+                             cost_model="uniform")  # fmt: skip
+    trainer = pipe.trainer(kd_loss, optimizer=sgd, schedule=schedule, **options)
+    g = torch.Generator().manual_seed(4)
+    data = [(torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    losses = _run(trainer, [(x, {"target": y}) for x, y in data])
+    trained = model()
+    trainer.sync_to_modules(student=trained)
+    return losses, dict(trained.state_dict()), trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("schedule", "options"), [("tspipe", {}), ("auto", {"recompute": "except_last"})])
+def test_compiled_stages_train_as_eager_stages_do(schedule: str, options: dict[str, Any]) -> None:
+    """Also under a split backward (a compiled stage's is whole) and with recompute."""
+    want, weights, _ = _train(schedule, **options)
+    got, trained, trainer = _train(schedule, compile_stages=True, **options)
+    assert all(getattr(d.student, "_compiled_call_impl", None) is not None for d in trainer.runtime.devices)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)  # fused kernels round differently
+    for name, value in weights.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_stages_that_draw_stay_eager_and_say_so() -> None:
+    want, _, _ = _train("tspipe", Noisy)
+    # The toy's drop-path draws in eval mode too; the eval teacher's F.dropout does not.
+    with pytest.warns(UserWarning, match="student stage 0, teacher stage 0, student stage 1 draw random numbers"):
+        got, _, trainer = _train("tspipe", Noisy, compile_stages=True)
+    assert got == want  # eager, drawn by identity: the same masks
+    compiled = [getattr(m, "_compiled_call_impl", None) is not None for d in trainer.runtime.devices
+                for m in (d.student, d.teacher)]  # fmt: skip
+    assert compiled == [False, False, False, True]
+
+
+def test_a_missing_compiler_is_named_before_anything_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    pipe = tspipe_fx.compile(Net(), Net().eval(), 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform")
+    with pytest.raises(TspipeError, match=r"compiling CPU stages needs a C\+\+ compiler .*\(compile_stages=False\)"):
+        pipe.trainer(kd_loss, optimizer=sgd, compile_stages=True)
+
+
+def test_compile_stages_takes_a_mode_or_a_flag() -> None:
+    assert checked_compile(True) == "default" and checked_compile(False) is None
+    assert checked_compile("max-autotune") == "max-autotune"
+    with pytest.raises(TspipeError, match=r"compile_stages must be True, False or a torch.compile mode .* got 'fast'"):
+        checked_compile("fast")

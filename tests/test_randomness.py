@@ -53,6 +53,18 @@ def test_a_draw_nested_in_another_operation_is_seen() -> None:
         assert torch.equal(mha(x, x, x)[0], first)
 
 
+def test_attention_draws_only_with_dropout() -> None:
+    q = torch.randn(2, 2, 5, 8)
+    with SeededDraws(0, 0, 0, 0, 0) as mode:
+        F.scaled_dot_product_attention(q, q, q)  # CPU's fused kernel is tagged as drawing
+    assert mode.next == 0
+    with SeededDraws(0, 0, 0, 0, 0) as mode:
+        first = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    with SeededDraws(0, 0, 0, 0, 0):
+        assert torch.equal(F.scaled_dot_product_attention(q, q, q, dropout_p=0.5), first)
+    assert mode.next == 1
+
+
 def test_stage_draw_counts_come_from_a_fake_run() -> None:
     pipe = tspipe_fx.compile(Noisy(), Noisy(), 3, example_inputs=(torch.randn(8, 8),), mode="momentum",
                              cost_model="uniform")  # fmt: skip

@@ -50,8 +50,20 @@ def derive_seed(*parts: int) -> int:
     return h >> 1
 
 
-def _draws(func: Any) -> bool:
-    return torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
+def _draws(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    """Whether an ATen call draws: it is tagged so, and it is no attention with ``dropout_p=0``
+    (CPU's fused attention is tagged whether or not it drops anything)."""
+    if torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ()):
+        return False
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == "dropout_p":
+            value = (
+                args[i]
+                if i < len(args)
+                else kwargs.get(a.name, a.default_value if a.has_default_value() else 1)
+            )
+            return bool(value != 0)
+    return True
 
 
 def _generator(args: Any, kwargs: dict[str, Any]) -> torch.Generator:
@@ -84,7 +96,7 @@ class SeededDraws(TorchDispatchMode):  # type: ignore[no-untyped-call]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if not _draws(func):
+        if not _draws(func, args, kwargs):
             return func(*args, **kwargs)
         generator = _generator(args, kwargs)
         with _LOCK:
@@ -103,8 +115,9 @@ class _Counter(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.count = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.count += _draws(func)
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        self.count += _draws(func, args, kwargs)
+        return func(*args, **kwargs)
 
 
 def draw_counts(stages: Sequence[Stage], inputs: Sequence[Any]) -> list[int]:

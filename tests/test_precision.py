@@ -180,3 +180,33 @@ def test_a_bad_precision_is_named_with_the_choices() -> None:
         ReferenceTrainer(Net(), Net(), kd_loss, optimizer=sgd, precision="half")
     with pytest.raises(TspipeError, match="got 'float8'"):
         ReferenceTrainer(Net(), Net(), kd_loss, optimizer=sgd, teacher_precision="float8")
+
+
+def _planned(precision: str) -> Any:
+    return tspipe_fx.compile(Net(), Net(32).eval(), 2, example_inputs=(torch.randn(64, 8),), cost_model="roofline",
+                             device_specs=["h100", "h100"], balance=([4, 5], [4, 5]),
+                             precision=precision)  # fmt: skip
+
+
+def test_the_plan_prices_the_compute_dtype() -> None:
+    fp32, bf16 = _planned("fp32").plan, _planned("bf16").plan
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    for a, b in zip(fp32.student.stages, bf16.student.stages, strict=True):
+        assert b.cut_out_bytes == a.cut_out_bytes // 2  # half the bytes cross
+        assert b.activation_bytes == pytest.approx(a.activation_bytes / 2, abs=1)
+        assert b.param_bytes == a.param_bytes  # the weights stay fp32
+        assert b.fwd_ms <= a.fwd_ms  # the H100's bf16 peak
+    assert sum(bf16.memory_bytes) < sum(fp32.memory_bytes)
+    assert type(bf16).from_json(bf16.to_json()) == bf16
+
+
+def test_the_trainer_runs_the_plans_precision_unless_told() -> None:
+    pipe = _planned("bf16")
+    assert pipe.trainer(kd_loss, optimizer=sgd).runtime.precision.name == "bf16"
+    trainer = pipe.trainer(kd_loss, optimizer=sgd, precision="fp32")
+    assert trainer.runtime.precision.name == "fp32" and trainer.plan.precision == "fp32"
+
+
+def test_a_bad_precision_in_compile_is_named() -> None:
+    with pytest.raises(TspipeError, match=r"precision must be one of \['fp32', 'bf16', 'fp16'\], got 'int8'"):
+        _planned("int8")

@@ -39,7 +39,7 @@ from tspipe_fx.passes.chain import GraphChain, graph_chain
 from tspipe_fx.passes.split import split
 from tspipe_fx.passes.symbolic import input_sizes
 from tspipe_fx.pipeline import Pipeline
-from tspipe_fx.plan import Plan
+from tspipe_fx.plan import PRECISIONS, Plan, compute_bytes
 from tspipe_fx.schedule.generators import make_schedule
 from tspipe_fx.schedule.task import LOSSES
 from tspipe_fx.stage import positional_args
@@ -78,6 +78,7 @@ def compile(
     staleness: int = 1,
     loss: str = "batch",
     teacher_parts: int = 1,
+    precision: str = "fp32",
 ) -> Pipeline:
     """Cut ``student`` and ``teacher`` into ``n_gpus`` balanced stage pairs.
 
@@ -133,6 +134,9 @@ def compile(
         teacher_parts: with ``schedule="auto"``, the teacher runs each student micro-batch as this
             many smaller ones, so that its tasks fit the gaps the student leaves (a teacher in
             train mode gets BatchNorm statistics of those); costed linearly. The trainer's default.
+        precision: the compute dtype trained in, ``"fp32"``, ``"bf16"`` or ``"fp16"``: activations
+            and the bytes crossing stages are priced in it (half of fp32's), the roofline cost
+            model takes its peak, and the trainer runs it unless told otherwise.
 
     With ``schedule="auto"`` and no ``micro_batches``, compile also chooses M (N, 2N or 4N) with
     the partition: the one whose synthesized schedule simulates fastest
@@ -149,6 +153,9 @@ def compile(
     if teacher_parts > 1 and schedule != "auto":
         raise TspipeError(f"teacher_parts={teacher_parts} needs schedule='auto' (the fixed schedules run the "
                           f"teacher in the student's micro-batches), got schedule={schedule!r}")  # fmt: skip
+    if precision not in PRECISIONS:
+        raise TspipeError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    scale = compute_bytes(precision) / 4  # the graphs' activations are fp32
     views = views if views is not None else (2 if mode == "momentum" else 1)
     run_on = resolve_devices(devices, n)
     s_example = _example(example_inputs, example_kwargs)
@@ -193,7 +200,7 @@ def compile(
 
     first = chains(m)  # every check that needs only the graphs comes before the costs (profiling)
     s_cm, t_cm, cm_name = cost_models(
-        cost_model, profile, s_cap, t_cap, (s_example, t_example), run_on[0], specs[0]
+        cost_model, profile, s_cap, t_cap, (s_example, t_example), run_on[0], specs[0], precision
     )
 
     def partition_at(k: int) -> Partitioned:
@@ -201,7 +208,15 @@ def compile(
         tuned = make_schedule(polish_for, n, k, views=views, mode=mode, staleness=staleness, n_batches=4,
                               loss=loss) if polish_for is not None and n > 1 else None  # fmt: skip
         partitioner = Partitioner(
-            s_gc, t_gc, hw, k, optimizer_factor, fixed=fixed, pairs=pairs, schedule=tuned
+            s_gc,
+            t_gc,
+            hw,
+            k,
+            optimizer_factor,
+            fixed=fixed,
+            pairs=pairs,
+            schedule=tuned,
+            activation_scale=scale,
         )
         s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch
         t_costs = t_cm.graph_costs(t_cap.graph_module, t_micro)
@@ -237,8 +252,8 @@ def compile(
         batch_size=batch,
         micro_batches=m,
         cost_model=cm_name,
-        student=model_plan(s_cap, s_gc, s_stages, part.student_cuts, s_costs, run_on, micro),
-        teacher=model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, run_on, t_micro),
+        student=model_plan(s_cap, s_gc, s_stages, part.student_cuts, s_costs, run_on, micro, scale),
+        teacher=model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, run_on, t_micro, scale),
         loads_ms=tuple(float(x) * views for x in part.loads_ms),
         memory_bytes=tuple(float(x) for x in part.memory_bytes),
         lower_bound_ms=views * m * total_work / sum(d.speed for d in partitioner.devices),
@@ -252,6 +267,7 @@ def compile(
         staleness=staleness,
         loss=loss,
         teacher_parts=teacher_parts,
+        precision=precision,
         links=tuple((d.link_gbs, d.link_latency_ms) for d in partitioner.devices)
         if any(math.isfinite(d.link_gbs) or d.link_latency_ms for d in partitioner.devices)
         else (),

@@ -22,11 +22,17 @@ from tspipe_fx.schedule.generators import SCHEDULES, make_schedule
 from tspipe_fx.schedule.simulator import Timeline, simulate_costs
 from tspipe_fx.schedule.task import LOSSES, Schedule
 
-__all__ = ["ModelPlan", "Plan", "StagePlan", "simulate_plan"]
+__all__ = ["PRECISIONS", "ModelPlan", "Plan", "StagePlan", "compute_bytes", "simulate_plan"]
 
 # 2 added schedule, views and staleness; 3 the loss granularity and the links, and every time per
 # batch counts every view. An older plan reads with the defaults it was made with.
 FORMAT_VERSION = 3
+PRECISIONS = ("fp32", "bf16", "fp16")  # the compute dtypes a plan prices and a trainer runs
+
+
+def compute_bytes(precision: str) -> int:
+    """Bytes per element of an activation under ``precision`` (the weights stay fp32)."""
+    return 4 if precision == "fp32" else 2
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class Plan:
     # per device, the link to the next one: (GB/s, latency ms); empty: transfers are free
     links: tuple[tuple[float, float], ...] = ()
     teacher_parts: int = 1  # teacher micro-batches per student micro-batch (schedule "auto")
+    precision: str = "fp32"  # the compute dtype the costs price (activations, links) and the trainer runs
 
     def __post_init__(self) -> None:
         _check(self)
@@ -215,6 +222,8 @@ def _check(plan: Plan) -> None:
         raise bad("loss", f"one of {list(LOSSES)}")
     if not count(plan.teacher_parts, 1) or (plan.teacher_parts > 1 and plan.schedule != "auto"):
         raise bad("teacher_parts", "an integer >= 1 (above 1 with schedule 'auto' only)")
+    if plan.precision not in PRECISIONS:
+        raise bad("precision", f"one of {list(PRECISIONS)}")
     if plan.links and (
         len(plan.links) != len(plan.devices)
         or not all(len(x) == 2 and x[0] > 0 and x[1] >= 0 for x in plan.links)

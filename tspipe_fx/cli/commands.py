@@ -141,7 +141,7 @@ def _plan(args: argparse.Namespace) -> None:
     pipe = tspipe_fx.compile(
         student.module, teacher_module, args.gpus, example_inputs=student.args, example_kwargs=student.kwargs or None,
         mode=args.mode, batch_size=args.batch, micro_batches=args.micro_batches, schedule=args.schedule,
-        loss=args.loss, teacher_parts=args.teacher_parts, **options,
+        loss=args.loss, teacher_parts=args.teacher_parts, precision=args.precision, **options,
     )  # fmt: skip
     print(pipe.report())
     if args.json is not None:

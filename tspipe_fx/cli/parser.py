@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "whole batch's teacher outputs (default batch)")  # fmt: skip
     p.add_argument("--teacher-parts", type=int, default=1,
                    help="with --schedule auto: teacher micro-batches per student micro-batch (default 1)")  # fmt: skip
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="the compute dtype: activations and stage boundaries priced in it (default fp32)")  # fmt: skip
     p.add_argument("--cost-model", default="measured",
                    choices=["measured", "calibrated", "roofline", "params", "uniform"],
                    help="measured/calibrated profile here on the CPU; roofline models --device-spec (default measured)")  # fmt: skip

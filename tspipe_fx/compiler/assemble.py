@@ -26,9 +26,11 @@ def model_plan(
     costs: Sequence[NodeCost],
     run_on: Sequence[torch.device],
     micro: dict[str, int],
+    activation_scale: float = 1.0,
 ) -> ModelPlan:
-    """One model's stages, each with its nodes, modules and costs per micro-batch."""
-    sums = gc.to_partition_chain(costs).stage_sums(cuts)
+    """One model's stages, each with its nodes, modules and costs per micro-batch (activations and
+    cut bytes in the compute dtype: ``activation_scale`` of the graph's fp32)."""
+    sums = gc.to_partition_chain(costs, activation_scale=activation_scale).stage_sums(cuts)
     bounds = [0, *cuts, gc.n]
     plans = []
     for k, (stage, total) in enumerate(zip(stages, sums, strict=True)):
@@ -49,8 +51,8 @@ def model_plan(
                 fwd_ms=total.fwd_ms,
                 bwd_ms=total.bwd_ms,
                 activation_bytes=total.act_bytes,
-                cut_in_bytes=gc.live_bytes[lo] if k > 0 else 0,
-                cut_out_bytes=gc.live_bytes[hi] if k < len(stages) - 1 else 0,
+                cut_in_bytes=round(gc.live_bytes[lo] * activation_scale) if k > 0 else 0,
+                cut_out_bytes=round(gc.live_bytes[hi] * activation_scale) if k < len(stages) - 1 else 0,
             )
         )
     return ModelPlan(

@@ -26,6 +26,7 @@ def cost_models(
     examples: tuple[tuple[tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]],
     device: torch.device,
     spec: DeviceSpec,
+    precision: str = "fp32",
 ) -> tuple[CostModel, CostModel, str]:
     if isinstance(cost_model, tuple):
         if len(cost_model) != 2 or not all(isinstance(c, CostModel) for c in cost_model):
@@ -34,7 +35,8 @@ def cost_models(
     if isinstance(cost_model, CostModel):
         return cost_model, cost_model, cost_model.name
     if cost_model in ("roofline", "params", "uniform"):
-        builtin = {"roofline": lambda: RooflineCost(spec),
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]  # its peak
+        builtin = {"roofline": lambda: RooflineCost(spec, dtype=dtype),
                    "params": ParamCountCost, "uniform": UniformCost}[cost_model]  # fmt: skip
         return builtin(), builtin(), str(cost_model)
     if cost_model not in (None, "measured", "calibrated"):

@@ -43,6 +43,7 @@ class Partitioner:
     fixed: Cuts | None = None  # cuts given (a saved plan, a manual balance): only scored
     pairs: tuple[tuple[int, int], ...] | None = None  # momentum: (student, teacher) positions cut alike
     schedule: Schedule | None = None  # polish toward this schedule's simulated period (None: min-max as is)
+    activation_scale: float = 1.0  # activations in the compute dtype: 0.5 for bf16 and fp16
 
     def problem(
         self, sc: Sequence[NodeCost], tc: Sequence[NodeCost], cuts: Cuts | None = None, *, blind: bool = False
@@ -55,8 +56,8 @@ class Partitioner:
             cuts, mirror = ([p for p, _ in self.pairs], [q for _, q in self.pairs]), True
         s_cuts, t_cuts = cuts if cuts is not None else (None, None)
         return Problem(
-            student=self.student.to_partition_chain(sc, s_cuts),
-            teacher=self.teacher.to_partition_chain(tc, t_cuts),
+            student=self.student.to_partition_chain(sc, s_cuts, activation_scale=self.activation_scale),
+            teacher=self.teacher.to_partition_chain(tc, t_cuts, activation_scale=self.activation_scale),
             devices=tuple(Device() for _ in self.devices) if blind else self.devices,
             micro_batches=self.micro_batches,
             optimizer_factor=self.optimizer_factor,

@@ -119,16 +119,24 @@ class GraphChain:
             out.append(total)
         return out
 
-    def to_partition_chain(self, node_costs: Sequence[NodeCost], cuts: Sequence[int] | None = None) -> Chain:
-        """The partitioner's view: costs, parameter and activation bytes, candidate cuts."""
+    def to_partition_chain(
+        self,
+        node_costs: Sequence[NodeCost],
+        cuts: Sequence[int] | None = None,
+        *,
+        activation_scale: float = 1.0,
+    ) -> Chain:
+        """The partitioner's view: costs, parameter and activation bytes, candidate cuts.
+        ``activation_scale``: activations (kept and crossing) in another dtype than the graph's
+        fp32, such as 0.5 for bf16; parameters stay as they are."""
         costs = self.costs(node_costs)
         positions = self.candidates if cuts is None else tuple(cuts)
         return Chain(
             fwd_ms=tuple(c.fwd_ms for c in costs),
             bwd_ms=tuple(c.bwd_ms for c in costs),
             param_bytes=tuple(self.param_bytes()),
-            act_bytes=tuple(c.memory_bytes for c in costs),
-            cuts=tuple((p, self.live_bytes[p]) for p in positions),
+            act_bytes=tuple(round(c.memory_bytes * activation_scale) for c in costs),
+            cuts=tuple((p, round(self.live_bytes[p] * activation_scale)) for p in positions),
         )
 
 

@@ -66,7 +66,7 @@ def render_plan(plan: Plan) -> str:
         f"{plan.student.model_name} (student, {plan.student.method}) and {plan.teacher.model_name} "
         f"(teacher, {plan.teacher.method}), mode {plan.mode}, {plan.n_stages} stages, batch "
         f"{plan.batch_size} in {plan.micro_batches} micro-batches{_uneven(plan)}{views}, cost model "
-        f"{plan.cost_model}",
+        f"{plan.cost_model}{'' if plan.precision == 'fp32' else ', ' + plan.precision + ' activations'}",
         table,
         f"{'schedule':18s} {plan.schedule}{' (' + timeline.schedule.variant + ')' if timeline.schedule.variant else ''}"
         f", loss per {'batch' if plan.loss == 'batch' else 'micro-batch'}",

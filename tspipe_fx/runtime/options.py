@@ -43,7 +43,8 @@ class TrainOptions:
     lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None  # per optimizer, stepped per batch
     clip_grad_norm: float | None = None  # the global norm over every stage, as clip_grad_norm_ computes it
     # the forwards' autocast: "fp32", "bf16" or "fp16" (with a loss scale); parameters stay fp32
-    precision: str = "fp32"
+    # (None: the plan's; the reference trainer: "fp32")
+    precision: str | None = None
     teacher_precision: str | None = None  # the teacher's forwards (None: as the student's)
     # activation recompute: "never", "always" or "except_last" (the batch's last micro-batch keeps its
     # activations); the pipelined trainer's only: the reference trainer's results are the same
@@ -83,7 +84,8 @@ class TrainOptions:
             or not self.clip_grad_norm > 0
         ):  # fmt: skip
             raise bad("clip_grad_norm", "a number > 0, or None")
-        Precision(self.precision)
+        if self.precision is not None:
+            Precision(self.precision)
         checked_recompute(self.recompute)
         checked_compile(self.compile_stages)
         if self.teacher_precision is not None:

@@ -25,7 +25,7 @@ from tspipe_fx.errors import TspipeError
 
 __all__ = ["PRECISIONS", "LossScale", "Precision"]
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # plan.PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,10 @@ class Precision:
         """The forward's autocast on ``device`` (nothing for fp32)."""
         if not self.reduced:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.dtype)
+        # No cast cache: it is one per process, and a thread clearing it (leaving autocast) frees
+        # cached weights under its lock, which needs the GIL, while a thread that holds the GIL
+        # (tracing for torch.compile, a dispatch mode) waits for that lock: a deadlock.
+        return torch.autocast(device_type=device.type, dtype=self.dtype, cache_enabled=False)
 
     def boundary(self, value: Any) -> Any:
         """A value as it crosses to the next stage: fp32 tensors in the compute dtype."""

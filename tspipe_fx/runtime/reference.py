@@ -85,8 +85,8 @@ class ReferenceTrainer:
         self.loss = opts.loss or "batch"
         self.teacher_parts = opts.teacher_parts or 1
         # Autocast around each forward and the loss; fp16 scales the loss with torch's own GradScaler.
-        self.precision = Precision(opts.precision)
-        self.teacher_precision = Precision(opts.teacher_precision or opts.precision)
+        self.precision = Precision(opts.precision or "fp32")
+        self.teacher_precision = Precision(opts.teacher_precision or self.precision.name)
         self.device = next((p.device for p in student.parameters()), torch.device("cpu"))
         self.scaler = torch.amp.GradScaler(self.device.type) if opts.precision == "fp16" else None
         built = build_optimizer(opts.optimizer, dict(student.named_parameters()), parameter_names(student))

@@ -121,8 +121,8 @@ class StageTasks(Channels):
             d.optimizer = build_optimizer(options.optimizer, params, originals) if params else None
             d.scheduler = options.lr_scheduler(d.optimizer) if options.lr_scheduler and d.optimizer else None
         self.seed = options.seed
-        self.precision = Precision(options.precision)
-        self.teacher_precision = Precision(options.teacher_precision or options.precision)
+        self.precision = Precision(options.precision or "fp32")
+        self.teacher_precision = Precision(options.teacher_precision or self.precision.name)
         # fp16: the loss scale, one for every stage; a batch's inf decision, taken at its steps
         self.loss_scale = LossScale() if options.precision == "fp16" else None
         self.found_inf: dict[int, bool] = {}

@@ -88,6 +88,7 @@ class Trainer:
                 f"device under torchrun), got {runtime!r}"
             )
         opts = TrainOptions.of(optimizer, options, where="trainer()")
+        opts = dataclasses.replace(opts, precision=opts.precision or plan.precision)  # what the costs priced
         self.plan = dataclasses.replace(
             plan,
             schedule=schedule if schedule is not None else plan.schedule,
@@ -97,6 +98,7 @@ class Trainer:
             loss=opts.loss or plan.loss,
             teacher_parts=opts.teacher_parts
             or (plan.teacher_parts if (schedule or plan.schedule) == "auto" else 1),
+            precision=opts.precision or plan.precision,
         )
         self.student, self.teacher = student, teacher
         self.n = self.plan.n_stages

@@ -32,15 +32,19 @@ def _train(schedule: str, model: type = Net, **options: Any) -> tuple[list[float
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("schedule", "options"), [("tspipe", {}), ("auto", {"recompute": "except_last"})])
+@pytest.mark.parametrize(("schedule", "options"),
+                         [("tspipe", {}), ("auto", {"recompute": "except_last"}), ("tspipe", {"precision": "bf16"})])  # fmt: skip
 def test_compiled_stages_train_as_eager_stages_do(schedule: str, options: dict[str, Any]) -> None:
-    """Also under a split backward (a compiled stage's is whole) and with recompute."""
+    """Also under a split backward (a compiled stage's is whole), with recompute, and in bf16 (one
+    worker thread tracing under autocast while another leaves it once deadlocked on autocast's
+    process-wide cast cache)."""
     want, weights, _ = _train(schedule, **options)
     got, trained, trainer = _train(schedule, compile_stages=True, **options)
     assert all(getattr(d.student, "_compiled_call_impl", None) is not None for d in trainer.runtime.devices)
-    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)  # fused kernels round differently
+    tol = 2e-2 if options.get("precision") == "bf16" else 1e-5  # fused kernels round differently
+    assert got == pytest.approx(want, rel=tol, abs=tol / 10)
     for name, value in weights.items():
-        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(trained[name], value, rtol=tol * 10, atol=tol, msg=name)
 
 
 @pytest.mark.slow

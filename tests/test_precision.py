@@ -210,3 +210,17 @@ def test_the_trainer_runs_the_plans_precision_unless_told() -> None:
 def test_a_bad_precision_in_compile_is_named() -> None:
     with pytest.raises(TspipeError, match=r"precision must be one of \['fp32', 'bf16', 'fp16'\], got 'int8'"):
         _planned("int8")
+
+
+def test_the_callers_autocast_does_not_leak_into_an_fp32_run() -> None:
+    """Autocast is the trainer's to set: a step inside the user's own autocast region still runs
+    in the precision asked for (the dist runtime runs tasks in the caller's thread)."""
+    data = _data(3)
+    _, want, _, _ = _kd(2, data)
+    student, teacher = _models()
+    ref = ReferenceTrainer(student, teacher, kd_loss, optimizer=sgd, micro_batches=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = [ref.step(x, target=y) for x, y in data]
+        piped, _, _, _ = _kd(2, data)
+    assert got == want
+    assert piped == pytest.approx(want, rel=1e-6, abs=1e-7)

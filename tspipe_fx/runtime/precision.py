@@ -14,7 +14,6 @@ fp16 loss scale that every stage and rank steps with.
 
 from __future__ import annotations
 
-import contextlib
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +49,10 @@ class Precision:
         return self.name != "fp32"
 
     def autocast(self, device: torch.device) -> AbstractContextManager[Any]:
-        """The forward's autocast on ``device`` (nothing for fp32)."""
+        """The forward's autocast on ``device``; fp32 turns autocast off, whatever the caller's
+        context (a step called inside the user's own ``torch.autocast`` still runs fp32)."""
         if not self.reduced:
-            return contextlib.nullcontext()
+            return torch.autocast(device_type=device.type, enabled=False)
         # No cast cache: it is one per process, and a thread clearing it (leaving autocast) frees
         # cached weights under its lock, which needs the GIL, while a thread that holds the GIL
         # (tracing for torch.compile, a dispatch mode) waits for that lock: a deadlock.

@@ -136,6 +136,11 @@ class ReferenceTrainer:
         **kwargs: Any,
     ) -> float:
         """Train on one batch; returns its loss (arguments: :meth:`Trainer.step`)."""
+        with torch.autocast(device_type=self.device.type, enabled=False):  # ours to set, not the caller's
+            return self._step(inputs, kwargs, target, teacher_inputs, teacher_kwargs)
+
+    def _step(self, inputs: tuple[Any, ...], kwargs: dict[str, Any], target: Any, teacher_inputs: Any,
+              teacher_kwargs: dict[str, Any] | None) -> float:  # fmt: skip
         fed = fed_batch(self.views, self.micro_batches, inputs, kwargs, target, teacher_inputs, teacher_kwargs,
                         self.teacher_parts)  # fmt: skip
         views = fed.student_args

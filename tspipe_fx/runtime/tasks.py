@@ -157,8 +157,9 @@ class StageTasks(Channels):
             compile_stages(self.devices, self.draws, self.compile_mode)
 
     def run_task(self, d: DeviceState, task: Task, data: dict[int, Fed], board: Board) -> None:
-        """Run one task of device ``d``'s list."""
-        getattr(self, f"_{task.kind}")(d, task, data, board)
+        """Run one task of device ``d``'s list; autocast is the task's own, not the caller's."""
+        with torch.autocast(device_type=d.device.type, enabled=False):
+            getattr(self, f"_{task.kind}")(d, task, data, board)
 
     def _inputs(
         self, d: DeviceState, model: ModelIO, io: Stage, t: Task, data: dict[int, Fed], board: Board

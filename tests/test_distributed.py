@@ -170,8 +170,8 @@ def test_auto_with_a_loss_per_micro_batch_equals_the_reference(tmp_path: Path, r
     assert_matches(got[0], want, ref, rtol=1e-4, atol=1e-5)  # per-micro-batch terms: fp32 rounding
 
 
-@pytest.mark.parametrize(("ranks", "mode", "recompute"),
-                         [pytest.param(2, "momentum", "never", marks=pytest.mark.slow), (3, "kd", "always")])  # fmt: skip
+@pytest.mark.slow  # the default run keeps under 15 minutes; CI runs these too
+@pytest.mark.parametrize(("ranks", "mode", "recompute"), [(2, "momentum", "never"), (3, "kd", "always")])
 def test_dropout_and_drop_path_across_ranks_equal_the_reference(tmp_path: Path, ranks: int, mode: str,
                                                                 recompute: str) -> None:  # fmt: skip
     """Each draw is seeded by its identity, not by the rank that makes it (nor by a replay)."""
@@ -181,8 +181,8 @@ def test_dropout_and_drop_path_across_ranks_equal_the_reference(tmp_path: Path, 
     assert_matches(got[0], want, ref)
 
 
-@pytest.mark.parametrize(("ranks", "mode", "precision"),
-                         [pytest.param(2, "momentum", "bf16", marks=pytest.mark.slow), (3, "kd", "fp16")])  # fmt: skip
+@pytest.mark.slow  # the default run keeps under 15 minutes; CI runs these too
+@pytest.mark.parametrize(("ranks", "mode", "precision"), [(2, "momentum", "bf16"), (3, "kd", "fp16")])
 def test_mixed_precision_across_ranks(tmp_path: Path, ranks: int, mode: str, precision: str) -> None:
     """bf16 or fp16 activations cross the ranks; fp16's loss scale decides for every rank."""
     run(ranks, tmp_path, "--stages", str(ranks), "--mode", mode, "--steps", "4", "--precision", precision)

@@ -116,7 +116,10 @@ def test_report(kd: tspipe_fx.Pipeline) -> None:
     lines = text.splitlines()
     assert lines[0].startswith("ResNet (student, fx) and VisionTransformer (teacher, fx), mode kd, 3 stages")
     assert "student modules" in lines[1] and "load ms" in lines[1]
-    assert sum(1 for line in lines if line.lstrip().startswith(("0 ", "1 ", "2 "))) == 3
+    stage_rows = lines[: next(i for i, line in enumerate(lines) if line.startswith("schedule"))]
+    assert sum(1 for line in stage_rows if line.lstrip().startswith(("0 ", "1 ", "2 "))) == 3
+    memory = lines[next(i for i, line in enumerate(lines) if line.startswith("predicted memory per device")):]
+    assert "peak MB" in memory[1] and sum(1 for line in memory if line.lstrip().startswith(("0 ", "1 ", "2 "))) == 3
     assert any(line.startswith("period") and "ms per batch (the schedule run on these costs" in line for line in lines)
     assert any(line.startswith("busiest device") and "(device " in line for line in lines)
     assert any(line.startswith("efficiency") for line in lines)
@@ -234,7 +237,8 @@ def test_heterogeneous_devices_take_work_by_speed() -> None:
 
 def test_memory_limit() -> None:
     with pytest.raises(
-        PartitionError, match=r"no partition fits .* smallest memory per device that would work is .*hint"
+        PartitionError, match=r"device 0 would need [\d.]+ KiB \([\d,]+ bytes\) of its 1,000 bytes \(predicted "
+        r"peak, recompute 'never'\).*the leanest partition found needs [\d.]+ KiB \([\d,]+ bytes\) per device; hint"
     ):
         _byol(memory_limit=1000)
     assert max(_byol(memory_limit=10**6).plan.memory_bytes) <= 10**6

@@ -23,4 +23,6 @@ def test_gpu_script_smoke(tmp_path: Path) -> None:
         assert results["runtime_equality"][schedule]["loss_max_rel_diff"] < 1e-5
     assert (tmp_path / "profiles.tar.gz").stat().st_size > 1000
     assert set(results["training"]) == {"fp32", "bf16", "fp32-recompute"}  # no compiles in smoke mode
+    assert set(results["memory"]) == {"fp32", "recompute", "bf16"}  # predicted only, on a CPU
+    assert results["memory"]["recompute"]["predicted_mib"] < results["memory"]["fp32"]["predicted_mib"]
     assert not results["errors"]

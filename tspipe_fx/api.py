@@ -17,15 +17,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from tspipe_fx.compiler.assemble import model_plan
+from tspipe_fx.compiler.checks import Mode, check_args, check_options
 from tspipe_fx.compiler.costs import cost_models
 from tspipe_fx.compiler.cuts import check_momentum_names, cut_space
 from tspipe_fx.compiler.hardware import hardware, resolve_devices, spec_for
+from tspipe_fx.compiler.memory import ScheduleOf, fit_memory, predicted
 from tspipe_fx.compiler.micro_batches import Partitioned, candidates, fastest
 from tspipe_fx.compiler.partitioner import Partitioner
 from tspipe_fx.compiler.refine import refine as refine_step
@@ -34,6 +36,8 @@ from tspipe_fx.cost.model import CostModel
 from tspipe_fx.cost.profile import Profile
 from tspipe_fx.cost.stage_times import at_batch
 from tspipe_fx.errors import CaptureError, TspipeError
+from tspipe_fx.partition.objective import schedule_costs
+from tspipe_fx.partition.problem import Partition, Problem
 from tspipe_fx.passes import annotate_structure, annotate_symbolic
 from tspipe_fx.passes.chain import GraphChain, graph_chain
 from tspipe_fx.passes.split import split
@@ -41,13 +45,13 @@ from tspipe_fx.passes.symbolic import input_sizes
 from tspipe_fx.pipeline import Pipeline
 from tspipe_fx.plan import PRECISIONS, Plan, compute_bytes
 from tspipe_fx.schedule.generators import make_schedule
-from tspipe_fx.schedule.task import LOSSES
+from tspipe_fx.schedule.memory import checked_recompute
+from tspipe_fx.schedule.task import Schedule
 from tspipe_fx.stage import positional_args
 from tspipe_fx.tracing import CapturedModel, capture
 
 __all__ = ["compile"]
 
-Mode = Literal["kd", "momentum"]
 Balance = Sequence[int] | Sequence[str]
 
 
@@ -79,6 +83,7 @@ def compile(
     loss: str = "batch",
     teacher_parts: int = 1,
     precision: str = "fp32",
+    recompute: str = "never",
 ) -> Pipeline:
     """Cut ``student`` and ``teacher`` into ``n_gpus`` balanced stage pairs.
 
@@ -137,6 +142,11 @@ def compile(
         precision: the compute dtype trained in, ``"fp32"``, ``"bf16"`` or ``"fp16"``: activations
             and the bytes crossing stages are priced in it (half of fp32's), the roofline cost
             model takes its peak, and the trainer runs it unless told otherwise.
+        recompute: activation recompute, ``"never"``, ``"always"``, ``"except_last"`` or
+            ``"auto"`` (per device, the least recompute that fits its memory; the replayed
+            forwards count in its load). Every device's peak is predicted
+            (:mod:`tspipe_fx.partition.memory`) and kept within its memory; the plan records it
+            and the policies, and the trainer runs them unless told otherwise.
 
     With ``schedule="auto"`` and no ``micro_batches``, compile also chooses M (N, 2N or 4N) with
     the partition: the one whose synthesized schedule simulates fastest
@@ -146,8 +156,8 @@ def compile(
         >>> pipe = tspipe_fx.compile(resnet18, vit_b16, 4, example_inputs=(x,))
         >>> print(pipe.report())
     """
-    n, mode = _check_args(student, teacher, n_gpus, mode, micro_batches, max_candidates)
-    _check_options(schedule, refine, batch_size, views, staleness, loss)
+    n, mode = check_args(student, teacher, n_gpus, mode, micro_batches, max_candidates)
+    check_options(schedule, refine, batch_size, views, staleness, loss)
     if isinstance(teacher_parts, bool) or not isinstance(teacher_parts, int) or teacher_parts < 1:
         raise TspipeError(f"teacher_parts must be an integer >= 1, got {teacher_parts!r}")
     if teacher_parts > 1 and schedule != "auto":
@@ -156,6 +166,8 @@ def compile(
     if precision not in PRECISIONS:
         raise TspipeError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     scale = compute_bytes(precision) / 4  # the graphs' activations are fp32
+    weight_copies = 0.0 if precision == "fp32" else scale  # autocast's weight casts, saved per forward
+    checked_recompute(recompute, auto=True)
     views = views if views is not None else (2 if mode == "momentum" else 1)
     run_on = resolve_devices(devices, n)
     s_example = _example(example_inputs, example_kwargs)
@@ -220,8 +232,18 @@ def compile(
         )
         s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch
         t_costs = t_cm.graph_costs(t_cap.graph_module, t_micro)
-        return Partitioned(k, micro, t_micro, s_gc, t_gc, partitioner, s_costs, t_costs,
-                           partitioner.best(s_costs, t_costs))  # fmt: skip
+        fitted = fit_memory(partitioner, (s_costs, t_costs), trained_under(k), recompute=recompute,
+                            weight_copies=weight_copies)  # fmt: skip
+        return Partitioned(k, micro, t_micro, s_gc, t_gc, fitted.partitioner, s_costs, t_costs, fitted.part,
+                           fitted.recompute)  # fmt: skip
+
+    def trained_under(k: int) -> ScheduleOf:  # the schedule a partition at k micro-batches trains with
+        def build(problem: Problem, part: Partition) -> Schedule:
+            costs = schedule_costs(problem, part.student_cuts, part.teacher_cuts)
+            return make_schedule(schedule or "tspipe", n, k, views=views, mode=mode, staleness=staleness,
+                                 loss=loss, costs=costs, teacher_parts=teacher_parts)  # fmt: skip
+
+        return build
 
     choose = schedule == "auto" and micro_batches is None and plan is None and balance is None and n > 1
     if choose:  # M with the partition, by the synthesized schedule's simulated period
@@ -242,6 +264,9 @@ def compile(
         inputs = (at_batch(s_flat, example_batch, micro["B"]), at_batch(t_flat, example_batch, t_micro["B"]))
         part, s_costs, t_costs = refine_step(part, partitioner, refine, (s_costs, t_costs), inputs, run_on[0])
         cm_name += "+refined"
+    memory = predicted(
+        partitioner, (s_costs, t_costs), part, trained_under(m), chosen.recompute, weight_copies
+    )
 
     s_stages = split(s_gc, part.student_cuts, name=f"{s_cap.model_name}Stage")
     t_stages = split(t_gc, part.teacher_cuts, name=f"{t_cap.model_name}Stage")
@@ -255,7 +280,9 @@ def compile(
         student=model_plan(s_cap, s_gc, s_stages, part.student_cuts, s_costs, run_on, micro, scale),
         teacher=model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, run_on, t_micro, scale),
         loads_ms=tuple(float(x) * views for x in part.loads_ms),
-        memory_bytes=tuple(float(x) for x in part.memory_bytes),
+        memory_bytes=tuple(x.total for x in memory),
+        memory=memory,
+        recompute=chosen.recompute if any(r != "never" for r in chosen.recompute) else (),
         lower_bound_ms=views * m * total_work / sum(d.speed for d in partitioner.devices),
         baselines=tuple(
             (name, float(p.period_ms) * views) for name, p in partitioner.baselines(s_costs, t_costs)
@@ -277,72 +304,6 @@ def compile(
         student if not isinstance(student, CapturedModel) else None,
         teacher if not isinstance(teacher, CapturedModel) else None,
     )  # fmt: skip
-
-
-def _check_args(
-    student: Any, teacher: Any, n_gpus: Any, mode: str, micro_batches: int | None, max_candidates: int
-) -> tuple[int, Mode]:
-    for role, model in (("student", student), ("teacher", teacher)):
-        if not isinstance(model, nn.Module):
-            raise TspipeError(f"the {role} must be an nn.Module, got {type(model).__name__}")
-    _check_separate(student, teacher)
-    if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or n_gpus < 1:
-        raise TspipeError(f"n_gpus must be an integer >= 1, got {n_gpus!r}")
-    if mode not in ("kd", "momentum"):
-        raise TspipeError(f"mode must be 'kd' or 'momentum', got {mode!r}")
-    if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
-        raise TspipeError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
-    if max_candidates < 1:
-        raise TspipeError(f"max_candidates must be >= 1, got {max_candidates}")
-    return n_gpus, mode  # type: ignore[return-value]
-
-
-def _check_separate(student: nn.Module, teacher: nn.Module) -> None:
-    """The teacher must be a model of its own: trained weights come home into both modules, and
-    the teacher's would overwrite the student's."""
-    hint = (
-        "hint: a momentum teacher is a copy of the student (teacher = copy.deepcopy(student)); a KD "
-        "teacher is a separate model"
-    )
-    if student is teacher or (
-        isinstance(student, CapturedModel) and isinstance(teacher, CapturedModel)
-        and student.graph_module is teacher.graph_module
-    ):  # fmt: skip
-        raise TspipeError(
-            f"the student and the teacher are the same {type(student).__name__} object: the teacher's "
-            f"weights would overwrite the trained student's; {hint}"
-        )
-    teacher_ids = {id(p): n for n, p in teacher.named_parameters()}
-    shared = [(n, teacher_ids[id(p)]) for n, p in student.named_parameters() if id(p) in teacher_ids]
-    if shared:
-        pairs = ", ".join(f"student {s} = teacher {t}" for s, t in shared[:5])
-        raise TspipeError(
-            f"the student and the teacher share {len(shared)} parameter objects ({pairs}"
-            f"{', ...' if len(shared) > 5 else ''}): the teacher would move with the student; {hint}"
-        )
-
-
-def _check_options(
-    schedule: Any, refine: Any, batch_size: Any, views: Any, staleness: Any, loss: Any
-) -> None:
-    if schedule not in (None, "auto", "tspipe", "gpipe", "1f1b"):
-        raise TspipeError(
-            f"schedule must be 'auto', 'tspipe', 'gpipe', '1f1b' or None (the plan's min-max optimum as "
-            f"it is), got {schedule!r}"
-        )
-    if loss not in LOSSES:
-        raise TspipeError(
-            f"loss must be one of {list(LOSSES)} (what one loss call covers), got {loss!r}; hint: 'micro' "
-            "for a mean over samples (soft-target KD, BYOL)"
-        )
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise TspipeError(f"refine must be an integer >= 0 (rounds of stage timing), got {refine!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise TspipeError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if views not in (None, 1, 2):
-        raise TspipeError(f"views must be 1 or 2 (inputs per sample), got {views!r}")
-    if staleness not in (0, 1):
-        raise TspipeError(f"staleness must be 0 (synchronous) or 1 (TSPipe), got {staleness!r}")
 
 
 def _example(inputs: Any, kwargs: dict[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -19,6 +19,7 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.files import read_text, write_text_atomic
 from tspipe_fx.schedule.costs import StageCosts, transfer_ms
 from tspipe_fx.schedule.generators import SCHEDULES, make_schedule
+from tspipe_fx.schedule.memory import RECOMPUTE, StageMemory, replay_share
 from tspipe_fx.schedule.simulator import Timeline, simulate_costs
 from tspipe_fx.schedule.task import LOSSES, Schedule
 
@@ -98,6 +99,8 @@ class Plan:
     links: tuple[tuple[float, float], ...] = ()
     teacher_parts: int = 1  # teacher micro-batches per student micro-batch (schedule "auto")
     precision: str = "fp32"  # the compute dtype the costs price (activations, links) and the trainer runs
+    recompute: tuple[str, ...] = ()  # per device, its activation recompute policy (empty: "never")
+    memory: tuple[StageMemory, ...] = ()  # per device, the predicted peak by part (memory_bytes: its total)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -139,17 +142,21 @@ class Plan:
         return self.batch_size / period * 1e3 if period > 0 else float("inf")
 
     def stage_costs(self, link: tuple[float, float] | None = None, scale: float = 1.0) -> StageCosts:
-        """Per stage, one micro-batch's task times; transfers over the plan's links, or over
-        ``link`` (GB/s, latency µs) between every pair of devices."""
+        """Per stage, one micro-batch's task times (a recomputing stage's backward replays its
+        forward); transfers over the plan's links, or over ``link`` (GB/s, latency µs) between
+        every pair of devices."""
         pairs = list(zip(self.student.stages, self.teacher.stages, strict=True))
         links = [(link[0], link[1] / 1e3)] * self.n_stages if link is not None else list(self.links)
 
         def send(j: int, nbytes: int) -> float:
             return transfer_ms(nbytes * scale, *links[j]) if links and j < self.n_stages - 1 else 0.0
 
+        replay = [replay_share(r, self.micro_batches) for r in self.recompute] or [0.0] * self.n_stages
         return StageCosts.of(
             [s.fwd_ms * scale for s, _ in pairs],
-            [s.bwd_ms * scale for s, _ in pairs],
+            [
+                (s.bwd_ms + r * s.fwd_ms) * scale for (s, _), r in zip(pairs, replay, strict=True)
+            ],  # + recompute
             [t.fwd_ms * scale for _, t in pairs],
             [send(j, s.cut_out_bytes) for j, (s, _) in enumerate(pairs)],
             [send(j, t.cut_out_bytes) for j, (_, t) in enumerate(pairs)],
@@ -230,6 +237,10 @@ def _check(plan: Plan) -> None:
     ):
         raise bad("links", f"{len(plan.devices)} pairs (GB/s > 0, latency ms >= 0), or empty")
     n = plan.n_stages
+    if plan.recompute and (len(plan.recompute) != n or not all(r in RECOMPUTE for r in plan.recompute)):
+        raise bad("recompute", f"{n} policies of {list(RECOMPUTE)} (one per device), or empty")
+    if plan.memory and (len(plan.memory) != n or not all(isinstance(m, StageMemory) for m in plan.memory)):
+        raise bad("memory", f"{n} predicted peaks (one per device), or empty")
     for field in ("loads_ms", "memory_bytes"):
         values = getattr(plan, field)
         if len(values) != n or not all(isinstance(v, (int, float)) and v >= 0 for v in values):
@@ -262,6 +273,7 @@ def _model_plan(d: dict[str, Any]) -> ModelPlan:
 def _plan(d: dict[str, Any]) -> Plan:
     student = _model_plan(d.pop("student"))
     teacher = _model_plan(d.pop("teacher"))
+    d["memory"] = tuple(StageMemory(**m) for m in d.get("memory", ()))
     return Plan(student=student, teacher=teacher, **{k: _tuples(v) for k, v in d.items()})
 
 

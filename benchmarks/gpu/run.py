@@ -12,6 +12,8 @@
 4. Training options (issue 15): step time and peak memory of fp32, bf16, compiled stages and
    recompute, a ResNet-18 student and a ViT-S/16 teacher, 2 stages on the device
    (``benchmarks/training/run.py``'s contenders).
+5. Memory (issue 15): one stage's predicted peak (``plan.memory``, measured costs) against
+   ``max_memory_allocated`` while it trains, for fp32, recompute and bf16.
 
 Writes ``results.json`` and ``results.md`` beside the archive after every step, so a run cut
 short still returns what it measured; a step that fails records its error and the rest go on.
@@ -254,6 +256,38 @@ def training_options(device: torch.device, smoke: bool, results: dict[str, Any])
                                           lambda m: print(m, flush=True))  # fmt: skip
 
 
+def memory(device: torch.device, smoke: bool, results: dict[str, Any]) -> None:
+    """Issue 15.5 on the device: the plan's predicted peak of one stage against
+    ``max_memory_allocated`` over 3 steps (above what was allocated before the trainer), for
+    fp32, recompute and bf16; in smoke mode (CPU) the prediction only."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from training.run import kd_loss, pair, sgd
+
+    image, batch = (32, 8) if smoke else (224, 64)
+    student, teacher = pair(image)
+    x = torch.randn(batch, 3, image, image, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    cuda = device.type == "cuda"
+    rows = results["memory"] = {}
+    for name, options in (("fp32", {}), ("recompute", {"recompute": "always"}), ("bf16", {"precision": "bf16"})):
+        pipe = tspipe_fx.compile(student, teacher, 1, example_inputs=(x[: batch // 4],), batch_size=batch,
+                                 micro_batches=4, devices=[device], optimizer_factor=1.0,
+                                 cost_model="uniform" if smoke else None, **options)  # fmt: skip
+        row = rows[name] = {"predicted_mib": pipe.plan.memory[0].total / 2**20}
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            trainer = pipe.trainer(kd_loss, optimizer=sgd)
+            for _ in range(3):
+                trainer.step(x, target=y)
+            torch.cuda.synchronize()
+            row["measured_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            trainer.finish()
+            del trainer
+        print(f"memory {name}: {row}", flush=True)
+
+
 def write_results(out: Path, results: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [f"# GPU run on {results.get('device_name', results['device'])} (torch {results['torch']}), "
@@ -274,6 +308,10 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
         lines += ["", "| option | s / step | over fp32 | peak MiB |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['s_per_step']:.4f} | {base / v['s_per_step']:.2f}x | {v.get('peak_mib', float('nan')):.0f} |"
                   for k, v in results["training"].items()]  # fmt: skip
+    if results.get("memory"):
+        lines += ["", "| one stage | predicted MiB | measured MiB |", "|---|---|---|"]
+        lines += [f"| {k} | {v['predicted_mib']:.0f} | {v.get('measured_mib', float('nan')):.0f} |"
+                  for k, v in results["memory"].items()]  # fmt: skip
     lines += [f"\nskipped: {x}" for x in results["skipped"]]
     lines += [f"\nERROR {k}:\n```\n{v}```" for k, v in results["errors"].items()]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -318,6 +356,7 @@ def main() -> None:
 
     step("runtime equality", lambda: runtime_equality(device, results))
     step("training options", lambda: training_options(device, args.smoke, results))
+    step("memory", lambda: memory(device, args.smoke, results))
     kept = step(
         "profiles",
         lambda: profile_all(args.out, device, 4 if args.smoke else args.batch, args.smoke, results, left),

@@ -37,6 +37,7 @@ class Partitioned:
     s_costs: list[Any]
     t_costs: list[Any]
     part: Partition
+    recompute: tuple[str, ...] = ()  # per device, the recompute policy it was partitioned under
 
     def stage_costs(self) -> StageCosts:
         """Per device, one micro-batch's task times on this partition (links included)."""

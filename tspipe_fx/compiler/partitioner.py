@@ -44,6 +44,7 @@ class Partitioner:
     pairs: tuple[tuple[int, int], ...] | None = None  # momentum: (student, teacher) positions cut alike
     schedule: Schedule | None = None  # polish toward this schedule's simulated period (None: min-max as is)
     activation_scale: float = 1.0  # activations in the compute dtype: 0.5 for bf16 and fp16
+    recompute_share: tuple[float, ...] = ()  # per device, the student forwards its recompute replays
 
     def problem(
         self, sc: Sequence[NodeCost], tc: Sequence[NodeCost], cuts: Cuts | None = None, *, blind: bool = False
@@ -62,6 +63,7 @@ class Partitioner:
             micro_batches=self.micro_batches,
             optimizer_factor=self.optimizer_factor,
             mirror=mirror,
+            recompute_share=() if blind else self.recompute_share,
         )
 
     def at(self, sc: Sequence[NodeCost], tc: Sequence[NodeCost], cuts: Cuts) -> Partition:

@@ -27,6 +27,7 @@ class _Prefix:
         work = np.cumsum(
             [0.0] + [f + (b if with_bwd else 0.0) for f, b in zip(chain.fwd_ms, chain.bwd_ms, strict=False)]
         )
+        fwd = np.cumsum([0.0, *chain.fwd_ms])
         mem = np.cumsum(
             [0.0]
             + [
@@ -35,6 +36,7 @@ class _Prefix:
             ]
         )
         self.work = work[self.pos]
+        self.fwd = fwd[self.pos]
         self.mem = mem[self.pos]
         self.index = {p: i for i, p in enumerate(self.pos)}
 
@@ -62,6 +64,12 @@ class Objective:
         self.t = _Prefix(t, with_bwd=not problem.teacher_fwd_only, params_factor=1.0, in_flight=0)
         self.has_teacher = problem.teacher is not None and problem.teacher.n > 0
 
+    def student_work(self, j: int) -> np.ndarray:
+        """Prefix sums of the student's work on device ``j``: forward, backward and the forwards
+        its recompute runs again."""
+        share = self.p.replay_share(j)
+        return self.s.work + share * self.s.fwd if share else self.s.work
+
     def x(self, link: int, nbytes: float, at_end: bool) -> float:
         """Transfer time over the link after device ``link``; no transfer at a chain's ends."""
         if at_end or link < 0 or link >= len(self.p.devices) - 1:
@@ -73,7 +81,8 @@ class Objective:
         dev = self.p.devices[j]
         s, t = self.s, self.t
         last_s, last_t = len(s.pos) - 1, len(t.pos) - 1
-        work = (s.work[u2] - s.work[u]) + (t.work[v2] - t.work[v] if self.has_teacher else 0.0)
+        sw = self.student_work(j)
+        work = (sw[u2] - sw[u]) + (t.work[v2] - t.work[v] if self.has_teacher else 0.0)
         comm = 2 * (self.x(j - 1, s.bytes[u], u == 0) + self.x(j, s.bytes[u2], u2 == last_s))
         if self.has_teacher:
             comm += self.x(j - 1, t.bytes[v], v == 0) + self.x(j, t.bytes[v2], v2 == last_t)
@@ -129,7 +138,7 @@ def stage_costs(
         out.append(
             StageCost(
                 s.fwd_ms / dev.speed,
-                s.bwd_ms / dev.speed,
+                (s.bwd_ms + problem.replay_share(j) * s.fwd_ms) / dev.speed,  # a recompute replays
                 (t.fwd_ms if t is not None else 0.0) / dev.speed,
                 0.0 if last else link_ms(dev, s_out[j]),
                 0.0 if last or not teacher.n else link_ms(dev, t_out[j]),

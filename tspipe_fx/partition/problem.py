@@ -39,13 +39,16 @@ class Chain:
     param_bytes: tuple[int, ...]
     act_bytes: tuple[int, ...]  # activations kept for backward, per micro-batch
     cuts: tuple[tuple[int, int], ...]  # (position, bytes crossing), increasing positions
+    peak_bytes: tuple[int, ...] = ()  # per node, the values alive while it runs (empty: unknown, 0)
 
     def __post_init__(self) -> None:
         n = len(self.fwd_ms)
-        if not (len(self.bwd_ms) == len(self.param_bytes) == len(self.act_bytes) == n):
+        if not (len(self.bwd_ms) == len(self.param_bytes) == len(self.act_bytes) == n) or len(
+            self.peak_bytes
+        ) not in (0, n):
             raise PartitionError(
                 f"chain lists differ in length: fwd {n}, bwd {len(self.bwd_ms)}, params "
-                f"{len(self.param_bytes)}, activations {len(self.act_bytes)}"
+                f"{len(self.param_bytes)}, activations {len(self.act_bytes)}, peaks {len(self.peak_bytes)}"
             )
         positions = [p for p, _ in self.cuts]
         if positions != sorted(set(positions)) or any(not 0 < p < n for p in positions):
@@ -100,6 +103,12 @@ class Problem:
     in_flight: int | None = None  # student micro-batches whose activations a device holds (default M)
     teacher_fwd_only: bool = True  # the teacher's backward is never run (KD, momentum)
     mirror: bool = False  # momentum: teacher cuts paired with the student's by index
+    # per device, the share of its student forwards run again by recompute (empty: none)
+    recompute_share: tuple[float, ...] = ()
+
+    def replay_share(self, device: int) -> float:
+        """The share of device ``device``'s student forwards its backward runs again."""
+        return self.recompute_share[device] if self.recompute_share else 0.0
 
 
 @dataclass(frozen=True)

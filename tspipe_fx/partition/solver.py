@@ -37,7 +37,7 @@ from tspipe_fx.partition.memory_grid import reach_with_memory
 from tspipe_fx.partition.objective import Objective, evaluate, fits
 from tspipe_fx.partition.problem import Chain, Device, Partition, PartitionError, Problem
 
-__all__ = ["solve"]
+__all__ = ["fmt_bytes", "least_memory", "solve"]
 
 
 def solve(problem: Problem) -> Partition:
@@ -67,14 +67,15 @@ def solve(problem: Problem) -> Partition:
     if best is None:
         need = _min_uniform_memory(problem)
         raise PartitionError(
-            f"no partition fits the devices' memory ({_fmt_bytes(min(d.memory_bytes for d in problem.devices))} "
-            f"on the smallest); the smallest memory per device that would work is {_fmt_bytes(need)}; hint: "
+            f"no partition fits the devices' memory ({fmt_bytes(min(d.memory_bytes for d in problem.devices))} "
+            f"on the smallest); the smallest memory per device that would work is {fmt_bytes(need)}; hint: "
             "more devices, fewer micro-batches in flight, or a memory_limit of at least that"
         )
     return best
 
 
-def _fmt_bytes(b: float) -> str:
+def fmt_bytes(b: float) -> str:
+    """``b`` bytes for people: ``1.50 MiB (1,572,864 bytes)``."""
     if math.isinf(b):
         return "unlimited"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -85,6 +86,11 @@ def _fmt_bytes(b: float) -> str:
 
 def _min_uniform_memory(problem: Problem) -> float:
     """The smallest equal per-device memory for which a partition exists (min-max memory)."""
+    return max(least_memory(problem).memory_bytes)
+
+
+def least_memory(problem: Problem) -> Partition:
+    """The partition whose largest device memory (this module's model) is the smallest."""
 
     # Swap roles: minimise the largest memory, i.e. a min-max partition on memory instead of time.
     # The memory objective is the time objective with work := memory, no comm, no speeds.
@@ -102,7 +108,8 @@ def _min_uniform_memory(problem: Problem) -> float:
         micro_batches=1,
         mirror=problem.mirror,
     )
-    return solve(swapped).period_ms
+    lean = solve(swapped)
+    return evaluate(problem, lean.student_cuts, lean.teacher_cuts)
 
 
 def _solve_pair(model: Objective, *, memory: bool, lower: float = 0.0) -> Partition | None:
@@ -152,7 +159,7 @@ def _upper_bound(model: Objective) -> float:
     """A period no partition exceeds: all the work on the slowest device, every transfer at its worst."""
     dev = model.p.devices
     slowest = min(d.speed for d in dev)
-    work = model.s.work[-1] + (model.t.work[-1] if model.has_teacher else 0.0)
+    work = model.s.work[-1] + model.s.fwd[-1] + (model.t.work[-1] if model.has_teacher else 0.0)
     worst = max(
         (model.x(j, b, False) for j in range(len(dev) - 1) for b in [*model.s.bytes, *model.t.bytes]),
         default=0.0,
@@ -167,8 +174,9 @@ def _stage_terms(model: Objective, j: int) -> tuple[np.ndarray, ...]:
     ls, lt = len(s.pos) - 1, len(t.pos) - 1
     x_in_s = np.array([model.x(j - 1, s.bytes[u], u == 0) for u in range(ls + 1)])
     x_out_s = np.array([model.x(j, s.bytes[u], u == ls) for u in range(ls + 1)])
-    a = s.work / dev.speed - 2 * x_in_s
-    big_a = s.work / dev.speed + 2 * x_out_s
+    work = model.student_work(j)
+    a = work / dev.speed - 2 * x_in_s
+    big_a = work / dev.speed + 2 * x_out_s
     if model.has_teacher:
         x_in_t = np.array([model.x(j - 1, t.bytes[v], v == 0) for v in range(lt + 1)])
         x_out_t = np.array([model.x(j, t.bytes[v], v == lt) for v in range(lt + 1)])

@@ -44,6 +44,7 @@ class GraphChain:
         live: per position ``0..n``, the values crossing the cut there (position 0: the inputs).
         live_bytes: their bytes per micro-batch.
         candidates: positions ``1..n-1`` the partitioner may cut at.
+        peak_bytes: per node, the values alive while it runs (the cut before it and its output).
     """
 
     gm: fx.GraphModule
@@ -51,6 +52,7 @@ class GraphChain:
     live: tuple[tuple[fx.Node, ...], ...]
     live_bytes: tuple[int, ...]
     candidates: tuple[int, ...]
+    peak_bytes: tuple[int, ...] = ()
 
     @property
     def n(self) -> int:
@@ -137,6 +139,7 @@ class GraphChain:
             param_bytes=tuple(self.param_bytes()),
             act_bytes=tuple(round(c.memory_bytes * activation_scale) for c in costs),
             cuts=tuple((p, round(self.live_bytes[p] * activation_scale)) for p in positions),
+            peak_bytes=tuple(round(b * activation_scale) for b in self.peak_bytes),
         )
 
 
@@ -174,7 +177,8 @@ def graph_chain(gm: fx.GraphModule, sizes: dict[str, int], *, max_candidates: in
     size = {v: evaluate(info(v).output_bytes_expr, sizes) for v in values}  # once per value, not per position
     nbytes = tuple(sum(size[v] for v in vs) for vs in live)
     blocked = [any(info(v).tensor_container for v in vs) for vs in live]
-    return GraphChain(gm, nodes, tuple(live), nbytes, candidate_cuts(nbytes, max_candidates, blocked))
+    peak = tuple(nbytes[p] + size[node] for p, node in enumerate(nodes))
+    return GraphChain(gm, nodes, tuple(live), nbytes, candidate_cuts(nbytes, max_candidates, blocked), peak)
 
 
 def candidate_cuts(

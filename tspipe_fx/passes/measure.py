@@ -4,12 +4,13 @@ Each node is run in isolation on the values the graph computed for it (an ``fx.I
 walks the graph once to produce them). Its inputs become detached leaves that require grad
 exactly where the real training graph would, so the timed forward builds the same autograd
 graph and the timed backward (``torch.autograd.grad`` with ``retain_graph``) computes the same
-input and parameter gradients. Warm-up runs first (the first one also counts saved bytes and backward FLOPs), then the median of ``repeats`` timed runs;
-CUDA events on a GPU, ``perf_counter`` elsewhere.
+input and parameter gradients. Warm-up runs first, then the median of ``repeats`` timed runs;
+CUDA events on a GPU, ``perf_counter`` elsewhere; one more forward counts the saved bytes.
 
 Also recorded: whether the node lies on the gradient path, the FLOPs of its backward
 (``FlopCounterMode``) and the activation bytes autograd saves for its backward (saved-tensor
-hooks; parameters excluded: they are counted as parameters).
+hooks; each storage once over the graph, at the first node that saves it; parameters excluded:
+they are counted as parameters).
 
 The pass runs the graph for real: buffers such as BatchNorm statistics change. Run it on a
 copy (:func:`tspipe_fx.profile` does).
@@ -44,6 +45,7 @@ class _Measure(fx.Interpreter):
         self.bar = bar
         self.grad_path: set[fx.Node] = set()
         self.param_ptrs = {p.data_ptr() for p in gm.parameters()}
+        self.saved: dict[int, torch.Tensor] = {}  # storages saved for backward so far, by address
 
     def run_node(self, n: fx.Node) -> Any:
         self.bar.update(1)
@@ -99,19 +101,26 @@ class _Measure(fx.Interpreter):
             with torch.enable_grad():
                 box["out"] = self._call(n, args, kwargs)
 
-        # The first warm-up run also counts the activations saved for backward.
-        saved: dict[tuple[int, tuple[int, ...]], int] = {}
+        fwd_ms = self.timer.median_ms(forward, repeats=self.repeats, warmup=self.warmup, setup=setup)
+        # One more run, whose output the graph walk keeps, counts the storages saved for backward
+        # that no earlier node saved (the producer that saves its output and the consumer that
+        # saves its input hold one storage): each storage once, at the first node saving it.
+        saved, mine = 0, set()
 
         def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.data_ptr() not in self.param_ptrs:
-                saved[(t.data_ptr(), tuple(t.shape))] = t.numel() * t.element_size()
+            nonlocal saved
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            mine.add(ptr)
+            if ptr not in self.param_ptrs and ptr not in self.saved:
+                self.saved[ptr] = t  # kept alive: its address is not reused by a later node
+                saved += storage.nbytes()
             return t
 
         setup()
         with saved_tensors_hooks(pack, lambda t: t):
             forward()
         rest = max(self.warmup - 1, 0)
-        fwd_ms = self.timer.median_ms(forward, repeats=self.repeats, warmup=rest, setup=setup)
         out = box["out"]
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         bwd_ms, bwd_flops = 0.0, 0
@@ -136,10 +145,14 @@ class _Measure(fx.Interpreter):
             fwd_ms=fwd_ms,
             bwd_ms=bwd_ms,
             bwd_flops=bwd_flops,
-            saved_bytes=sum(saved.values()) if outs else 0,
+            saved_bytes=saved if outs else 0,
         )
         if mutates:  # the real mutation, on the real values, as the model would do it
-            return self._call(n, *fx.node.map_arg((n.args, n.kwargs), lambda p: self.env[p]))
+            real = self._call(n, *fx.node.map_arg((n.args, n.kwargs), lambda p: self.env[p]))
+            for ran, kept in zip(tree_leaves(out), tree_leaves(real), strict=False):  # saved: counted
+                if isinstance(ran, torch.Tensor) and ran.untyped_storage().data_ptr() in mine:
+                    self.saved.setdefault(kept.untyped_storage().data_ptr(), kept)
+            return real
         return tree_map_only(torch.Tensor, lambda t: t.detach(), out)
 
 

@@ -29,6 +29,21 @@ def _uneven(plan: Plan) -> str:
     return f" (uneven: {extra} of {base + 1} samples, {plan.micro_batches - extra} of {base})"
 
 
+def _memory(plan: Plan) -> str:
+    """The predicted peak of every device by part, at its busiest moment under the schedule."""
+    rows = [
+        [j, m.recompute, m.in_flight, *(_mb(x) for x in (m.student_params, m.gradients, m.optimizer_state,
+                                                          m.teacher_params, m.activations, m.boundaries,
+                                                          m.working, m.total))]
+        for j, m in enumerate(plan.memory)
+    ]  # fmt: skip
+    headers = ["dev", "recompute", "in flight", "params MB", "grads MB", "optimizer MB", "teacher MB",
+               "activations MB", "cut buffers MB", "working MB", "peak MB"]  # fmt: skip
+    return "predicted memory per device (at its busiest moment of the schedule):\n" + tabulate(
+        rows, headers=headers, floatfmt=".1f"
+    )
+
+
 def render_plan(plan: Plan) -> str:
     """Per-device stages and costs, then the period against the lower bound and simple policies.
 
@@ -54,7 +69,7 @@ def render_plan(plan: Plan) -> str:
         )
     headers = [
         "dev", "device", "student modules", "teacher modules", "params MB s/t",
-        "GFLOP s/t", "s fwd ms", "s bwd ms", "t fwd ms", "cut MB in/out", "memory MB", "load ms",
+        "GFLOP s/t", "s fwd ms", "s bwd ms", "t fwd ms", "cut MB in/out", "peak MB", "load ms",
     ]  # fmt: skip
     table = tabulate(rows, headers=headers, floatfmt=".3f")
     compute = plan.stage_costs().loads_ms(plan.micro_batches, plan.views)
@@ -80,6 +95,8 @@ def render_plan(plan: Plan) -> str:
         f"{'throughput':18s} {plan.batch_size / period * 1e3 if period else float('inf'):12.1f} samples/s "
         "at that period",
     ]
+    if plan.memory:
+        lines.append(_memory(plan))
     for name, load in plan.baselines:
         lines.append(f"{name + ':':18s} {load:12.3f} ms busiest device ({load / plan.max_load_ms:.2f}x ours)")
     for role, mp in (("student", plan.student), ("teacher", plan.teacher)):

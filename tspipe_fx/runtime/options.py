@@ -14,8 +14,8 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.compiled import checked_compile
 from tspipe_fx.runtime.optim import OptimizerSpec
 from tspipe_fx.runtime.precision import Precision
-from tspipe_fx.runtime.recompute import checked_recompute
 from tspipe_fx.runtime.teacher import checked_momentum
+from tspipe_fx.schedule.memory import checked_recompute
 
 __all__ = ["TrainOptions"]
 
@@ -47,8 +47,9 @@ class TrainOptions:
     precision: str | None = None
     teacher_precision: str | None = None  # the teacher's forwards (None: as the student's)
     # activation recompute: "never", "always" or "except_last" (the batch's last micro-batch keeps its
-    # activations); the pipelined trainer's only: the reference trainer's results are the same
-    recompute: str = "never"
+    # activations), or one per stage (None: the plan's, "never" unless compile chose); the pipelined
+    # trainer's only: the reference trainer's results are the same
+    recompute: str | tuple[str, ...] | None = None
     # torch.compile each stage (True or a mode: "reduce-overhead", ...); stages that draw stay eager
     compile_stages: bool | str = False
     # dropout, drop-path...: draw k of micro-batch m's forward is seeded by (seed, model, batch, view, m, k)
@@ -86,7 +87,8 @@ class TrainOptions:
             raise bad("clip_grad_norm", "a number > 0, or None")
         if self.precision is not None:
             Precision(self.precision)
-        checked_recompute(self.recompute)
+        for policy in (self.recompute,) if isinstance(self.recompute, str) else self.recompute or ():
+            checked_recompute(policy)
         checked_compile(self.compile_stages)
         if self.teacher_precision is not None:
             Precision(self.teacher_precision)

@@ -1,6 +1,7 @@
 """Activation recompute: a stage forward keeps only its inputs, and its backward runs it again.
 
-``recompute=`` (a training option):
+``recompute=`` (a training option, or the plan's per stage; the policies are
+:mod:`tspipe_fx.schedule.memory`'s, where the planner predicts what they hold):
 
 * ``"never"``: every stage keeps its activations until its backward (the default).
 * ``"always"``: every micro-batch of every stage is recomputed.
@@ -19,30 +20,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import nn
 
 from tspipe_fx.errors import TspipeError
+from tspipe_fx.schedule.memory import RECOMPUTE, checked_recompute, recomputes
 
 __all__ = ["RECOMPUTE", "checked_recompute", "dropped_activations", "frozen_buffers", "recomputes"]
-
-RECOMPUTE = ("never", "always", "except_last")
-
-
-def checked_recompute(value: Any) -> str:
-    if value not in RECOMPUTE:
-        raise TspipeError(
-            f"recompute must be one of {list(RECOMPUTE)}, got {value!r}; hint: 'except_last' saves the "
-            "activations of all but the last micro-batch at the cost of one more forward each"
-        )
-    return str(value)
-
-
-def recomputes(policy: str, micro: int, micro_batches: int) -> bool:
-    """Whether micro-batch ``micro`` of a batch is recomputed under ``policy``."""
-    return policy == "always" or (policy == "except_last" and micro != micro_batches - 1)
 
 
 @contextlib.contextmanager

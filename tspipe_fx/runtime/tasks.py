@@ -126,7 +126,8 @@ class StageTasks(Channels):
         # fp16: the loss scale, one for every stage; a batch's inf decision, taken at its steps
         self.loss_scale = LossScale() if options.precision == "fp16" else None
         self.found_inf: dict[int, bool] = {}
-        self.recompute = options.recompute
+        policy = options.recompute or "never"  # per stage
+        self.recompute = (policy,) * self.n_stages if isinstance(policy, str) else tuple(policy)
         self.compile_mode = checked_compile(options.compile_stages)
         # A compiled stage is one autograd node: nothing to split (its sw tasks have no work).
         self.split_backward = self.split_backward and self.compile_mode is None
@@ -157,8 +158,12 @@ class StageTasks(Channels):
             compile_stages(self.devices, self.draws, self.compile_mode)
 
     def run_task(self, d: DeviceState, task: Task, data: dict[int, Fed], board: Board) -> None:
-        """Run one task of device ``d``'s list; autocast is the task's own, not the caller's."""
-        with torch.autocast(device_type=d.device.type, enabled=False):
+        """Run one task of device ``d``'s list; autocast is the task's own, not the caller's. A
+        profiler's trace names the task (``stage 0 sf3.0.1``)."""
+        with (
+            torch.profiler.record_function(f"stage {d.index} {task}"),
+            torch.autocast(device_type=d.device.type, enabled=False),
+        ):
             getattr(self, f"_{task.kind}")(d, task, data, board)
 
     def _inputs(
@@ -204,7 +209,7 @@ class StageTasks(Channels):
     def _sf(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         received = self._inputs(d, self.student.io, d.s_io, t, data, board)
         leaves, out = self._student_forward(d, t, received, keep=False)
-        if recomputes(self.recompute, t.micro, self.micro_batches):  # its backward runs it again
+        if recomputes(self.recompute[d.index], t.micro, self.micro_batches):  # its backward runs it again
             d.replays[(t.batch, t.view, t.micro)] = received if d.index > 0 else None
         d.saved[(t.batch, t.view, t.micro)] = (leaves, out)
         if d.index == self.n_stages - 1:
@@ -235,7 +240,7 @@ class StageTasks(Channels):
                 with torch.enable_grad():  # needs the value the first run saw
                     x = x.clone()
             values[name] = x
-        replayed = recomputes(self.recompute, t.micro, self.micro_batches)
+        replayed = recomputes(self.recompute[d.index], t.micro, self.micro_batches)
         with (
             torch.enable_grad(),
             self.draws[0].seeded(self.seed, d.index, t.batch, t.view, t.micro),

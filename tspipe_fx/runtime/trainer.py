@@ -88,7 +88,15 @@ class Trainer:
                 f"device under torchrun), got {runtime!r}"
             )
         opts = TrainOptions.of(optimizer, options, where="trainer()")
-        opts = dataclasses.replace(opts, precision=opts.precision or plan.precision)  # what the costs priced
+        # What the costs priced: the plan's precision and recompute, unless told otherwise.
+        recompute = opts.recompute if opts.recompute is not None else plan.recompute or "never"
+        per_stage = (recompute,) * plan.n_stages if isinstance(recompute, str) else tuple(recompute)
+        if len(per_stage) != plan.n_stages:
+            raise TspipeError(
+                f"recompute names {len(per_stage)} policies for {plan.n_stages} stages: {list(per_stage)}; "
+                "hint: one policy for every stage ('except_last'), or one per stage"
+            )
+        opts = dataclasses.replace(opts, precision=opts.precision or plan.precision, recompute=per_stage)
         self.plan = dataclasses.replace(
             plan,
             schedule=schedule if schedule is not None else plan.schedule,
@@ -99,6 +107,7 @@ class Trainer:
             teacher_parts=opts.teacher_parts
             or (plan.teacher_parts if (schedule or plan.schedule) == "auto" else 1),
             precision=opts.precision or plan.precision,
+            recompute=per_stage,
         )
         self.student, self.teacher = student, teacher
         self.n = self.plan.n_stages

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -56,6 +57,32 @@ def test_profile_records_every_node_and_fidelity(resnet_profile: Profile) -> Non
     assert p.sizes == {"B": 2}
     assert p.torch_version == torch.__version__
     assert p.inputs[0].shape == (2, 3, 32, 32) and p.inputs[0].dtype == "float32"
+
+
+def test_profile_counts_operations_and_the_launch_cost(resnet_profile: Profile) -> None:
+    """Issue 15.6: each node's ATen operations (a GPU's kernel launches) forward and backward, and
+    the device's host cost per operation, measured once."""
+    by_name = {n.name: n.info for n in resnet_profile.nodes}
+    assert by_name["conv1"].fwd_ops == 1 and by_name["conv1"].bwd_ops >= 1  # convolution(_backward)
+    assert by_name["act1"].fwd_ops == 1
+    assert by_name["x"].fwd_ops == by_name["x"].bwd_ops == 0  # the input launches nothing
+    assert 0 < resnet_profile.launch_us < 1e4
+    from tspipe_fx.passes.measure import OpCount
+
+    with OpCount() as count:  # views are metadata: no kernel
+        torch.randn(4, 4).view(16).unsqueeze(0).add(1)
+    assert count.count == 2  # randn and add
+
+
+def test_a_node_costs_at_least_its_launches(resnet_profile: Profile) -> None:
+    from tspipe_fx.cost.builtin import MeasuredCost
+
+    gm = capture(BY_NAME["timm_resnet18"].build(), BY_NAME["timm_resnet18"].inputs(2)).graph_module
+    device_only = MeasuredCost(dataclasses.replace(resnet_profile, launch_us=0.0)).graph_costs(gm)
+    host_bound = MeasuredCost(dataclasses.replace(resnet_profile, launch_us=1e4)).graph_costs(gm)  # 10 ms each
+    for node, a, b, rec in zip(gm.graph.nodes, device_only, host_bound, resnet_profile.nodes, strict=True):
+        assert b.fwd_ms == pytest.approx(max(a.fwd_ms, rec.info.fwd_ops * 10.0)), node.name
+        assert b.bwd_ms == pytest.approx(max(a.bwd_ms, rec.info.bwd_ops * 10.0)), node.name
 
 
 def test_profile_round_trips_through_json(resnet_profile: Profile, tmp_path: Path) -> None:

@@ -55,6 +55,11 @@ class _Scaling:
 class MeasuredCost(CostModel):
     """Measured times from a :class:`Profile` (scaled by the symbolic FLOPs at another batch size).
 
+    A node costs at least its operations' launches (``fwd_ops``, ``bwd_ops`` times the profile's
+    ``launch_us``, :mod:`tspipe_fx.cost.launch`): a profile times the device's work alone, and a
+    node of small kernels waits for the host that launches them. Per node, the host is taken to
+    run at most one node ahead (an upper bound on a stage of mixed nodes).
+
     With ``calibrate=True`` the node times are scaled so that they add up to the whole model's
     measured forward and backward: each node keeps its share, the model its true total. The
     isolated node timings miss what a whole run adds or saves (cache reuse, accumulating weight
@@ -100,9 +105,10 @@ class MeasuredCost(CostModel):
         i = self.by_node[node]
         r = self.scaling.node(i)
         mem = self.scaling.ratio(i.output_bytes_expr) or 1.0
+        launch_ms = self.profile.launch_us / 1e3  # the host's launches floor a node's time
         return NodeCost(
-            (i.fwd_ms or 0.0) * r * self.fwd_scale,
-            (i.bwd_ms or 0.0) * r * self.bwd_scale,
+            max((i.fwd_ms or 0.0) * r * self.fwd_scale, i.fwd_ops * launch_ms),
+            max((i.bwd_ms or 0.0) * r * self.bwd_scale, i.bwd_ops * launch_ms),
             round(i.saved_bytes * mem),
         )
 

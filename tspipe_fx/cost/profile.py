@@ -69,6 +69,7 @@ class Profile:
     model_fwd_ms: float  # whole captured model, grad enabled, median
     model_fwd_bwd_ms: float  # whole model forward + backward, median
     nodes: tuple[NodeProfile, ...]
+    launch_us: float = 0.0  # the host's cost per operation on this device (0: not measured)
 
     # --- derived figures -------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from tspipe_fx.cost.launch import launch_us
 from tspipe_fx.cost.profile import NodeProfile, Profile, input_specs
 from tspipe_fx.errors import ProfileError
 from tspipe_fx.passes import annotate_measured, annotate_structure, annotate_symbolic
@@ -104,6 +105,7 @@ def profile(
         model_fwd_ms=fwd_ms,
         model_fwd_bwd_ms=fwd_bwd_ms,
         nodes=tuple(NodeProfile(n.name, n.op, target_name(n.target), info(n)) for n in gm.graph.nodes),
+        launch_us=launch_us(dev),
     )
 
 

@@ -8,7 +8,8 @@ input and parameter gradients. Warm-up runs first, then the median of ``repeats`
 CUDA events on a GPU, ``perf_counter`` elsewhere; one more forward counts the saved bytes.
 
 Also recorded: whether the node lies on the gradient path, the FLOPs of its backward
-(``FlopCounterMode``) and the activation bytes autograd saves for its backward (saved-tensor
+(``FlopCounterMode``), the ATen operations of its forward and backward (:class:`OpCount`: on a
+GPU, kernel launches) and the activation bytes autograd saves for its backward (saved-tensor
 hooks; each storage once over the graph, at the first node that saves it; parameters excluded:
 they are counted as parameters).
 
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
@@ -32,7 +34,27 @@ from tspipe_fx.passes.meta import update
 from tspipe_fx.passes.mutation import may_mutate
 from tspipe_fx.passes.timer import Timer
 
-__all__ = ["annotate_measured"]
+__all__ = ["OpCount", "annotate_measured"]
+
+
+class OpCount(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Counts the ATen operations dispatched within it (on a GPU, each launches kernels)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func not in VIEWS:  # metadata only: no kernel
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+VIEWS = {torch.ops.aten.view.default, torch.ops.aten.t.default, torch.ops.aten.detach.default,
+         torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.expand.default,
+         torch.ops.aten._unsafe_view.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim,
+         torch.ops.aten.select.int, torch.ops.aten.slice.Tensor, torch.ops.aten.as_strided.default,
+         torch.ops.aten.alias.default}  # fmt: skip
 
 
 class _Measure(fx.Interpreter):
@@ -118,12 +140,12 @@ class _Measure(fx.Interpreter):
             return t
 
         setup()
-        with saved_tensors_hooks(pack, lambda t: t):
+        with saved_tensors_hooks(pack, lambda t: t), OpCount() as fwd_ops:
             forward()
         rest = max(self.warmup - 1, 0)
         out = box["out"]
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-        bwd_ms, bwd_flops = 0.0, 0
+        bwd_ms, bwd_flops, bwd_ops = 0.0, 0, OpCount()
         if outs:
             self.grad_path.add(n)
             wrt = list(box["in"][2])
@@ -135,7 +157,7 @@ class _Measure(fx.Interpreter):
                 def backward() -> None:
                     torch.autograd.grad(outs, wrt, grads, retain_graph=True, allow_unused=True)
 
-                with FlopCounterMode(display=False) as counter:  # the first warm-up run
+                with FlopCounterMode(display=False) as counter, bwd_ops:  # the first warm-up run
                     backward()
                 bwd_flops = counter.get_total_flops()
                 bwd_ms = self.timer.median_ms(backward, repeats=self.repeats, warmup=rest)
@@ -146,6 +168,8 @@ class _Measure(fx.Interpreter):
             bwd_ms=bwd_ms,
             bwd_flops=bwd_flops,
             saved_bytes=saved if outs else 0,
+            fwd_ops=fwd_ops.count,
+            bwd_ops=bwd_ops.count,
         )
         if mutates:  # the real mutation, on the real values, as the model would do it
             real = self._call(n, *fx.node.map_arg((n.args, n.kwargs), lambda p: self.env[p]))

@@ -16,6 +16,8 @@ Fields and the pass that writes them (all in :mod:`tspipe_fx.passes`):
 ``on_grad_path``       measure: the node's output requires grad in training
 ``bwd_flops``          measure: FLOPs of the node's backward (FlopCounterMode)
 ``saved_bytes``        measure: activation bytes autograd keeps for backward (no parameters)
+``fwd_ops``, ``bwd_ops`` measure: ATen operations one forward / backward of the node dispatches
+                       (a GPU's kernel launches, each paying the host's launch cost)
 ``fwd_ms``             measure: median forward time, grad enabled
 ``bwd_ms``             measure: median backward time (0 off the gradient path)
 =====================  ==============================================================
@@ -52,6 +54,8 @@ class NodeInfo:
     saved_bytes: int = 0
     fwd_ms: float | None = None
     bwd_ms: float | None = None
+    fwd_ops: int = 0
+    bwd_ops: int = 0
 
 
 def info(node: fx.Node) -> NodeInfo:

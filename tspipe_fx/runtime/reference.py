@@ -18,8 +18,9 @@ Per batch ``b``::
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -89,6 +90,7 @@ class ReferenceTrainer:
         self.teacher_precision = Precision(opts.teacher_precision or self.precision.name)
         self.device = next((p.device for p in student.parameters()), torch.device("cpu"))
         self.scaler = torch.amp.GradScaler(self.device.type) if opts.precision == "fp16" else None
+        self.drawing: dict[int, bool] = {}  # per model: whether its first forward drew (else no seeding)
         built = build_optimizer(opts.optimizer, dict(student.named_parameters()), parameter_names(student))
         if built is None:
             raise TspipeError("the optimizer holds none of the student's parameters")
@@ -127,6 +129,17 @@ class ReferenceTrainer:
         for n, t in self._ema_tensors(self.teacher):
             t.copy_(state[n])
 
+    @contextlib.contextmanager
+    def _seeded(self, model: int, view: int, micro: int) -> Iterator[None]:
+        """A forward's draws seeded by its identity; once a model's first forward drew nothing, its
+        forwards run untouched (the pipeline's stages count their draws once too)."""
+        if self.drawing.get(model) is False:
+            yield
+            return
+        with SeededDraws(self.seed, model, self.steps, view, micro) as mode:
+            yield
+        self.drawing.setdefault(model, mode.next > 0)
+
     def step(
         self,
         *inputs: Any,
@@ -160,13 +173,13 @@ class ReferenceTrainer:
             a, kw = tree_map(_copy, fed.inputs(True, v, m))
             with (
                 torch.no_grad(),
-                SeededDraws(self.seed, 1, self.steps, v, m),
+                self._seeded(1, v, m),
                 self.teacher_precision.autocast(self.device),
             ):
                 t_parts[(v, m)] = self.teacher(*a, **kw)
         for v, m in order(self.micro_batches):
             a, kw = tree_map(_copy, fed.inputs(False, v, m))
-            with SeededDraws(self.seed, 0, self.steps, v, m), self.precision.autocast(self.device):
+            with self._seeded(0, v, m), self.precision.autocast(self.device):
                 s_parts[(v, m)] = self.student(*a, **kw)
         teacher_out = [
             join_micro([t_parts[(v, m)] for m in range(self.micro_batches * k)]) for v in range(len(views))

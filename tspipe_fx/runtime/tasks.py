@@ -208,8 +208,9 @@ class StageTasks(Channels):
 
     def _sf(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
         received = self._inputs(d, self.student.io, d.s_io, t, data, board)
-        leaves, out = self._student_forward(d, t, received, keep=False)
-        if recomputes(self.recompute[d.index], t.micro, self.micro_batches):  # its backward runs it again
+        replayed = recomputes(self.recompute[d.index], t.micro, self.micro_batches)
+        leaves, out = self._student_forward(d, t, received, saves=not replayed)
+        if replayed:  # its backward runs it again
             d.replays[(t.batch, t.view, t.micro)] = received if d.index > 0 else None
         d.saved[(t.batch, t.view, t.micro)] = (leaves, out)
         if d.index == self.n_stages - 1:
@@ -224,12 +225,13 @@ class StageTasks(Channels):
         self.send(d, board, ("sf", d.index, t.batch, t.view, t.micro), sent)
 
     def _student_forward(
-        self, d: DeviceState, t: Task, received: dict[str, Any], *, keep: bool
+        self, d: DeviceState, t: Task, received: dict[str, Any], *, saves: bool = True, replay: bool = False
     ) -> tuple[dict[str, torch.Tensor], tuple[Any, ...]]:
         """Stage ``d``'s student forward of ``received`` (stage 0: the values; later stages: (value,
-        whether it requires grad)): the leaves whose gradients go back, and the outputs. A forward
-        to be recomputed keeps no activation; ``keep``: the replay, whose activations the backward
-        uses (BatchNorm statistics move in the first run only; the draws repeat: seeded)."""
+        whether it requires grad)): the leaves whose gradients go back, and the outputs. Without
+        ``saves`` (a forward to be recomputed) it keeps no activation; ``replay``: the recompute,
+        whose activations the backward uses (BatchNorm statistics move in the first run only; the
+        draws repeat: seeded)."""
         leaves: dict[str, torch.Tensor] = {}
         values: dict[str, Any] = {}
         for name, item in received.items():
@@ -240,16 +242,12 @@ class StageTasks(Channels):
                 with torch.enable_grad():  # needs the value the first run saw
                     x = x.clone()
             values[name] = x
-        replayed = recomputes(self.recompute[d.index], t.micro, self.micro_batches)
         with (
             torch.enable_grad(),
             self.draws[0].seeded(self.seed, d.index, t.batch, t.view, t.micro),
             self.precision.autocast(d.device),
-            frozen_buffers(d.student)
-            if keep
-            else dropped_activations()
-            if replayed
-            else contextlib.nullcontext(),
+            frozen_buffers(d.student) if replay else contextlib.nullcontext(),
+            contextlib.nullcontext() if saves else dropped_activations(),
         ):
             out = call_stage(d.student, [values[n] for n in d.s_io.inputs], f"student stage {d.index}")
         return leaves, out
@@ -307,7 +305,7 @@ class StageTasks(Channels):
             received = d.replays.pop((t.batch, t.view, t.micro))
             if received is None:  # the first stage reads its micro-batch again
                 received = self._inputs(d, self.student.io, d.s_io, t, data, board)
-            leaves, out = self._student_forward(d, t, received, keep=True)
+            leaves, out = self._student_forward(d, t, received, replay=True)
         if d.index == self.n_stages - 1:
             grads = [board.take(("grad", t.batch, t.view, t.micro, i)) for i in range(len(out))]
         else:

@@ -272,7 +272,7 @@ def memory(device: torch.device, smoke: bool, results: dict[str, Any]) -> None:
     for name, options in (("fp32", {}), ("recompute", {"recompute": "always"}), ("bf16", {"precision": "bf16"})):
         pipe = tspipe_fx.compile(student, teacher, 1, example_inputs=(x[: batch // 4],), batch_size=batch,
                                  micro_batches=4, devices=[device], optimizer_factor=1.0,
-                                 cost_model="uniform" if smoke else None, **options)  # fmt: skip
+                                 cost_model="roofline" if smoke else None, **options)  # fmt: skip
         row = rows[name] = {"predicted_mib": pipe.plan.memory[0].total / 2**20}
         if cuda:
             torch.cuda.synchronize()

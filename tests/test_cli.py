@@ -127,6 +127,23 @@ def test_plan_momentum_copies_the_student_and_roofline_specs(capsys: pytest.Capt
     assert "(teacher, fx), mode momentum, 2 stages, batch 256 in 2 micro-batches, 2 views, cost model roofline" in out
 
 
+def test_plan_within_a_memory_limit_with_recompute(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    args = ["plan", "test_cli:tiny_net", "test_cli:tiny_net", "--model-arg", "width=64", "--image-size", "64",
+            "--gpus", "2", "--batch", "64", "--cost-model", "roofline"]  # fmt: skip
+    rc, out, _ = run(capsys, *args, "--json", str(tmp_path / "free.json"))
+    assert rc == 0 and "predicted memory per device" in out, out
+    peak = max(Plan.load(tmp_path / "free.json").memory_bytes)
+    limit = f"{peak * 0.75 / 2**30:.6f}"
+    rc, _, err = run(capsys, *args, "--memory-gib", limit)
+    assert rc == 1 and "(predicted peak, recompute 'never')" in err and "hint: recompute='auto'" in err, err
+    rc, out, _ = run(capsys, *args, "--memory-gib", limit, "--recompute", "auto", "--json", str(tmp_path / "p.json"))
+    assert rc == 0, out
+    plan = Plan.load(tmp_path / "p.json")
+    assert plan.recompute and max(plan.memory_bytes) <= peak * 0.75
+    rc, _, err = run(capsys, *args, "--memory-gib", "0")
+    assert rc == 1 and "--memory-gib must be a number of GiB > 0, got 0.0" in err
+
+
 def test_hf_pair_with_per_model_config(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(
         capsys, "plan", "hf:DistilBertConfig:DistilBertForMaskedLM", "hf:BertConfig:BertForMaskedLM",

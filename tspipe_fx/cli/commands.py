@@ -134,6 +134,10 @@ def _plan(args: argparse.Namespace) -> None:
         options["device_specs"] = [s.with_link(args.link) for s in resolved] if args.link else resolved
     elif args.link:
         options["device_specs"] = [device_spec("cpu").with_link(args.link)] * args.gpus
+    if args.memory_gib is not None:
+        if not args.memory_gib > 0:
+            raise TspipeError(f"--memory-gib must be a number of GiB > 0, got {args.memory_gib}")
+        options["memory_limit"] = int(args.memory_gib * 2**30)
     if args.profiles is not None:
         options["profile"] = tuple(_load_profile(p) for p in args.profiles)
     else:
@@ -141,7 +145,8 @@ def _plan(args: argparse.Namespace) -> None:
     pipe = tspipe_fx.compile(
         student.module, teacher_module, args.gpus, example_inputs=student.args, example_kwargs=student.kwargs or None,
         mode=args.mode, batch_size=args.batch, micro_batches=args.micro_batches, schedule=args.schedule,
-        loss=args.loss, teacher_parts=args.teacher_parts, precision=args.precision, **options,
+        loss=args.loss, teacher_parts=args.teacher_parts, precision=args.precision, recompute=args.recompute,
+        **options,
     )  # fmt: skip
     print(pipe.report())
     if args.json is not None:

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --schedule auto: teacher micro-batches per student micro-batch (default 1)")  # fmt: skip
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="the compute dtype: activations and stage boundaries priced in it (default fp32)")  # fmt: skip
+    p.add_argument("--recompute", choices=["never", "always", "except_last", "auto"], default="never",
+                   help="activation recompute; auto: per device, the least that fits its memory (default never)")  # fmt: skip
+    p.add_argument("--memory-gib", type=float, default=None, metavar="GIB",
+                   help="memory per device in GiB (default: the device specs'; unlimited on CPU)")  # fmt: skip
     p.add_argument("--cost-model", default="measured",
                    choices=["measured", "calibrated", "roofline", "params", "uniform"],
                    help="measured/calibrated profile here on the CPU; roofline models --device-spec (default measured)")  # fmt: skip

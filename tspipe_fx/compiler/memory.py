@@ -150,9 +150,10 @@ def _fit(
             f"recompute {policies[j]!r})"
             for j in over
         )
-        + f"; the leanest partition found needs {fmt_bytes(least)} per device; hint: recompute='auto' (or "
-        "'always'), more devices, fewer micro-batches in flight, precision='bf16', or a memory_limit of at "
-        "least that"
+        + f"; the leanest partition found needs {fmt_bytes(least)} per device; hint: "
+        + ("" if escalate or recompute == "always" else "recompute='auto', ")
+        + "more micro-batches (smaller ones hold less), more devices, precision='bf16', or a memory_limit of "
+        "at least that"
     )
 
 

@@ -115,8 +115,8 @@ def _fit(
     # The prediction is the authority: the solver starts without limits and gets its own (additive
     # model's) limits from what the prediction says of the partitions it proposes.
     unlimited = tuple(dataclasses.replace(d, memory_bytes=math.inf) for d in partitioner.devices)
-    devices, over = unlimited, list(range(n))
-    memory: tuple[StageMemory, ...] = ()
+    devices = unlimited
+    closest: tuple[float, tuple[StageMemory, ...], list[str]] | None = None  # for the error
     for _ in range(ROUNDS):
         solver = dataclasses.replace(_with_recompute(partitioner, policies), devices=devices)
         try:
@@ -129,6 +129,9 @@ def _fit(
         over = [j for j in range(n) if memory[j].total > limits[j] * (1 + 1e-9)]
         if not over:
             return Fitted(solver, part, memory, tuple(policies))
+        excess = max(m.total / lim for m, lim in zip(memory, limits, strict=True))
+        if closest is None or excess < closest[0]:
+            closest = (excess, memory, list(policies))
         if escalate and any(policies[j] != "always" for j in over):
             for j in over:
                 policies[j] = STEP_UP[policies[j]]
@@ -136,19 +139,26 @@ def _fit(
             continue
         if partitioner.fixed is not None:
             break
-        # each device's limit less what the solver's model leaves out on this partition
-        tight = [lim - (m.total - a) for lim, m, a in zip(limits, memory, part.memory_bytes, strict=True)]
+        # each device's limit less what the solver's model leaves out on this partition (never
+        # looser than the last round's: the solver must move on)
+        tight = [
+            min(d.memory_bytes, lim - (m.total - a))
+            for d, lim, m, a in zip(devices, limits, memory, part.memory_bytes, strict=True)
+        ]
         if min(tight) <= 0:
             break
         devices = tuple(dataclasses.replace(d, memory_bytes=t) for d, t in zip(devices, tight, strict=True))
+    assert closest is not None
+    _, memory, policies = closest
     worst = policies if not escalate else ["always"] * n
     least = _least(partitioner, costs, schedule_of, worst, weight_copies)
     raise PartitionError(
-        "no partition found within the devices' memory: "
+        "no partition found within the devices' memory; the closest: "
         + "; ".join(
-            f"device {j} would need {fmt_bytes(memory[j].total)} of its {fmt_bytes(limits[j])} (predicted peak, "
+            f"device {j} would need {fmt_bytes(m.total)} of its {fmt_bytes(lim)} (predicted peak, "
             f"recompute {policies[j]!r})"
-            for j in over
+            for j, (m, lim) in enumerate(zip(memory, limits, strict=True))
+            if m.total > lim * (1 + 1e-9)
         )
         + f"; the leanest partition found needs {fmt_bytes(least)} per device; hint: "
         + ("" if escalate or recompute == "always" else "recompute='auto', ")

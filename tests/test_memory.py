@@ -199,3 +199,20 @@ def test_the_trainer_runs_the_plans_recompute() -> None:
     assert told.runtime.recompute == ("never", "never")
     with pytest.raises(TspipeError, match="recompute names 3 policies for 2 stages"):
         pipe.trainer(kd_loss, optimizer=sgd, recompute=("never",) * 3)
+
+
+def test_a_saved_plan_rebuilds_with_its_settings(tmp_path: Any) -> None:
+    limit = int(max(m.total for m in _compile().plan.memory) * 0.7)
+    saved = _compile(memory_limit=limit, recompute="auto", precision="bf16", loss="micro").plan
+    saved.save(tmp_path / "plan.json")
+    torch.manual_seed(0)
+    student, teacher = Convs(), Convs(2).eval()
+    again = tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(8, 3, 32, 32),),
+                              cost_model="roofline", plan=Plan.load(tmp_path / "plan.json")).plan  # fmt: skip
+    assert (again.recompute, again.precision, again.loss) == (saved.recompute, "bf16", "micro")
+    assert (again.micro_batches, again.batch_size) == (4, 32) and again.student.cuts == saved.student.cuts
+    told = tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(8, 3, 32, 32),), cost_model="roofline",
+                             plan=saved, precision="fp32", recompute="never").plan  # fmt: skip
+    assert (told.precision, told.recompute) == ("fp32", ())
+    with pytest.raises(TspipeError, match="plan must be a tspipe_fx Plan"):
+        tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(8, 3, 32, 32),), plan="plan.json")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tspipe_fx.compiler.assemble import model_plan
-from tspipe_fx.compiler.checks import Mode, check_args, check_options
+from tspipe_fx.compiler.checks import Mode, check_args, check_options, from_plan
 from tspipe_fx.compiler.costs import cost_models
 from tspipe_fx.compiler.cuts import check_momentum_names, cut_space
 from tspipe_fx.compiler.hardware import hardware, resolve_devices, spec_for
@@ -79,11 +79,11 @@ def compile(
     refine: int = 0,
     schedule: str | None = "tspipe",
     views: int | None = None,
-    staleness: int = 1,
-    loss: str = "batch",
-    teacher_parts: int = 1,
-    precision: str = "fp32",
-    recompute: str = "never",
+    staleness: int | None = None,
+    loss: str | None = None,
+    teacher_parts: int | None = None,
+    precision: str | None = None,
+    recompute: str | None = None,
 ) -> Pipeline:
     """Cut ``student`` and ``teacher`` into ``n_gpus`` balanced stage pairs.
 
@@ -115,7 +115,9 @@ def compile(
             name (``["layer3"]``); a ``(student, teacher)`` pair in KD mode.
         optimizer_factor: optimizer state per parameter byte (Adam 2, SGD with momentum 1).
         max_candidates: candidate cuts per model (the partitioner's granularity).
-        plan: a saved :class:`Plan` to rebuild instead of partitioning.
+        plan: a saved :class:`Plan` to rebuild instead of partitioning: its cuts and, unless given
+            here, its micro-batches, batch size, views, staleness, loss, teacher parts (with
+            ``schedule="auto"``), precision and recompute policies (the schedule is ``schedule``'s).
         refine: rounds of checking the plan against its stages run whole on the first device
             (:func:`tspipe_fx.cost.stage_times.time_stages`): each round times the chosen stages,
             scales each stage's node costs to its measured times and partitions again, until the
@@ -156,6 +158,23 @@ def compile(
         >>> pipe = tspipe_fx.compile(resnet18, vit_b16, 4, example_inputs=(x,))
         >>> print(pipe.report())
     """
+    if plan is not None and not isinstance(plan, Plan):
+        raise TspipeError(f"plan must be a tspipe_fx Plan (Plan.load(path)), got {type(plan).__name__}")
+    if teacher_parts is None and schedule != "auto":  # (finer teacher tasks are auto's alone)
+        teacher_parts = 1
+    # As given, else the saved plan's, else the default.
+    settings = from_plan(
+        plan,
+        views=views,
+        staleness=staleness,
+        loss=loss,
+        teacher_parts=teacher_parts,
+        precision=precision,
+        recompute=recompute,
+        micro_batches=micro_batches,
+        batch_size=batch_size,
+    )
+    views, staleness, loss, teacher_parts, precision, recompute, micro_batches, batch_size = settings.values()
     n, mode = check_args(student, teacher, n_gpus, mode, micro_batches, max_candidates)
     check_options(schedule, refine, batch_size, views, staleness, loss)
     if isinstance(teacher_parts, bool) or not isinstance(teacher_parts, int) or teacher_parts < 1:
@@ -167,7 +186,8 @@ def compile(
         raise TspipeError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     scale = compute_bytes(precision) / 4  # the graphs' activations are fp32
     weight_copies = 0.0 if precision == "fp32" else scale  # autocast's weight casts, saved per forward
-    checked_recompute(recompute, auto=True)
+    for policy in (recompute,) if isinstance(recompute, str) else recompute:
+        checked_recompute(policy, auto=True)
     views = views if views is not None else (2 if mode == "momentum" else 1)
     run_on = resolve_devices(devices, n)
     s_example = _example(example_inputs, example_kwargs)

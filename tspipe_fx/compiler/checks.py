@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
@@ -10,7 +10,10 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.schedule.task import LOSSES
 from tspipe_fx.tracing import CapturedModel
 
-__all__ = ["Mode", "check_args", "check_options", "check_separate"]
+if TYPE_CHECKING:
+    from tspipe_fx.plan import Plan
+
+__all__ = ["Mode", "check_args", "check_options", "check_separate", "from_plan"]
 
 Mode = Literal["kd", "momentum"]
 
@@ -77,3 +80,28 @@ def check_options(schedule: Any, refine: Any, batch_size: Any, views: Any, stale
         raise TspipeError(f"views must be 1 or 2 (inputs per sample), got {views!r}")
     if staleness not in (0, 1):
         raise TspipeError(f"staleness must be 0 (synchronous) or 1 (TSPipe), got {staleness!r}")
+
+
+DEFAULTS = {"views": None, "staleness": 1, "loss": "batch", "teacher_parts": 1, "precision": "fp32",
+            "recompute": "never", "micro_batches": None, "batch_size": None}  # fmt: skip
+
+
+def from_plan(plan: Plan | None, **given: Any) -> dict[str, Any]:
+    """compile's settings: each as given, else the saved plan's (compile(..., plan=p) rebuilds what
+    was planned: its micro-batches, batch, views, staleness, loss, teacher parts, precision and
+    recompute policies), else the default; in the order given."""
+    recorded = (
+        {
+            "views": plan.views,
+            "staleness": plan.staleness,
+            "loss": plan.loss,
+            "teacher_parts": plan.teacher_parts,
+            "precision": plan.precision,
+            "recompute": plan.recompute or "never",
+            "micro_batches": plan.micro_batches,
+            "batch_size": plan.batch_size,
+        }
+        if plan is not None
+        else DEFAULTS
+    )
+    return {k: v if v is not None else recorded[k] for k, v in given.items()}

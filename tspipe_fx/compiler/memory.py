@@ -71,7 +71,7 @@ def fit_memory(
     costs: tuple[Sequence[Any], Sequence[Any]],
     schedule_of: ScheduleOf,
     *,
-    recompute: str,
+    recompute: str | Sequence[str],
     weight_copies: float,
 ) -> Fitted:
     """The best partition whose predicted peaks fit the devices' memory (see the module).
@@ -105,13 +105,13 @@ def _fit(
     partitioner: Partitioner,
     costs: tuple[Sequence[Any], Sequence[Any]],
     schedule_of: ScheduleOf,
-    recompute: str,
+    recompute: str | Sequence[str],
     escalate: bool,
     weight_copies: float,
 ) -> Fitted:
     n = len(partitioner.devices)
     limits = [d.memory_bytes for d in partitioner.devices]
-    policies = [recompute] * n
+    policies = [recompute] * n if isinstance(recompute, str) else list(recompute)
     # The prediction is the authority: the solver starts without limits and gets its own (additive
     # model's) limits from what the prediction says of the partitions it proposes.
     unlimited = tuple(dataclasses.replace(d, memory_bytes=math.inf) for d in partitioner.devices)

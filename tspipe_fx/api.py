@@ -287,6 +287,13 @@ def compile(
     memory = predicted(
         partitioner, (s_costs, t_costs), part, trained_under(m), chosen.recompute, weight_copies
     )
+    over = [
+        j for j, (x, d) in enumerate(zip(memory, hw, strict=True)) if x.total > d.memory_bytes * (1 + 1e-9)
+    ]
+    if over:  # (only refine's re-timed costs can move the cuts past the fitted limits)
+        raise TspipeError(
+            f"refine moved the cuts past the memory of devices {over}; hint: refine=0, or more memory"
+        )
 
     s_stages = split(s_gc, part.student_cuts, name=f"{s_cap.model_name}Stage")
     t_stages = split(t_gc, part.teacher_cuts, name=f"{t_cap.model_name}Stage")

@@ -45,7 +45,7 @@ class Fitted:
 
     partitioner: Partitioner  # with the recompute shares (and tightened limits) it was solved under
     part: Partition
-    memory: tuple[StageMemory, ...]
+    memory: tuple[StageMemory, ...]  # (empty where the devices' memory is unlimited: nothing was fitted)
     recompute: tuple[str, ...]
 
 
@@ -82,6 +82,13 @@ def fit_memory(
         PartitionError: no partition found within memory; the message names the devices over
             their limits, by how much, and what would help.
     """
+    if all(math.isinf(d.memory_bytes) for d in partitioner.devices):  # nothing to fit: no prediction here
+        n = len(partitioner.devices)
+        policies = (
+            ["never" if recompute == "auto" else recompute] * n if isinstance(recompute, str) else recompute
+        )
+        solver = _with_recompute(partitioner, policies)
+        return Fitted(solver, solver.best(*costs), (), tuple(policies))
     if recompute != "auto":
         return _fit(partitioner, costs, schedule_of, recompute, False, weight_copies)
     routes, error = [], None

@@ -142,6 +142,8 @@ def main() -> None:
     parser.add_argument("--result", type=Path)
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
+    if args.steps < 3:  # the second window is the first with the optimizer's state: steady state
+        parser.error(f"--steps must be at least 3 (the pipeline runs a batch behind), got {args.steps}")
     if args.worker:
         worker(args)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -83,7 +84,7 @@ def _assert_optimal(problem: Problem) -> None:
     """solve() finds brute force's optimum, or fails exactly when nothing fits."""
     best = brute_force(problem)
     if best is None:
-        with pytest.raises(PartitionError, match="smallest memory per device that would work is"):
+        with pytest.raises(PartitionError, match=r"smallest memory per device that would work is|student_cap_ms"):
             solve(problem)
         return
     part = solve(problem)
@@ -108,6 +109,36 @@ def test_kd_with_memory_limits_equals_brute_force(problem: Problem) -> None:
 @given(problems(teacher=False, memory=True))
 def test_student_only_equals_brute_force(problem: Problem) -> None:
     _assert_optimal(problem)
+
+
+@st.composite
+def capped(draw: st.DrawFn, mirror: bool = False) -> Problem:
+    """A problem whose devices may hold at most a drawn amount of student work each."""
+    problem = draw(mirrored() if mirror else problems(memory=draw(st.booleans())))
+    total = sum(problem.student.fwd_ms) + sum(problem.student.bwd_ms)
+    cap = draw(st.floats(min_value=0.0, max_value=max(total, 1.0)))
+    return dataclasses.replace(problem, student_cap_ms=cap)
+
+
+@settings(max_examples=300, deadline=None)
+@given(capped())
+def test_student_cap_equals_brute_force(problem: Problem) -> None:
+    """The cap on each device's student work (the student's synchronous cycle grows with its
+    largest stage) is honoured exactly, with and without memory limits."""
+    _assert_optimal(problem)
+
+
+@settings(max_examples=150, deadline=None)
+@given(capped(mirror=True))
+def test_student_cap_with_mirrored_cuts_equals_brute_force(problem: Problem) -> None:
+    _assert_optimal(problem)
+
+
+def test_an_impossible_student_cap_is_named() -> None:
+    chain = Chain.uniform([1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(PartitionError, match=r"student_cap_ms=1\.5 ms .*hint: a larger cap"):
+        solve(Problem(chain, None, (Device(), Device()), student_cap_ms=1.5))
+    assert solve(Problem(chain, None, (Device(), Device()), student_cap_ms=2.0)).student_cuts == (2,)
 
 
 @st.composite

@@ -6,7 +6,8 @@ student, teacher, example batch
   -> chains with candidate cuts      (tspipe_fx.passes.chain)
   -> per-node costs                  (a CostModel, for one micro-batch; by default measured)
   -> exact min-max partition         (tspipe_fx.partition)
-  -> polished for the schedule       (tspipe_fx.partition.polisher: shortest simulated period nearby)
+  -> chosen for the schedule         (tspipe_fx.partition.balance: student-capped partitions, the
+                                      shortest simulated period; a fixed schedule's polished nearby)
   [-> stages timed whole, costs rescaled, partitioned again  (tspipe_fx.compiler.refine; refine=N)]
   -> stage GraphModules              (tspipe_fx.passes.split)
   -> Plan + Pipeline                 (tspipe_fx.plan, tspipe_fx.pipeline)
@@ -123,12 +124,12 @@ def compile(
             scales each stage's node costs to its measured times and partitions again, until the
             cuts repeat; the partition whose measured loads are the most even is kept. With fixed
             cuts (``plan``, ``balance``) one round corrects the reported costs. 0: off.
-        schedule: the schedule the plan is for (``"tspipe"``, ``"gpipe"``, ``"1f1b"``, or
-            ``"auto"``: synthesized for the plan's costs, :mod:`tspipe_fx.schedule.synthesis`): from
-            the min-max optimum, the partitioner moves to neighbouring cuts while the simulated
-            period of that schedule (``auto``: of ``tspipe``) gets shorter
-            (:func:`tspipe_fx.partition.polisher.polish`). None: the min-max optimum as it is
-            (the plan records ``"tspipe"`` to train with).
+        schedule: the schedule the plan is for and trains with: ``"tspipe"`` (default),
+            ``"gpipe"``, ``"1f1b"`` or ``"auto"`` (synthesized for the plan's costs,
+            :mod:`tspipe_fx.schedule.synthesis`). The min-max partition and those with the student's stages capped
+            (:mod:`tspipe_fx.partition.balance`) are simulated under it and the fastest is kept; a
+            fixed schedule's is then polished (:func:`tspipe_fx.partition.polisher.polish`).
+            None: the min-max optimum as it is (the plan records ``"tspipe"`` to train with).
         views: inputs per sample the plan is for (default: 2 in momentum mode, as BYOL and MoCo v3
             train, else 1); the trainer's default.
         staleness: momentum: 1, the teacher one step late as in TSPipe, or 0 (synchronous).
@@ -222,7 +223,7 @@ def compile(
         [device_spec(s) for s in device_specs] if device_specs is not None else [spec_for(d) for d in run_on]
     )
     hw = hardware(run_on, specs, device_specs is not None, memory_limit)
-    polish_for = "tspipe" if schedule == "auto" else schedule  # (auto is made for the costs polished)
+    polish_for = "tspipe" if schedule == "auto" else schedule  # (auto: the skeleton it is synthesized on)
 
     def chains(k: int) -> tuple[dict[str, int], dict[str, int], GraphChain, GraphChain, Any]:
         micro, t_micro = {**sizes, "B": math.ceil(batch / k)}, {**t_sizes, "B": math.ceil(batch / k)}
@@ -248,6 +249,8 @@ def compile(
             fixed=fixed,
             pairs=pairs,
             schedule=tuned,
+            synthesize=schedule == "auto",
+            teacher_parts=teacher_parts,
             activation_scale=scale,
         )
         s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch

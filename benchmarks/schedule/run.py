@@ -3,6 +3,7 @@
     python benchmarks/schedule/run.py simulate [--pairs ...] [--gpus 2 4 8] [--profiles h100 --link nvlink4]
     python benchmarks/schedule/run.py balance [--profiles h100] [--links nvlink4 pcie4]
     python benchmarks/schedule/run.py auto [--pairs ...] [--gpus 8] [--device h100] [--link nvlink4]
+    python benchmarks/schedule/run.py plan_speed [--rounds 3]
     python benchmarks/schedule/run.py overhead [--repeats 15]
 
 ``simulate``: for each paper pair (CPU profiles of ``benchmarks/partition``, scaled to the
@@ -197,6 +198,48 @@ def overhead(args: argparse.Namespace) -> None:
                    headers=["step (ResNet-34 -> ResNet-18, batch 32, 64x64, 1 thread)", "median ms"], tablefmt="github"))  # fmt: skip
 
 
+def plan_speed(args: argparse.Namespace) -> None:
+    """Planning a synthetic 5,000-node pair into 8 stages with its synthesized schedule: the
+    min-max solve, the student-capped partitions ranked by the quick estimate, the best two
+    synthesized in full (what compile does for ``schedule="auto"``), costs and capture aside."""
+    import random
+
+    from tspipe_fx.partition import Chain, Device, Problem, solve
+    from tspipe_fx.partition.balance import fastest, schedule_period
+    from tspipe_fx.schedule.generators import make_schedule
+
+    def chain(rng: random.Random, n: int = 5000) -> Chain:
+        pos = sorted(rng.sample(range(1, n), 128))
+        return Chain(
+            tuple(rng.random() for _ in range(n)), tuple(2 * rng.random() for _ in range(n)),
+            tuple(rng.randint(0, 10**6) for _ in range(n)), tuple(rng.randint(0, 10**5) for _ in range(n)),
+            tuple((p, rng.randint(10**5, 10**7)) for p in pos),
+        )  # fmt: skip
+
+    rows, times = [], []
+    for seed in range(args.rounds):  # a new pair each round: nothing cached from the last
+        rng = random.Random(seed)
+        problem = Problem(chain(rng), chain(rng), tuple(Device(link_gbs=100.0, link_latency_ms=0.01) for _ in range(8)),
+                          micro_batches=8)  # fmt: skip
+        skeleton = make_schedule("tspipe", 8, 8, loss="micro", n_batches=4)
+        t0 = time.perf_counter()
+        start = solve(problem)
+        t1 = time.perf_counter()
+        part = fastest(problem, start, skeleton, synthesize=True)
+        took = time.perf_counter() - t0
+        times.append(took)
+        s, t = problem.student, problem.teacher
+        assert t is not None
+        bound = 8 * (sum(s.fwd_ms) + sum(s.bwd_ms) + sum(t.fwd_ms)) / 8  # M micro-batches over 8 devices
+        rows.append([seed, f"{t1 - t0:.2f}", f"{took:.2f}",
+                     f"{schedule_period(problem, start, skeleton, synthesize=True) / bound:.3f}x",
+                     f"{schedule_period(problem, part, skeleton, synthesize=True) / bound:.3f}x"])  # fmt: skip
+        print(rows[-1], flush=True)
+    print(tabulate(rows, headers=["pair (seed)", "min-max solve s", "plan with schedule s", "auto on min-max vs bound",
+                                  "auto on chosen vs bound"], tablefmt="github", disable_numparse=True))  # fmt: skip
+    print(f"median plan with schedule: {statistics.median(times):.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -217,10 +260,13 @@ def main() -> None:
     aut.add_argument("--gpus", type=int, default=8)
     aut.add_argument("--device", default="h100")
     aut.add_argument("--link", default="nvlink4")
+    spd = sub.add_parser("plan_speed", help="a synthetic 5,000-node pair planned into 8 stages with auto")
+    spd.add_argument("--rounds", type=int, default=3)
     ovh = sub.add_parser("overhead")
     ovh.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    {"simulate": simulate_pairs, "balance": balance, "auto": auto, "overhead": overhead}[args.part](args)
+    {"simulate": simulate_pairs, "balance": balance, "auto": auto, "plan_speed": plan_speed,
+     "overhead": overhead}[args.part](args)  # fmt: skip
 
 
 if __name__ == "__main__":

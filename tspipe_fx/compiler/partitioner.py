@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from tspipe_fx.cost.builtin import ParamCountCost, UniformCost
 from tspipe_fx.cost.model import NodeCost
+from tspipe_fx.partition.balance import fastest
 from tspipe_fx.partition.objective import evaluate
 from tspipe_fx.partition.polisher import polish
 from tspipe_fx.partition.problem import Device, Partition, PartitionError, Problem
@@ -42,7 +43,9 @@ class Partitioner:
     optimizer_factor: float
     fixed: Cuts | None = None  # cuts given (a saved plan, a manual balance): only scored
     pairs: tuple[tuple[int, int], ...] | None = None  # momentum: (student, teacher) positions cut alike
-    schedule: Schedule | None = None  # polish toward this schedule's simulated period (None: min-max as is)
+    schedule: Schedule | None = None  # choose and polish for this schedule's simulated period (None: min-max)
+    synthesize: bool = False  # the plan's schedule is synthesized for its costs (schedule: the skeleton)
+    teacher_parts: int = 1  # (a synthesized schedule's teacher micro-batches per student micro-batch)
     activation_scale: float = 1.0  # activations in the compute dtype: 0.5 for bf16 and fp16
     recompute_share: tuple[float, ...] = ()  # per device, the student forwards its recompute replays
 
@@ -73,9 +76,12 @@ class Partitioner:
     def best(self, sc: Sequence[NodeCost], tc: Sequence[NodeCost]) -> Partition:
         """The best partition on costs ``sc``/``tc`` (the fixed cuts scored, if given).
 
-        The polish trades the busiest device's load for a shorter simulated period of the
-        schedule, but never past the load of the best simple policy's partition: a plan never
-        loses to a baseline scored on its own costs.
+        With a schedule, the min-max partition and the ones with the student's stages capped
+        (:mod:`tspipe_fx.partition.balance`) are simulated under it and the fastest is taken: a
+        synthesized schedule ranks them by its quick estimate, then synthesizes the best two in
+        full; a fixed schedule's is polished further (:mod:`tspipe_fx.partition.polisher`). Both
+        trade the busiest device's load for a shorter period, but never past the load of the
+        best simple policy's partition: a plan never loses to a baseline scored on its own costs.
         """
         if self.fixed is not None:
             return self.at(sc, tc, self.fixed)
@@ -84,7 +90,9 @@ class Partitioner:
         if self.schedule is None:
             return best
         cap = min((p.period_ms for _, p in self.baselines(sc, tc)), default=math.inf)
-        return polish(problem, best, self.schedule, max_load_ms=cap)
+        chosen = fastest(problem, best, self.schedule, synthesize=self.synthesize, teacher_parts=self.teacher_parts,
+                         max_load_ms=cap)  # fmt: skip
+        return chosen if self.synthesize else polish(problem, chosen, self.schedule, max_load_ms=cap)
 
     def baselines(self, sc: Sequence[NodeCost], tc: Sequence[NodeCost]) -> list[tuple[str, Partition]]:
         """Simple policies' partitions scored on costs ``sc``/``tc`` (what the cost model bought).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from tspipe_fx.partition.objective import evaluate, fits
 from tspipe_fx.partition.problem import Partition, Problem
@@ -30,6 +30,18 @@ def brute_force(problem: Problem) -> Partition | None:
         )
     for sc, tc in pairs:
         part = evaluate(problem, sc, tc)
+        if not _within_cap(problem, sc):
+            continue
         if fits(problem, part) and (best is None or part.period_ms < best.period_ms):
             best = part
     return best
+
+
+def _within_cap(problem: Problem, student_cuts: Sequence[int]) -> bool:
+    return all(
+        (s.fwd_ms * (1 + problem.replay_share(j)) + s.bwd_ms) / d.speed
+        <= problem.student_cap_ms * (1 + 1e-12) + 1e-9
+        for j, (s, d) in enumerate(
+            zip(problem.student.stage_sums(student_cuts), problem.devices, strict=True)
+        )
+    )

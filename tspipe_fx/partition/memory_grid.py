@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["reach_with_memory"]
+__all__ = ["reach_with_memory", "window_max"]
 
 
 def reach_with_memory(
     reach: np.ndarray, a: np.ndarray, b: np.ndarray, need: np.ndarray, ms: np.ndarray, mt: np.ndarray,
-    limit: float, pair: bool, tol: float,
+    limit: float, pair: bool, tol: float, u2_end: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
-    """The reachable grid with the memory bound: per source row, a range maximum over ``v``."""
+    """The reachable grid with the memory bound: per source row, a range maximum over ``v``.
+    ``u2_end[u]``: one past the last student boundary a stage starting at ``u`` may end at."""
     ls1, lt1 = need.shape
     out = np.zeros_like(reach)
     for u in np.flatnonzero(reach.any(axis=1)):
         row = np.where(reach[u], b, -np.inf)  # potential b(v) of reachable (u, v)
         table = _sparse_table(row)
-        u2 = np.arange(u + 1, ls1)
+        u2 = np.arange(u + 1, ls1 if u2_end is None else min(ls1, int(u2_end[u])))
         if not len(u2):
             continue
         if not pair:
@@ -48,6 +49,20 @@ def reach_with_memory(
             v2 = np.arange(lt1)[None, :].repeat(len(bound), axis=0)
             best = _range_max(table, vmin, v2)  # max over v in [vmin, v2)
             out[bound, :] |= a[u] + best >= need[bound, :] - tol
+    return out
+
+
+def window_max(grid: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Row ``u2`` of the answer: the elementwise maximum of ``grid``'s rows ``[lo[u2], u2)``
+    (-inf where empty); ``lo`` is non-decreasing, a sparse table over rows answers each."""
+    table = _sparse_table(grid)
+    hi = np.arange(grid.shape[0])
+    out = np.full(grid.shape, -np.inf)
+    length = hi - lo
+    for level in np.unique(np.floor(np.log2(length[length > 0])).astype(int)):
+        sel = np.flatnonzero((length > 0) & (np.floor(np.log2(np.maximum(length, 1))).astype(int) == level))
+        t = table[level]
+        out[sel] = np.maximum(t[lo[sel]], t[hi[sel] - (1 << level)])
     return out
 
 

@@ -8,6 +8,7 @@ schedule simulator is given).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -69,6 +70,21 @@ class Objective:
         its recompute runs again."""
         share = self.p.replay_share(j)
         return self.s.work + share * self.s.fwd if share else self.s.work
+
+    def student_window(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Under the problem's student cap, per boundary index: the first index a stage of device
+        ``j`` ending there may start at, and one past the last it may end at when it starts there."""
+        ms = self.student_work(j) / self.p.devices[j].speed
+        cap = self.p.student_cap_ms * (1 + 1e-12) + 1e-9
+        idx = np.arange(len(ms))
+        if math.isinf(cap):
+            return np.zeros_like(idx), np.full_like(idx, len(ms))
+        return np.searchsorted(ms, ms - cap, side="left"), np.searchsorted(ms, ms + cap, side="right")
+
+    def within_cap(self, j: int, u: int, u2: int) -> bool:
+        """Whether device ``j``'s student boundary indices ``[u, u2)`` keep under the student cap."""
+        ms = self.student_work(j) / self.p.devices[j].speed
+        return bool(ms[u2] - ms[u] <= self.p.student_cap_ms * (1 + 1e-12) + 1e-9)
 
     def x(self, link: int, nbytes: float, at_end: bool) -> float:
         """Transfer time over the link after device ``link``; no transfer at a chain's ends."""

@@ -105,6 +105,9 @@ class Problem:
     mirror: bool = False  # momentum: teacher cuts paired with the student's by index
     # per device, the share of its student forwards run again by recompute (empty: none)
     recompute_share: tuple[float, ...] = ()
+    # the most student work (forward + backward, ms per micro-batch at the device's speed) one
+    # device may hold: the student's synchronous cycle per batch grows with its largest stage
+    student_cap_ms: float = math.inf
 
     def replay_share(self, device: int) -> float:
         """The share of device ``device``'s student forwards its backward runs again."""

@@ -29,11 +29,12 @@ index and a direct DP ``f_j(c2) = min_c max(f_{j-1}(c), load_j(c, c2))`` is exac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
-from tspipe_fx.partition.memory_grid import reach_with_memory
+from tspipe_fx.partition.memory_grid import reach_with_memory, window_max
 from tspipe_fx.partition.objective import Objective, evaluate, fits
 from tspipe_fx.partition.problem import Chain, Device, Partition, PartitionError, Problem
 
@@ -55,15 +56,15 @@ def solve(problem: Problem) -> Partition:
                 f"the {name} graph has {len(prefix.pos) - 2} candidate cuts: too few for {n} stages; "
                 "hint: use fewer devices, or allow more cut positions"
             )
-    if problem.mirror:
-        if not model.has_teacher or len(model.s.pos) != len(model.t.pos):
-            raise PartitionError("mirror needs a teacher chain with as many candidate cuts as the student's")
-        best = _solve_mirror(model)
-    else:
-        best = _solve_pair(model, memory=False)
-        if best is not None and not fits(problem, best):
-            # The unconstrained optimum bounds the constrained one from below.
-            best = _solve_pair(model, memory=True, lower=best.period_ms)
+    if problem.mirror and (not model.has_teacher or len(model.s.pos) != len(model.t.pos)):
+        raise PartitionError("mirror needs a teacher chain with as many candidate cuts as the student's")
+    best = _attempt(model)
+    if best is None and math.isfinite(problem.student_cap_ms):
+        if _attempt(Objective(dataclasses.replace(problem, student_cap_ms=math.inf))) is not None:
+            raise PartitionError(
+                f"no partition keeps every device's student work under student_cap_ms={problem.student_cap_ms:g} "
+                "ms per micro-batch; hint: a larger cap, or more devices"
+            )
     if best is None:
         need = _min_uniform_memory(problem)
         raise PartitionError(
@@ -71,6 +72,17 @@ def solve(problem: Problem) -> Partition:
             f"on the smallest); the smallest memory per device that would work is {fmt_bytes(need)}; hint: "
             "more devices, fewer micro-batches in flight, or a memory_limit of at least that"
         )
+    return best
+
+
+def _attempt(model: Objective) -> Partition | None:
+    """The best partition, or None where none fits (memory, or the student cap)."""
+    if model.p.mirror:
+        return _solve_mirror(model)
+    best = _solve_pair(model, memory=False)
+    if best is not None and not fits(model.p, best):
+        # The unconstrained optimum bounds the constrained one from below.
+        best = _solve_pair(model, memory=True, lower=best.period_ms)
     return best
 
 
@@ -203,17 +215,22 @@ def _reach(model: Objective, period: float, memory: bool) -> list[np.ndarray] | 
     reach[0, 0] = True
     grids = [reach]
     ms, mt = model.s.mem, (model.t.mem if model.has_teacher else np.zeros(1))
+    capped = math.isfinite(model.p.student_cap_ms)
     for j in range(n):
         a, big_a, b, big_b = _stage_terms(model, j)
         need = big_a[:, None] + big_b[None, :] - budget  # predecessor potential needed at (u2, v2)
+        first, end = model.student_window(j) if capped else (None, None)
         if not memory:
             w = np.where(reach, a[:, None] + b[None, :], -np.inf)
-            pm = np.maximum.accumulate(np.maximum.accumulate(w, axis=0), axis=1)
-            best = np.full_like(pm, -np.inf)
-            if model.has_teacher:
-                best[1:, 1:] = pm[:-1, :-1]
+            if model.has_teacher:  # best over v < v2 ...
+                w = np.concatenate(
+                    [np.full((w.shape[0], 1), -np.inf), np.maximum.accumulate(w, axis=1)[:, :-1]], axis=1
+                )
+            best = np.full_like(w, -np.inf)  # ... then over u < u2 (within the student cap)
+            if first is None:
+                best[1:, :] = np.maximum.accumulate(w, axis=0)[:-1, :]
             else:
-                best[1:, :] = pm[:-1, :]
+                best = window_max(w, first)
             nxt = best >= need - _tol(period) / model.m
         else:
             nxt = reach_with_memory(
@@ -226,6 +243,7 @@ def _reach(model: Objective, period: float, memory: bool) -> list[np.ndarray] | 
                 model.p.devices[j].memory_bytes,
                 model.has_teacher,
                 _tol(period) / model.m,
+                end,
             )
         # Stage j < n-1 ends on a real cut; the last stage ends at both chains' ends.
         if j < n - 1:
@@ -256,8 +274,10 @@ def _backtrack(
             if u >= u2 or (model.has_teacher and v >= v2):
                 continue
             load, mem = model.stage(j, int(u), u2, int(v), v2)
-            if load <= period + 2 * _tol(period) and (
-                not memory or mem <= model.p.devices[j].memory_bytes * (1 + 1e-12)
+            if (
+                load <= period + 2 * _tol(period)
+                and (not memory or mem <= model.p.devices[j].memory_bytes * (1 + 1e-12))
+                and model.within_cap(j, int(u), u2)
             ):
                 found = (int(u), int(v))
                 break
@@ -285,7 +305,7 @@ def _solve_mirror(model: Objective) -> Partition | None:
                 if f[c] == inf:
                     continue
                 load, mem = model.stage(j, c, c2, c, c2)
-                if mem > model.p.devices[j].memory_bytes * (1 + 1e-12):
+                if mem > model.p.devices[j].memory_bytes * (1 + 1e-12) or not model.within_cap(j, c, c2):
                     continue
                 val = max(f[c], load)
                 if val < g[c2]:

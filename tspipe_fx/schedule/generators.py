@@ -152,7 +152,9 @@ SCHEDULES = ("auto", *_FIXED)
 
 
 @functools.lru_cache(maxsize=64)
-def _synthesized(skeleton: Schedule, costs: StageCosts, max_in_flight: int, split: bool | None) -> Templates:
+def _synthesized(
+    skeleton: Schedule, costs: StageCosts, max_in_flight: int, split: bool | None, quick: bool
+) -> Templates:
     s = skeleton
     known = {  # the fixed schedules that fit the loss granularity and the memory cap
         name: tuple(tuple(d) for d in _FIXED[name](s.n_stages, s.micro_batches, s.views, s.mode, s.staleness,
@@ -164,9 +166,9 @@ def _synthesized(skeleton: Schedule, costs: StageCosts, max_in_flight: int, spli
         name: lists for name, lists in known.items()
         if validate(dataclasses.replace(s, n_batches=HORIZON, devices=lists))["max_in_flight"] <= max_in_flight
     }  # fmt: skip
-    best = templates(skeleton, costs, max_in_flight=max_in_flight, known=known,
-                     split_options=(False, True) if split is None else (split,))  # fmt: skip
-    return repair(skeleton, costs, best) if not best.variant.startswith("as ") else best
+    best = templates(skeleton, costs, max_in_flight=max_in_flight, known=known, quick=quick,
+                     split_options=((True,) if quick else (False, True)) if split is None else (split,))  # fmt: skip
+    return repair(skeleton, costs, best) if not quick and not best.variant.startswith("as ") else best
 
 
 def make_schedule(
@@ -183,6 +185,7 @@ def make_schedule(
     split_backward: bool | None = None,
     max_in_flight: int | None = None,
     teacher_parts: int = 1,
+    quick: bool = False,
 ) -> Schedule:
     """Build a schedule by name: ``auto``, ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential``.
 
@@ -190,7 +193,9 @@ def make_schedule(
     loss per micro-batch and takes ``micro`` for ``batch``). ``auto`` synthesizes the lists for
     ``costs`` (default: unit costs), splitting the backward where ``split_backward`` allows
     (None: where it pays), with at most ``max_in_flight`` micro-batches' activations per device
-    (default: all of a batch's).
+    (default: all of a batch's). ``quick``: a fast first estimate of ``auto`` (the fixed
+    schedules and the synthesizer's two main variants, unrepaired), for ranking many partitions;
+    never faster than the full synthesis on the same costs.
 
     Example:
         >>> s = make_schedule("tspipe", 4, 3, views=2, mode="momentum")
@@ -243,5 +248,5 @@ def make_schedule(
         raise ScheduleError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
     whole = m * views
     cap = whole if loss == "batch" or max_in_flight is None else max(views, min(whole, max_in_flight))
-    t = _synthesized(dataclasses.replace(skeleton, n_batches=1), costs, cap, split_backward)
+    t = _synthesized(dataclasses.replace(skeleton, n_batches=1), costs, cap, split_backward, quick)
     return dataclasses.replace(periodic(skeleton, t, n_batches), variant=t.variant)

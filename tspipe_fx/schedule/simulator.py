@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tspipe_fx.schedule.costs import StageCosts, transfer_ms
-from tspipe_fx.schedule.task import Schedule, ScheduleError, Task, dependencies
+from tspipe_fx.schedule.task import Schedule, ScheduleError, Task, dependencies, dependency_map
 
 __all__ = ["Timeline", "simulate", "simulate_costs", "simulate_stages", "transfer_ms", "unit_costs"]
 
@@ -77,7 +77,8 @@ def simulate(
     """Run the schedule's lists against ``cost(task)``; ``link(dep, task)`` is the transfer time
     when ``dep`` ran on another device (default 0)."""
     device_of = {t: d for d, t in s.tasks()}
-    needs = {t: dependencies(s, t) for t in device_of}
+    known = dependency_map(s)
+    needs = {t: known[t] if t in known else dependencies(s, t) for t in device_of}
     finish: dict[Task, float] = {}
     free = [0.0] * len(s.devices)
     heads = [0] * len(s.devices)

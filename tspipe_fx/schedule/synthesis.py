@@ -30,7 +30,7 @@ from tspipe_fx.schedule.task import (
     Schedule,
     ScheduleError,
     Task,
-    dependencies,
+    dependency_map,
     order_key,
     task_devices,
 )
@@ -55,7 +55,8 @@ def _graph(s: Schedule, early: Early) -> tuple[dict[Task, int], dict[Task, list[
     """Every task with its device, and what must finish before it: the data dependencies, the
     window bounds (after the device's previous step, before its own) and one forward order."""
     device = task_devices(s)
-    preds: dict[Task, list[Task]] = {t: list(dependencies(s, t)) for t in device}
+    known = dependency_map(s)
+    preds: dict[Task, list[Task]] = {t: list(known[t]) for t in device}
     for t in device:
         w = _window_of(s, early, t)
         if t.kind != "opt":
@@ -335,11 +336,13 @@ def templates(
     max_in_flight: int,
     split_options: tuple[bool, ...],
     known: dict[str, Lists],
+    quick: bool = False,
 ) -> Templates:
     """The fastest periodic schedule among the variants (split backward or not, where the
     teacher forwards go, insertion or list scheduling, which steady window of the run) and the
     ``known`` schedules' lists over ``HORIZON`` batches, scored by the simulated period over 6
-    batches: never slower than the best of them."""
+    batches: never slower than the best of them. ``quick``: the teacher forwards only where
+    TSPipe puts them (the first of the splits), one steady window."""
     best: tuple[float, Templates] | None = None
     for name, lists in known.items():
         cand = Templates(
@@ -354,7 +357,7 @@ def templates(
             best = (period, cand)
     for split in split_options:
         horizon = dataclasses.replace(skeleton, n_batches=HORIZON, split_backward=split, devices=())
-        for early in _splits(horizon):
+        for early in _splits(horizon)[:1] if quick else _splits(horizon):
             problem = _Problem.of(horizon, costs, early)
             for method in ("insertion", "student first", "lookahead"):
                 if method != "lookahead":
@@ -369,7 +372,7 @@ def templates(
                     lists = _list_schedule(problem, max_in_flight, lookahead=True)
                 lookahead = method
                 first, last = window_lists(lists, 0), window_lists(lists, HORIZON - 1)
-                for w in range(1, HORIZON - 1):
+                for w in range(1, 2 if quick else HORIZON - 1):
                     variant = (
                         f"{lookahead}{', split backward' if split else ''}"
                         f", teacher forwards ahead {list(early)}"

@@ -21,14 +21,17 @@ every schedule must respect.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import functools
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from tspipe_fx.errors import TspipeError
 
 __all__ = [
-    "LOSSES", "Kind", "Schedule", "ScheduleError", "Task", "dependencies", "must_precede", "order_key",
+    "LOSSES", "Kind", "Schedule", "ScheduleError", "Task", "dependencies", "dependency_map", "must_precede", "order_key",
     "task_devices", "window_of",
 ]  # fmt: skip
 
@@ -138,6 +141,18 @@ def dependencies(s: Schedule, t: Task) -> list[Task]:
         last_half: Kind = "sw" if s.split_backward else "sb"
         deps += [Task(last_half, t.stage, t.batch, v, m) for v, m in every]
     return deps
+
+
+def dependency_map(s: Schedule) -> Mapping[Task, Sequence[Task]]:
+    """:func:`dependencies` of every task the schedule must contain, computed once per kind of
+    schedule (its lists aside): the simulator and the synthesizer ask for thousands of lists
+    over the same tasks. Read-only."""
+    return _dependency_map(dataclasses.replace(s, name="", devices=(), variant=""))
+
+
+@functools.lru_cache(maxsize=32)
+def _dependency_map(skeleton: Schedule) -> Mapping[Task, Sequence[Task]]:
+    return types.MappingProxyType({t: tuple(dependencies(skeleton, t)) for t in task_devices(skeleton)})
 
 
 def must_precede(s: Schedule, t: Task) -> list[Task]:

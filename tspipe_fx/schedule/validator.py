@@ -7,6 +7,7 @@ from tspipe_fx.schedule.task import (
     ScheduleError,
     Task,
     dependencies,
+    dependency_map,
     must_precede,
     order_key,
     task_devices,
@@ -36,9 +37,10 @@ def validate(s: Schedule, *, max_in_flight: int | None = None) -> dict[str, int]
     if missing:
         raise ScheduleError(f"{s.name}: {len(missing)} tasks missing, e.g. {missing[:5]}")
     position = {t: (d, i) for d, tasks in enumerate(s.devices) for i, t in enumerate(tasks)}
+    needs = dependency_map(s)  # (every task is one the schedule must contain: checked above)
     for d, tasks in enumerate(s.devices):
         for i, t in enumerate(tasks):
-            for dep in dependencies(s, t):
+            for dep in needs[t]:
                 dd, di = position[dep]
                 if dd == d and di > i:
                     raise ScheduleError(f"{s.name}: device {d} runs {t} before {dep}, which it needs")
@@ -76,12 +78,13 @@ def _check_forward_order(s: Schedule) -> None:
 def _check_deadlock(s: Schedule, position: dict[Task, tuple[int, int]]) -> None:
     """Run the lists with blocking receives and zero costs; every task must complete."""
     done: set[Task] = set()
+    needs = dependency_map(s)
     heads = [0] * len(s.devices)
     progress = True
     while progress:
         progress = False
         for d, tasks in enumerate(s.devices):
-            while heads[d] < len(tasks) and all(dep in done for dep in dependencies(s, tasks[heads[d]])):
+            while heads[d] < len(tasks) and all(dep in done for dep in needs[tasks[heads[d]]]):
                 done.add(tasks[heads[d]])
                 heads[d] += 1
                 progress = True

@@ -78,8 +78,8 @@ class Partitioner:
 
         With a schedule, the min-max partition and the ones with the student's stages capped
         (:mod:`tspipe_fx.partition.balance`) are simulated under it and the fastest is taken: a
-        synthesized schedule ranks them by its quick estimate, then synthesizes the best two in
-        full; a fixed schedule's is polished further (:mod:`tspipe_fx.partition.polisher`). Both
+        synthesized schedule ranks them by its quick estimate and takes the best (synthesized in
+        full for the plan); a fixed schedule's is polished further (:mod:`tspipe_fx.partition.polisher`). Both
         trade the busiest device's load for a shorter period, but never past the load of the
         best simple policy's partition: a plan never loses to a baseline scored on its own costs.
         """

@@ -13,8 +13,8 @@ per device (:attr:`~tspipe_fx.partition.problem.Problem.student_cap_ms`), from t
 any partition meets up to the min-max partition's own largest student stage: the loads rise a
 little as the cap falls, the student's cycle falls much more. Which one runs fastest is the
 schedule's question (its simulated period): :func:`fastest` asks it. A fixed schedule is
-simulated on each; a synthesized one (``auto``) ranks them by its quick estimate and synthesizes
-the best ``keep`` in full.
+simulated on each; a synthesized one (``auto``) ranks them by its quick estimate and takes the
+best ``keep`` of them to the full synthesis.
 """
 
 from __future__ import annotations
@@ -62,14 +62,19 @@ def capped_partitions(problem: Problem, start: Partition) -> list[Partition]:
     within the devices' memory is left out."""
     low, high = least_student_stage(problem), student_stage_ms(problem, start)
     out = [start]
+    # A tighter cap never gives a shorter period: each search may start at the last optimum (not
+    # where memory binds: the solver's first pass ignores memory, and is not bounded by that).
+    unlimited = all(math.isinf(d.memory_bytes) for d in problem.devices)
+    floor = start.period_ms if unlimited else 0.0
     for step in reversed(CAP_STEPS):
         cap = low * (1 + step)
         if cap >= high * (1 - 1e-9):
             continue
         try:
-            part = solve(dataclasses.replace(problem, student_cap_ms=cap))
+            part = solve(dataclasses.replace(problem, student_cap_ms=cap), at_least=floor)
         except PartitionError:  # memory: the capped stages hold more than a device has
             continue
+        floor = part.period_ms if unlimited else 0.0
         if part not in out:
             out.append(part)
     return out
@@ -103,7 +108,7 @@ def fastest(
     synthesize: bool = False,
     teacher_parts: int = 1,
     max_load_ms: float = math.inf,
-    keep: int = 2,
+    keep: int = 1,
 ) -> Partition:
     """Among ``start`` (the min-max partition) and :func:`capped_partitions` whose busiest device
     is within ``max_load_ms``, the one the schedule runs fastest (see the module docstring)."""

@@ -41,8 +41,11 @@ from tspipe_fx.partition.problem import Chain, Device, Partition, PartitionError
 __all__ = ["fmt_bytes", "least_memory", "solve"]
 
 
-def solve(problem: Problem) -> Partition:
+def solve(problem: Problem, *, at_least: float = 0.0) -> Partition:
     """The partition with the smallest period that fits every device's memory.
+
+    ``at_least``: a period known to be no larger than the answer (the optimum of a less
+    constrained problem: the search starts just above it).
 
     Raises:
         PartitionError: too few candidate cuts for the devices, or no partition fits in memory
@@ -58,7 +61,7 @@ def solve(problem: Problem) -> Partition:
             )
     if problem.mirror and (not model.has_teacher or len(model.s.pos) != len(model.t.pos)):
         raise PartitionError("mirror needs a teacher chain with as many candidate cuts as the student's")
-    best = _attempt(model)
+    best = _attempt(model, at_least)
     if best is None and math.isfinite(problem.student_cap_ms):
         if _attempt(Objective(dataclasses.replace(problem, student_cap_ms=math.inf))) is not None:
             raise PartitionError(
@@ -75,11 +78,11 @@ def solve(problem: Problem) -> Partition:
     return best
 
 
-def _attempt(model: Objective) -> Partition | None:
+def _attempt(model: Objective, at_least: float = 0.0) -> Partition | None:
     """The best partition, or None where none fits (memory, or the student cap)."""
     if model.p.mirror:
         return _solve_mirror(model)
-    best = _solve_pair(model, memory=False)
+    best = _solve_pair(model, memory=False, lower=at_least)
     if best is not None and not fits(model.p, best):
         # The unconstrained optimum bounds the constrained one from below.
         best = _solve_pair(model, memory=True, lower=best.period_ms)

@@ -8,6 +8,8 @@ gives the steady-state period per batch, per-device utilisation and the bubble f
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -76,9 +78,38 @@ def simulate(
 ) -> Timeline:
     """Run the schedule's lists against ``cost(task)``; ``link(dep, task)`` is the transfer time
     when ``dep`` ran on another device (default 0)."""
-    device_of = {t: d for d, t in s.tasks()}
     known = dependency_map(s)
-    needs = {t: known[t] if t in known else dependencies(s, t) for t in device_of}
+    table = {}
+    for _, t in s.tasks():
+        deps = known[t] if t in known else dependencies(s, t)
+        table[t] = (cost(t), tuple((dep, link(dep, t) if link else 0.0) for dep in deps))
+    return _run(s, table)
+
+
+def simulate_costs(schedule: Schedule, costs: StageCosts) -> Timeline:
+    """The schedule with every task priced by ``costs`` (a split backward as its two halves)."""
+    priced = costs.for_schedule(schedule.split_backward, schedule.teacher_parts)
+    table = _priced(dataclasses.replace(schedule, name="", devices=(), variant=""), priced)
+    if any(t not in table for _, t in schedule.tasks()):  # (not a complete schedule: priced as it is)
+        return simulate(schedule, priced.task_ms, link=priced.link_ms)
+    return _run(schedule, table)
+
+
+Table = dict[Task, tuple[float, tuple[tuple[Task, float], ...]]]  # task -> (cost, (dependency, link))
+
+
+@functools.lru_cache(maxsize=16)
+def _priced(skeleton: Schedule, costs: StageCosts) -> Table:
+    """Every task of the kind of schedule priced once: the synthesizer simulates hundreds of
+    candidate lists over the same tasks and costs. Read-only."""
+    return {
+        t: (costs.task_ms(t), tuple((dep, costs.link_ms(dep, t)) for dep in deps))
+        for t, deps in dependency_map(skeleton).items()
+    }
+
+
+def _run(s: Schedule, table: Table) -> Timeline:
+    device_of = {t: d for d, t in s.tasks()}
     finish: dict[Task, float] = {}
     free = [0.0] * len(s.devices)
     heads = [0] * len(s.devices)
@@ -87,32 +118,32 @@ def simulate(
     while remaining:
         progressed = False
         for d, tasks in enumerate(s.devices):
+            at = free[d]
             while heads[d] < len(tasks):
                 t = tasks[heads[d]]
-                deps = needs[t]
-                if any(dep not in finish for dep in deps):
-                    break
-                ready = max(
-                    (finish[dep] + (link(dep, t) if link and device_of[dep] != d else 0.0) for dep in deps),
-                    default=0.0,
-                )
-                start = max(free[d], ready)
-                end = start + cost(t)
-                finish[t] = end
-                free[d] = end
-                spans[d].append((start, end, t))
-                heads[d] += 1
-                remaining -= 1
-                progressed = True
+                took, deps = table[t]
+                ready = at
+                for dep, lk in deps:
+                    end = finish.get(dep)
+                    if end is None:
+                        break
+                    if device_of[dep] != d:
+                        end += lk
+                    if end > ready:
+                        ready = end
+                else:
+                    at = ready + took
+                    finish[t] = at
+                    spans[d].append((ready, at, t))
+                    heads[d] += 1
+                    remaining -= 1
+                    progressed = True
+                    continue
+                break
+            free[d] = at
         if not progressed:
             raise ScheduleError(f"{s.name}: deadlock in simulation; run schedule.validator() for details")
     return Timeline(s, tuple(tuple(x) for x in spans))
-
-
-def simulate_costs(schedule: Schedule, costs: StageCosts) -> Timeline:
-    """The schedule with every task priced by ``costs`` (a split backward as its two halves)."""
-    priced = costs.for_schedule(schedule.split_backward, schedule.teacher_parts)
-    return simulate(schedule, priced.task_ms, link=priced.link_ms)
 
 
 def simulate_stages(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import heapq
 import itertools
 from dataclasses import dataclass
@@ -112,6 +113,11 @@ class _Problem:
     device: dict[Task, int]
     preds: dict[Task, list[Task]]
     level: dict[Task, float]
+
+    @functools.cached_property
+    def depths(self) -> dict[Task, int]:
+        """:func:`_depths` of the graph, computed once (insertion and student-first share it)."""
+        return _depths(self.preds)
 
     @classmethod
     def of(cls, s: Schedule, costs: StageCosts, early: Early) -> _Problem:
@@ -248,7 +254,7 @@ def _depths(preds: dict[Task, list[Task]]) -> dict[Task, int]:
 def _insertion_schedule(problem: _Problem, student_first: bool) -> Lists:
     s, priced, device, preds, level = problem.s, problem.costs, problem.device, problem.preds, problem.level
     rank = {t: i for i, t in enumerate(sorted(device))}
-    depth = _depths(preds)
+    depth = problem.depths
     busy: list[list[tuple[float, float, Task]]] = [[] for _ in range(s.n_stages)]
     ended: list[list[float]] = [[] for _ in range(s.n_stages)]  # the slots' ends, in order
     start_of: dict[Task, float] = {}

@@ -13,6 +13,7 @@ from toys import Net, Online, Target, byol_loss, kd_loss, sgd
 from toys import run_batches as _run
 
 import tspipe_fx
+from tspipe_fx.compiler.micro_batches import candidates
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime import load_checkpoint, save_checkpoint
 from tspipe_fx.runtime.reference import ReferenceTrainer
@@ -120,7 +121,7 @@ def test_a_bad_loss_granularity_is_refused() -> None:
                           loss="per-sample")  # fmt: skip
     with pytest.raises(TspipeError, match="teacher_parts=2 needs schedule='auto'"):
         tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform",
-                          teacher_parts=2)  # fmt: skip
+                          schedule="tspipe", teacher_parts=2)  # fmt: skip
     pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform")
     with pytest.raises(TspipeError, match="loss must be 'batch', 'micro'"):
         pipe.trainer(kd_loss, optimizer=sgd, loss="sample")
@@ -136,6 +137,8 @@ def test_compile_chooses_the_micro_batches_with_the_schedule() -> None:
     common = dict(example_inputs=(x,), cost_model="roofline", device_specs=["h100"] * 2, loss="micro")
     chosen = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, schedule="auto", **common)
     assert chosen.plan.micro_batches in (2, 4, 8)
+    # the candidates give every micro-batch two samples or more (BatchNorm1d, kernel efficiency)
+    assert (candidates(2, 16), candidates(2, 8), candidates(3, 6), candidates(4, 3)) == ([2, 4, 8], [2, 4], [3], [3])
     for m in (2, 4, 8):
         fixed = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, schedule="auto",
                                   micro_batches=m, **common)  # fmt: skip

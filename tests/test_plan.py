@@ -20,7 +20,8 @@ from tspipe_fx.plan import simulate_plan
 def plan() -> Plan:
     torch.manual_seed(0)
     student, teacher = Net(16, 4), Net(16, 4).eval()
-    return tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform").plan
+    return tspipe_fx.compile(student, teacher, 2, example_inputs=(torch.randn(8, 8),), cost_model="uniform",
+                             schedule="tspipe").plan  # fmt: skip
 
 
 def test_json_round_trip_keeps_every_field(plan: Plan, tmp_path: Path) -> None:
@@ -55,12 +56,15 @@ def test_the_schedule_is_built_from_the_plan(plan: Plan) -> None:
 
 
 def test_compile_records_what_it_tuned_for() -> None:
-    """The schedule compile polished the cuts for is the plan's own (views too: two in momentum
-    mode by default, as the trainer and the simulator then assume)."""
+    """The schedule compile chose the cuts for is the plan's own (views too: two in momentum
+    mode by default, as the trainer and the simulator then assume): by default ``auto``,
+    synthesized on the skeleton of the plan's settings."""
     online = Online()
     x = (torch.randn(8, 8),)
     pipe = tspipe_fx.compile(online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="uniform")
-    assert pipe.plan.views == 2 and pipe.partitioner.schedule == pipe.plan.build_schedule(4)
+    assert (pipe.plan.schedule, pipe.plan.views, pipe.partitioner.synthesize) == ("auto", 2, True)
+    skeleton = pipe.partitioner.schedule
+    assert skeleton is not None and (skeleton.views, skeleton.micro_batches) == (2, pipe.plan.micro_batches)
     one = tspipe_fx.compile(online, Target(online), 2, example_inputs=x, mode="momentum", cost_model="uniform",
                             views=1, schedule="gpipe")  # fmt: skip
     assert (one.plan.views, one.plan.schedule) == (1, "gpipe")

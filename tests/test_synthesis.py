@@ -161,3 +161,17 @@ def test_teacher_forwards_out_of_batch_order_are_refused() -> None:
 def test_a_bad_memory_cap_is_named_before_it_is_used() -> None:
     with pytest.raises(ScheduleError, match="max_in_flight must be an integer >= 1, got '3'"):
         make_schedule("auto", 2, 2, loss="micro", max_in_flight="3")  # type: ignore[arg-type]
+
+
+def test_a_message_across_windows_is_refused() -> None:
+    """The runtimes run a schedule window by window (each device's window b ends with its step
+    b): a teacher forward of batch 1 that device 0 runs before its step 0 and device 1 after its
+    own would need the message to wait between windows. The synthesizer places a batch's teacher
+    forwards alike on every stage, so its schedules never need that."""
+    s = make_schedule("tspipe", 2, 2, n_batches=2)
+    dev1 = [t for t in s.devices[1] if not (t.kind == "tf" and t.batch == 1)]
+    at = dev1.index(Task("opt", 1, 0)) + 1
+    moved = [*dev1[:at], Task("tf", 1, 1, 0, 0), Task("tf", 1, 1, 0, 1), *dev1[at:]]
+    with pytest.raises(ScheduleError, match=r"device 0 sends tf1.0.0 in its window 0, device 1 takes it for "
+                                            r"tf1.0.0 in its window 1.*cannot cross windows"):  # fmt: skip
+        validate(dataclasses.replace(s, devices=(s.devices[0], tuple(moved))))

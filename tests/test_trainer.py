@@ -21,7 +21,7 @@ def kd() -> tspipe_fx.Pipeline:
 
 def test_defaults_come_from_the_plan_and_options_override_them(kd: tspipe_fx.Pipeline) -> None:
     trainer = kd.trainer(kd_loss, optimizer=sgd)
-    assert (trainer.plan.schedule, trainer.m, trainer.views) == ("tspipe", 4, 1)
+    assert (trainer.plan.schedule, trainer.m, trainer.views) == ("auto", 4, 1)  # compile's default schedule
     assert trainer.schedules[3] == trainer.plan.build_schedule(3)
     other = kd.trainer(kd_loss, optimizer=sgd, schedule="1f1b", micro_batches=2)
     assert (other.plan.schedule, other.m, other.loss) == ("1f1b", 2, "micro")  # 1f1b: a loss per micro-batch

@@ -78,7 +78,7 @@ def compile(
     max_candidates: int = 128,
     plan: Plan | None = None,
     refine: int = 0,
-    schedule: str | None = "tspipe",
+    schedule: str | None = "auto",
     views: int | None = None,
     staleness: int | None = None,
     loss: str | None = None,
@@ -124,9 +124,9 @@ def compile(
             scales each stage's node costs to its measured times and partitions again, until the
             cuts repeat; the partition whose measured loads are the most even is kept. With fixed
             cuts (``plan``, ``balance``) one round corrects the reported costs. 0: off.
-        schedule: the schedule the plan is for and trains with: ``"tspipe"`` (default),
-            ``"gpipe"``, ``"1f1b"`` or ``"auto"`` (synthesized for the plan's costs,
-            :mod:`tspipe_fx.schedule.synthesis`). The min-max partition and those with the student's stages capped
+        schedule: the schedule the plan is for and trains with: ``"auto"`` (default: synthesized
+            for the plan's costs, :mod:`tspipe_fx.schedule.synthesis`), ``"tspipe"``, ``"gpipe"``
+            or ``"1f1b"``. The min-max partition and those with the student's stages capped
             (:mod:`tspipe_fx.partition.balance`) are simulated under it and the fastest is kept; a
             fixed schedule's is then polished (:func:`tspipe_fx.partition.polisher.polish`).
             None: the min-max optimum as it is (the plan records ``"tspipe"`` to train with).

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print("3. the pair compiled for 2 CPU devices, the student distilled through the pipeline\n")
     pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(x[: args.batch // args.micro_batches],),
-                             batch_size=args.batch, micro_batches=args.micro_batches)  # fmt: skip
+                             batch_size=args.batch, micro_batches=args.micro_batches, schedule="tspipe")  # fmt: skip
     print(pipe.report())
     timelines = {name: simulate_plan(pipe.plan, name, n_batches=4) for name in ("tspipe", "gpipe")}
     for name, tl in timelines.items():

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--micro-batches", type=int, default=None, help="micro-batches per batch (default: --gpus)"
     )
     p.add_argument("--mode", choices=["kd", "momentum"], default="kd")
-    p.add_argument("--schedule", choices=[s for s in SCHEDULES if s != "sequential"], default="tspipe",
-                   help="the schedule the plan is for and trains with (auto: synthesized for the costs)")  # fmt: skip
+    p.add_argument("--schedule", choices=[s for s in SCHEDULES if s != "sequential"], default="auto",
+                   help="the schedule the plan is for and trains with (default auto: synthesized for the costs)")  # fmt: skip
     p.add_argument("--loss", choices=list(LOSSES), default="batch",
                    help="what one loss call covers: the batch, a micro-batch, or a micro-batch against the "
                    "whole batch's teacher outputs (default batch)")  # fmt: skip

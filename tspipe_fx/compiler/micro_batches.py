@@ -46,8 +46,11 @@ class Partitioned:
 
 
 def candidates(n_stages: int, batch: int) -> list[int]:
-    """M = N, 2N and 4N micro-batches, as far as the batch has samples for them."""
-    return sorted({m for m in (n_stages, 2 * n_stages, 4 * n_stages) if m <= batch} or {min(n_stages, batch)})
+    """M = N, 2N and 4N micro-batches, as far as the batch gives each two samples or more (a
+    micro-batch of one sample cannot train a BatchNorm1d, and runs every kernel at its least
+    efficient); N itself always (as many as the batch has samples for)."""
+    more = {m for m in (2 * n_stages, 4 * n_stages) if batch // m >= 2}
+    return sorted({min(n_stages, batch)} | more)
 
 
 def fastest(

@@ -318,21 +318,13 @@ def _device_orders(device: dict[Task, int], preds: dict[Task, list[Task]], start
 def _splits(s: Schedule) -> list[Early]:
     """Where the teacher forwards of a batch may go: a momentum teacher has no choice (one step
     late: all in the window before; synchronous: all in its own); a KD teacher tries TSPipe's
-    (all before), none before, and the first stages' before, the last stages' in their own."""
-    n, per = s.n_stages, s.teacher_micro * s.views
+    (all before), half before and none before, alike on every stage: a forward whose input came
+    from a stage in the window before would need a message across windows, which the runtimes,
+    running window by window, do not carry (the validator refuses it)."""
+    per = s.teacher_micro * s.views
     if s.mode == "momentum":
-        return [(per if s.staleness >= 1 else 0,) * n]
-    out: list[Early] = []
-    for k in sorted({n, n - 1, n - 2, 3 * n // 4, n // 2, n // 4, 0}, reverse=True):
-        if k < 0:
-            continue
-        for part in (0.0, 0.5):
-            if part and k == n:
-                continue
-            early = tuple(per if j < k else round(per * part) if j == k else 0 for j in range(n))
-            if early not in out:
-                out.append(early)
-    return out
+        return [(per if s.staleness >= 1 else 0,) * s.n_stages]
+    return [(x,) * s.n_stages for x in dict.fromkeys((per, per // 2, 0))]
 
 
 def templates(

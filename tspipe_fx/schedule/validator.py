@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from tspipe_fx.schedule.task import (
     Schedule,
     ScheduleError,
@@ -51,6 +53,7 @@ def validate(s: Schedule, *, max_in_flight: int | None = None) -> dict[str, int]
                         f"newer than staleness {s.staleness} allows"
                     )
     _check_forward_order(s)
+    _check_windows(s, needs)
     _check_deadlock(s, position)
     return {"max_in_flight": _in_flight(s, max_in_flight)}
 
@@ -73,6 +76,26 @@ def _check_forward_order(s: Schedule) -> None:
                 f"one order (batch by batch, {order}), so BatchNorm would see another order than the "
                 "reference trainer"
             )
+
+
+def _check_windows(s: Schedule, needs: Mapping[Task, Sequence[Task]]) -> None:
+    """A value that crosses devices is sent and received in one window (each device's window
+    ``b`` ends with its optimizer step of ``b``): the runtimes run the schedule window by window,
+    and a message left by one window would find nobody to take it in the next."""
+    window: dict[Task, tuple[int, int]] = {}
+    for d, tasks in enumerate(s.devices):
+        w = 0
+        for t in tasks:
+            window[t] = (d, w)
+            w += t.kind == "opt"
+    for t, (d, w) in window.items():
+        for dep in needs[t]:
+            dd, dw = window[dep]
+            if dd != d and dw != w:
+                raise ScheduleError(
+                    f"{s.name}: device {dd} sends {dep} in its window {dw}, device {d} takes it for {t} in its "
+                    f"window {w}: the runtimes run one window at a time, so a message cannot cross windows"
+                )
 
 
 def _check_deadlock(s: Schedule, position: dict[Task, tuple[int, int]]) -> None:

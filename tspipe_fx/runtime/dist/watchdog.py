@@ -41,13 +41,17 @@ class PeerLost(TspipeError):
 
 
 def _write_error_file(path: str, message: str, timestamp: int) -> None:
-    """A torchelastic error file (the format of ``torch.distributed.elastic``'s ``@record``)."""
+    """A torchelastic error file (the format of ``torch.distributed.elastic``'s ``@record``),
+    written whole or not at all: torchrun may read it the moment the rank exits, and another rank
+    may write it too (a silent peer's), so it is written aside and renamed into place."""
     if not path:
         return
+    aside = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        with open(path, "w") as f:
+        with open(aside, "w") as f:
             json.dump({"message": {"message": message, "extraInfo": {"py_callstack": message,
                                                                      "timestamp": str(timestamp)}}}, f)  # fmt: skip
+        os.replace(aside, path)
     except OSError:
         pass  # torchrun then names this rank by the time it saw it exit
 

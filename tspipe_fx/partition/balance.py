@@ -23,6 +23,7 @@ import dataclasses
 import math
 
 from tspipe_fx.partition.objective import schedule_costs, stage_costs
+from tspipe_fx.partition.polisher import simulated_period
 from tspipe_fx.partition.problem import Device, Partition, PartitionError, Problem
 from tspipe_fx.partition.solver import solve
 from tspipe_fx.schedule.generators import make_schedule
@@ -92,11 +93,12 @@ def schedule_period(
     """The simulated period (ms per batch) of ``skeleton`` on the stages of ``part``; with
     ``synthesize``, of the ``auto`` schedule made for their costs on the skeleton's settings
     (``quick``: its fast estimate)."""
+    if not synthesize:  # a fixed schedule: the polisher's own measure
+        return simulated_period(problem, part.student_cuts, part.teacher_cuts, skeleton)
     costs = schedule_costs(problem, part.student_cuts, part.teacher_cuts)
     s = skeleton
-    if synthesize:
-        s = make_schedule("auto", s.n_stages, s.micro_batches, views=s.views, mode=s.mode, staleness=s.staleness,
-                          loss=s.loss, costs=costs, teacher_parts=teacher_parts, quick=quick, n_batches=6)  # fmt: skip
+    s = make_schedule("auto", s.n_stages, s.micro_batches, views=s.views, mode=s.mode, staleness=s.staleness,
+                      loss=s.loss, costs=costs, teacher_parts=teacher_parts, quick=quick, n_batches=6)  # fmt: skip
     return simulate_costs(s, costs).period
 
 

@@ -78,7 +78,10 @@ def test_shipped_profiles_give_the_same_cuts() -> None:
     the min-max cuts the release before the re-layout chose, and for tspipe the cuts chosen among
     the student-capped partitions (issue 14): tspipe runs them at 40.5 ms a batch, against 43.9 ms
     on the cuts polished from the min-max alone (layer1_0_bn2, layer3_0_conv2, fc / layer_norm_3,
-    unbind_3, layer_norm_13), whose busiest device was lighter (39.5 ms against 41.0 ms)."""
+    unbind_3, layer_norm_13), whose busiest device was lighter (39.5 ms against 41.0 ms). Since
+    candidate cuts lie between every two heavy nodes, the teacher's second and third cuts moved
+    inside blocks (from unbind_5 and blocks_8_mlp_norm, 40.524 ms: the capped search and the
+    polisher are local searches, and found a 0.06% slower one among more candidates)."""
     timm = pytest.importorskip("timm")
     from tspipe_fx.cost import device_spec, profiles
 
@@ -89,7 +92,8 @@ def test_shipped_profiles_give_the_same_cuts() -> None:
     costs = (profiles.load("h100/resnet18_b32"), profiles.load("h100/vit_s16_b32"))
     x = torch.randn(2, 3, 224, 224)
     expected = {
-        "tspipe": (("layer1_0_conv1", "layer1_1_act2", "layer3_0_bn2"), ("layer_norm_5", "unbind_5", "blocks_8_mlp_norm")),
+        "tspipe": (("layer1_0_conv1", "layer1_1_act2", "layer3_0_bn2"),
+                   ("layer_norm_5", "blocks_5_attn_k_norm", "blocks_8_mlp_fc2")),
         None: (("layer1_1_conv1", "layer3_1_drop_block", "fc"), ("layer_norm_2", "layer_norm_5", "layer_norm_13")),
     }  # fmt: skip
     for schedule, (s_cuts, t_cuts) in expected.items():
@@ -97,8 +101,8 @@ def test_shipped_profiles_give_the_same_cuts() -> None:
                                  device_specs=[spec] * 4, schedule=schedule)  # fmt: skip
         assert (pipe.plan.student.cuts, pipe.plan.teacher.cuts) == (s_cuts, t_cuts)
         if schedule == "tspipe":
-            assert pipe.plan.period_ms == pytest.approx(40.52, abs=0.01)
-            assert pipe.plan.max_load_ms == pytest.approx(40.96, abs=0.01)
+            assert pipe.plan.period_ms == pytest.approx(40.55, abs=0.01)
+            assert pipe.plan.max_load_ms == pytest.approx(40.91, abs=0.01)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,10 @@ from an annotated ``fx.GraphModule``:
   at or after it (the graph's outputs are used at the end). Skip connections make it several
   tensors; they all travel over the link at that cut.
 * *candidate cuts*: positions whose live bytes are a local minimum (block boundaries, where only
-  the residual stream crosses), at most ``max_candidates`` of them, spread along the chain. A
+  the residual stream crosses), and between every two consecutive heavy nodes (matrix products,
+  convolutions, attention) the position there with the fewest live bytes, so that a stage may
+  end inside a block (after a transformer's attention, between its two MLP products): at most
+  ``max_candidates`` of them, spread along the chain. A
   position where a tuple of tensors is live (``q, k, v = qkv.unbind(0)`` before the ``getitem``
   nodes) is never one: stage boundaries carry tensors and plain values, not containers of tensors.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -178,32 +182,52 @@ def graph_chain(gm: fx.GraphModule, sizes: dict[str, int], *, max_candidates: in
     nbytes = tuple(sum(size[v] for v in vs) for vs in live)
     blocked = [any(info(v).tensor_container for v in vs) for vs in live]
     peak = tuple(nbytes[p] + size[node] for p, node in enumerate(nodes))
-    return GraphChain(gm, nodes, tuple(live), nbytes, candidate_cuts(nbytes, max_candidates, blocked), peak)
+    flops = [info(node).fwd_flops for node in nodes]
+    heavy = [f > 0 and f >= sum(flops) / (HEAVY_SHARE * max_candidates) for f in flops]
+    candidates = candidate_cuts(nbytes, max_candidates, blocked, heavy)
+    return GraphChain(gm, nodes, tuple(live), nbytes, candidates, peak)
+
+
+# A node is heavy when it holds at least 1 / (HEAVY_SHARE * max_candidates) of the graph's FLOPs.
+HEAVY_SHARE = 4
 
 
 def candidate_cuts(
-    nbytes: Sequence[int], max_candidates: int, blocked: Sequence[bool] = ()
+    nbytes: Sequence[int], max_candidates: int, blocked: Sequence[bool] = (), heavy: Sequence[bool] = ()
 ) -> tuple[int, ...]:
-    """Positions 1..n-1 whose live bytes are a local minimum; at most ``max_candidates``.
+    """Between every two consecutive ``heavy`` nodes the cheapest position (the later one on
+    ties), and the positions whose live bytes are a local minimum; at most ``max_candidates``.
 
-    When there are more, the chain is divided into ``max_candidates`` equal windows and each
-    keeps its smallest cut (the later one on ties): cuts stay spread along the whole chain,
-    which is what balance needs, and each is the cheapest to send in its neighbourhood.
+    A block's inside rarely has a local minimum between its heavy nodes (a transformer's
+    attention output joins the residual stream only after its projection), yet a balance finer
+    than a block needs a cut there. When there are more, the heavy nodes' gaps come first, and
+    the local minima fill what is left: each set is divided into as many equal windows as it may
+    keep, and each window keeps its smallest cut (the later one on ties). Cuts stay spread along
+    the whole chain, which is what balance needs, and each is the cheapest to send in its
+    neighbourhood.
     """
     n = len(nbytes) - 1
-    minima = [
-        p
-        for p in range(1, n)
-        if nbytes[p] <= nbytes[p - 1] and nbytes[p] <= nbytes[p + 1] and not (blocked and blocked[p])
-    ]
-    if len(minima) <= max_candidates:
-        return tuple(minima)
+    free = [p for p in range(1, n) if not (blocked and blocked[p])]
+    marks = [p for p in range(n) if heavy and heavy[p]]
+    gaps = [[p for p in free if a < p <= b] for a, b in itertools.pairwise(marks)]  # after a, up to b
+    between = {min(reversed(gap), key=lambda p: nbytes[p]) for gap in gaps if gap}
+    minima = {p for p in free if nbytes[p] <= nbytes[p - 1] and nbytes[p] <= nbytes[p + 1]} - between
+    chosen = _spread(sorted(between), nbytes, max_candidates)
+    chosen += _spread(sorted(minima), nbytes, max_candidates - len(chosen))
+    return tuple(sorted(chosen))
+
+
+def _spread(positions: Sequence[int], nbytes: Sequence[int], keep: int) -> list[int]:
+    """At most ``keep`` of ``positions``: the cheapest in each of ``keep`` equal windows of the chain."""
+    if len(positions) <= keep or keep <= 0:
+        return list(positions)[: max(keep, 0)]
+    n = len(nbytes) - 1
     best: dict[int, int] = {}
-    for p in minima:
-        window = (p - 1) * max_candidates // (n - 1)
+    for p in positions:
+        window = (p - 1) * keep // (n - 1)
         if window not in best or nbytes[p] <= nbytes[best[window]]:
             best[window] = p
-    return tuple(sorted(best.values()))
+    return sorted(best.values())
 
 
 # --- momentum: teacher cuts mirroring the student's -----------------------------------------
@@ -248,18 +272,28 @@ def mirror_map(
 def mirrored_cuts(student: GraphChain, teacher: GraphChain, shared: set[str]) -> list[tuple[int, int]]:
     """Pairs ``(student position, teacher position)`` that split the shared parameters alike.
 
-    One pair per way of splitting the shared parameters (the one with the fewest live bytes,
-    the later one on ties): positions between two parameter users differ only by
-    parameter-free nodes. Pairs increase in both positions.
+    Candidates between the same two parameter users differ only by parameter-free nodes (an
+    attention's scores, an activation). Where both graphs have as many candidates there (a
+    momentum copy's identical graph), they pair in order: a stage may end after a block's
+    attention as well as before it. Otherwise one pair per way of splitting the shared
+    parameters, the one with the fewest live bytes (the later one on ties). Pairs increase in
+    both positions.
     """
-    mapping = mirror_map(student, teacher, shared, student.candidates)
-    best: dict[int, tuple[int, int]] = {}  # keyed by teacher position: one per split
-    for p, q in mapping.items():
-        cost = student.live_bytes[p] + teacher.live_bytes[q]
-        if q not in best or cost <= student.live_bytes[best[q][0]] + teacher.live_bytes[q]:
-            best[q] = (p, q)
+    groups: list[dict[str, list[int]]] = [{}, {}]
+    for gc, group in zip((student, teacher), groups, strict=True):
+        keys = _param_split_keys(gc, set(shared))
+        for p in gc.candidates:
+            group.setdefault(keys[p], []).append(p)
+    pairs: list[tuple[int, int]] = []
+    for key, ps in groups[0].items():
+        qs = groups[1].get(key, [])
+        if len(ps) == len(qs):
+            pairs += zip(ps, qs, strict=True)
+        elif qs:
+            pairs.append((min(reversed(ps), key=lambda p: student.live_bytes[p]),
+                          min(reversed(qs), key=lambda q: teacher.live_bytes[q])))  # fmt: skip
     out: list[tuple[int, int]] = []
-    for p, q in sorted(best.values()):
+    for p, q in sorted(pairs):
         if not out or q > out[-1][1]:  # a graph that reorders first uses: keep the increasing chain
             out.append((p, q))
     return out

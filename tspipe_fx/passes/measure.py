@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+import tspipe_fx.passes.flop_formulas  # noqa: F401  (attention FLOPs on the CPU)
 from tspipe_fx.errors import ProfileError
 from tspipe_fx.passes.meta import update
 from tspipe_fx.passes.mutation import may_mutate

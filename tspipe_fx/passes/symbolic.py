@@ -24,6 +24,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+import tspipe_fx.passes.flop_formulas  # noqa: F401  (attention FLOPs on the CPU)
 from tspipe_fx.passes.meta import update
 
 __all__ = [

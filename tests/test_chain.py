@@ -69,6 +69,8 @@ def test_a_block_may_be_cut_between_its_heavy_nodes() -> None:
     flops = {n.name: n.meta["tspipe"].fwd_flops for n in gc.nodes}
     sdpa = [name for name in flops if "scaled_dot_product" in name]
     assert sdpa and all(flops[name] == 2 * (2 * 2 * 5 * 5 * 16) for name in sdpa)  # QK^T and PV
+    exprs = {n.name: n.meta["tspipe"].flops_expr for n in gc.nodes}
+    assert all("B" in exprs[name] for name in [*sdpa, "_0_fc1"]), exprs  # still symbolic in the batch
     heavy = [p for p, n in enumerate(gc.nodes) if flops[n.name] > 0]
     assert len(heavy) == 10  # five per block
     for a, b in itertools.pairwise(heavy):

@@ -32,15 +32,15 @@ def _register() -> None:
         @register_flop_formula(forward)
         def cpu_attention(
             query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any
-        ) -> int:
-            return int(sdpa_flop_count(query_shape, key_shape, value_shape))  # type: ignore[no-untyped-call]
+        ) -> Any:  # a symbolic count where the shapes are (int() would specialize the batch size)
+            return sdpa_flop_count(query_shape, key_shape, value_shape)  # type: ignore[no-untyped-call]
 
     if backward is not None and backward not in flop_registry:
 
         @register_flop_formula(backward)
         def cpu_attention_backward(grad_shape: Any, query_shape: Any, key_shape: Any, value_shape: Any, *args: Any,
-                                   **kwargs: Any) -> int:  # fmt: skip
-            return int(sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape))  # type: ignore[no-untyped-call]
+                                   **kwargs: Any) -> Any:  # fmt: skip
+            return sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)  # type: ignore[no-untyped-call]
 
 
 _register()

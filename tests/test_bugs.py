@@ -142,7 +142,8 @@ def test_the_plan_never_loses_to_a_simple_policy_on_its_own_costs() -> None:
     pipe = tspipe_fx.compile(student, teacher, 3, example_inputs=(torch.randn(2, 3, 224, 224),), batch_size=4,
                              micro_batches=3, cost_model="params")  # fmt: skip
     baselines = dict(pipe.plan.baselines)
-    assert baselines["equal parameters"] == pytest.approx(221.748, abs=1e-3)
+    # 221.748 then; 221.819 since candidate cuts lie between heavy nodes (the policy's cuts moved)
+    assert baselines["equal parameters"] == pytest.approx(221.819, abs=1e-3)
     assert all(period >= pipe.plan.max_load_ms for period in baselines.values())
     unpolished = tspipe_fx.compile(student, teacher, 3, example_inputs=(torch.randn(2, 3, 224, 224),), batch_size=4,
                                    micro_batches=3, cost_model="params", schedule=None)  # fmt: skip

@@ -133,13 +133,15 @@ def test_plan_within_a_memory_limit_with_recompute(capsys: pytest.CaptureFixture
     rc, out, _ = run(capsys, *args, "--json", str(tmp_path / "free.json"))
     assert rc == 0 and "predicted memory per device" in out, out
     peak = max(Plan.load(tmp_path / "free.json").memory_bytes)
-    limit = f"{peak * 0.75 / 2**30:.6f}"
+    # Without recompute no partition fits under 0.70 of the time-balanced plan's peak, with it
+    # one does down to 0.60 (2026-12-03: candidate cuts between heavy nodes; was 0.75 before).
+    limit = f"{peak * 0.65 / 2**30:.6f}"
     rc, _, err = run(capsys, *args, "--memory-gib", limit)
     assert rc == 1 and "(predicted peak, recompute 'never')" in err and "hint: recompute='auto'" in err, err
     rc, out, _ = run(capsys, *args, "--memory-gib", limit, "--recompute", "auto", "--json", str(tmp_path / "p.json"))
     assert rc == 0, out
     plan = Plan.load(tmp_path / "p.json")
-    assert plan.recompute and max(plan.memory_bytes) <= peak * 0.75
+    assert plan.recompute and max(plan.memory_bytes) <= peak * 0.65
     rc, _, err = run(capsys, *args, "--memory-gib", "0")
     assert rc == 1 and "--memory-gib must be a number of GiB > 0, got 0.0" in err
 

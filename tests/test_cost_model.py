@@ -111,6 +111,37 @@ def test_roofline_is_the_max_of_compute_and_memory_time(mlp: tuple[fx.GraphModul
     assert at1.fwd_ms == pytest.approx(cost.fwd_ms / 8)
 
 
+class Views(nn.Module):
+    """Views, identities and an in-place op among ops that move bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.drop, self.idn = nn.Linear(8, 24), nn.Dropout(0.0), nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.lin(x).reshape(2, 3, 4, 2).permute(1, 0, 2, 3).unbind(0)
+        a = self.idn(self.drop(q)).transpose(1, 2).contiguous()
+        return a.sum() + self.relu(k + 1).sum() + nn.functional.gelu(v).sum()
+
+
+def test_views_cost_their_launch_alone() -> None:
+    """The symbolic pass marks nodes whose outputs share an input's storage and write nothing:
+    the roofline charges them a launch, no bytes and no kept activation. A copy (``contiguous``
+    of a transposed tensor), an in-place ReLU and new values are not views."""
+    x = torch.randn(2, 8)
+    gm = capture(Views(), (x,)).graph_module
+    annotate_structure(gm)
+    annotate_symbolic(gm, [x])
+    views = {n.name for n in gm.graph.nodes if info(n).view}
+    assert views == {"reshape", "permute", "unbind", "getitem", "getitem_1", "getitem_2", "drop", "idn", "transpose"}
+    spec = DeviceSpec("toy", {"float32": 1e9}, memory_bandwidth_gbs=1e-3, memory_bytes=2**30, launch_overhead_us=7)
+    costs = dict(zip([n.name for n in gm.graph.nodes], RooflineCost(spec).graph_costs(gm), strict=True))
+    assert all(costs[name] == NodeCost(0.007, 0.0, 0) for name in views)
+    for name in ("contiguous", "relu", "gelu", "add"):  # each moves its output's bytes at 1 MB/s
+        assert costs[name].fwd_ms > 0.007 + 1e-3
+
+
 def test_roofline_needs_the_symbolic_pass() -> None:
     gm = capture(nn.Linear(4, 4), (torch.randn(2, 4),)).graph_module
     with pytest.raises(TspipeError, match="annotate_symbolic"):

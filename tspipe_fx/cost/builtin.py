@@ -116,6 +116,10 @@ class MeasuredCost(CostModel):
 class RooflineCost(CostModel):
     """Time from FLOPs and bytes: ``max(flops / peak, bytes / bandwidth) + launch overhead``.
 
+    A view or an identity (``view``: its output shares an input's storage) moves no bytes and
+    keeps nothing for backward: it costs its launch alone (an H100 profile times such nodes at
+    the 1.3 µs launch floor, where a memory pass over one of its ViT-S activations takes 6 µs).
+
     Backward costs ``bwd_factor`` times the forward (2: one GEMM each for input and weight
     gradients) on nodes whose output needs a gradient. Needs only the structure and symbolic
     passes: no measurement.
@@ -146,13 +150,16 @@ class RooflineCost(CostModel):
             return NodeCost()
         assert self.scaling is not None, "prepare() first"
         i = info(node)
+        launch_ms = self.spec.launch_overhead_us * 1e-3
+        if i.view:  # a view or an identity: launched (the host dispatches it), no bytes, nothing kept
+            return NodeCost(launch_ms, launch_ms if i.on_grad_path else 0.0, 0)
         flops = self.scaling.at_target(i.flops_expr)
         out_bytes = self.scaling.at_target(i.output_bytes_expr)
         moved = 2 * out_bytes + i.param_bytes  # read about as much as written, plus the weights
         seconds = max(
             flops / self.spec.peak_flops(self.dtype), moved / (self.spec.memory_bandwidth_gbs * 1e9)
         )
-        fwd_ms = seconds * 1e3 + self.spec.launch_overhead_us * 1e-3
+        fwd_ms = seconds * 1e3 + launch_ms
         trains = i.on_grad_path or i.param_bytes > 0 or flops > 0
         return NodeCost(fwd_ms, fwd_ms * self.bwd_factor if trains else 0.0, out_bytes if trains else 0)
 

@@ -13,6 +13,8 @@ Fields and the pass that writes them (all in :mod:`tspipe_fx.passes`):
 ``fwd_flops``          symbolic: forward FLOPs at the example size (FlopCounterMode)
 ``flops_expr``         symbolic: forward FLOPs as a sympy expression of ``B`` (and ``S``)
 ``tensor_container``   symbolic: the output is a tuple or list holding tensors (``unbind``)
+``view``               symbolic: every output tensor shares an input's storage and nothing was
+                       written (a view, an identity, dropout with p=0): no kernel, no bytes moved
 ``on_grad_path``       measure: the node's output requires grad in training
 ``bwd_flops``          measure: FLOPs of the node's backward (FlopCounterMode)
 ``saved_bytes``        measure: activation bytes autograd keeps for backward (no parameters)
@@ -49,6 +51,7 @@ class NodeInfo:
     fwd_flops: int = 0
     flops_expr: str = "0"
     tensor_container: bool = False
+    view: bool = False
     on_grad_path: bool = False
     bwd_flops: int = 0
     saved_bytes: int = 0

@@ -21,11 +21,13 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import tspipe_fx.passes.flop_formulas  # noqa: F401  (attention FLOPs on the CPU)
 from tspipe_fx.passes.meta import update
+from tspipe_fx.passes.mutation import may_mutate
 
 __all__ = [
     "BATCH",
@@ -75,10 +77,14 @@ class _Interpreter(fx.Interpreter):
         self.flops: dict[fx.Node, Any] = {}
         self.out_bytes: dict[fx.Node, Any] = {}
         self.container: dict[fx.Node, bool] = {}
+        self.view: dict[fx.Node, bool] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         with FlopCounterMode(display=False) as counter:
             out = super().run_node(n)
+        if n.op in ("call_module", "call_function", "call_method"):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            self.view[n] = _is_view(out, (args, kwargs)) and not may_mutate(n, self.module)  # type: ignore[arg-type]
         self.flops[n] = counter.get_total_flops() if n.op != "placeholder" else 0
         self.out_bytes[n] = sum(
             t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
@@ -89,9 +95,21 @@ class _Interpreter(fx.Interpreter):
         return out
 
 
+def _is_view(out: Any, inputs: Any) -> bool:
+    """Whether every tensor of ``out`` lies in the storage of a tensor of ``inputs``."""
+    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    storages = {_storage(t) for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}
+    return bool(outs) and all(_storage(t) in storages for t in outs)
+
+
+def _storage(t: torch.Tensor) -> StorageWeakRef:
+    """A key equal for tensors that share storage (torch's own alias checks use it)."""
+    return StorageWeakRef(t.untyped_storage())  # type: ignore[no-untyped-call]
+
+
 def annotate_symbolic(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
-    """Write ``flops_expr``, ``output_bytes_expr``, ``fwd_flops``, ``output_bytes`` and
-    ``tensor_container``.
+    """Write ``flops_expr``, ``output_bytes_expr``, ``fwd_flops``, ``output_bytes``,
+    ``tensor_container`` and ``view``.
 
     Falls back to static shapes (constant expressions) if the graph specialises the batch size.
     """
@@ -112,6 +130,7 @@ def annotate_symbolic(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> fx.
             fwd_flops=evaluate(str(flops), sizes),
             output_bytes=evaluate(str(out_bytes), sizes),
             tensor_container=interp.container.get(node, False),
+            view=interp.view.get(node, False),
         )
     return gm
 
@@ -147,6 +166,7 @@ def _run(
     interp.flops = {by_name[n.name]: v for n, v in interp.flops.items()}
     interp.out_bytes = {by_name[n.name]: v for n, v in interp.out_bytes.items()}
     interp.container = {by_name[n.name]: v for n, v in interp.container.items()}
+    interp.view = {by_name[n.name]: v for n, v in interp.view.items()}
     symbols = {env.replace(k): v for k, v in symbols.items()} | symbols
     return interp, symbols
 

@@ -183,7 +183,8 @@ def graph_chain(gm: fx.GraphModule, sizes: dict[str, int], *, max_candidates: in
     blocked = [any(info(v).tensor_container for v in vs) for vs in live]
     peak = tuple(nbytes[p] + size[node] for p, node in enumerate(nodes))
     flops = [info(node).fwd_flops for node in nodes]
-    heavy = [f > 0 and f >= sum(flops) / (HEAVY_SHARE * max_candidates) for f in flops]
+    least = sum(flops) / (HEAVY_SHARE * max_candidates)
+    heavy = [f > 0 and f >= least for f in flops]
     candidates = candidate_cuts(nbytes, max_candidates, blocked, heavy)
     return GraphChain(gm, nodes, tuple(live), nbytes, candidates, peak)
 
@@ -209,7 +210,8 @@ def candidate_cuts(
     n = len(nbytes) - 1
     free = [p for p in range(1, n) if not (blocked and blocked[p])]
     marks = [p for p in range(n) if heavy and heavy[p]]
-    gaps = [[p for p in free if a < p <= b] for a, b in itertools.pairwise(marks)]  # after a, up to b
+    gaps = [[p for p in range(a + 1, b + 1) if not (blocked and blocked[p])]  # after heavy a, up to heavy b
+            for a, b in itertools.pairwise(marks)]  # fmt: skip
     between = {min(reversed(gap), key=lambda p: nbytes[p]) for gap in gaps if gap}
     minima = {p for p in free if nbytes[p] <= nbytes[p - 1] and nbytes[p] <= nbytes[p + 1]} - between
     chosen = _spread(sorted(between), nbytes, max_candidates)

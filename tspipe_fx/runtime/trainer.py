@@ -27,7 +27,7 @@ from tspipe_fx.runtime.optim import OptimizerSpec
 from tspipe_fx.runtime.options import TrainOptions
 from tspipe_fx.runtime.tasks import RuntimeFailure, StageTasks
 from tspipe_fx.runtime.teacher import TeacherVersions
-from tspipe_fx.schedule.task import Schedule, Task
+from tspipe_fx.schedule.task import Schedule, Task, window_ends
 from tspipe_fx.schedule.validator import validate
 from tspipe_fx.stage import StagedModel
 
@@ -156,7 +156,7 @@ class Trainer:
         shift = index - local
         out = []
         for tasks in s.devices:
-            ends = [i for i, t in enumerate(tasks) if t.kind == "opt"]
+            ends = window_ends(tasks)
             lo = ends[local - 1] + 1 if local > 0 else 0
             hi = ends[local] + 1
             out.append([t.with_batch(t.batch + shift) for t in tasks[lo:hi]])

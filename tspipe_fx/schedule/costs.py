@@ -1,8 +1,9 @@
 """What a schedule's tasks cost: per stage, one micro-batch, in milliseconds.
 
 The simulator, the synthesizer and the plan price tasks with one :class:`StageCosts`: stage
-``j``'s student forward and backward and teacher forward run on device ``j``; an activation
-(or its gradient, as large) crosses the link to the neighbouring device in ``*_send_ms``.
+``j``'s student forward and backward and teacher forward (on the schedule's device of stage
+``j``); an activation (or its gradient, as large) crosses the link from stage ``j``'s device to
+stage ``j + 1``'s in ``student_send_ms[j]`` (``teacher_send_ms[j]``).
 Optimizer steps and the loss take no time.
 
 A split backward (zero-bubble) prices its halves with ``weight_grad_share``: of a layer with
@@ -126,7 +127,9 @@ class StageCosts:
         per_micro = sum(self.student_fwd_ms) + sum(self.student_bwd_ms) + sum(self.teacher_fwd_ms)
         return per_micro * micro_batches * views
 
-    def loads_ms(self, micro_batches: int, views: int) -> list[float]:
-        """Each device's work of one batch."""
-        return [(f + b + t) * micro_batches * views for f, b, t in
-                zip(self.student_fwd_ms, self.student_bwd_ms, self.teacher_fwd_ms, strict=True)]  # fmt: skip
+    def loads_ms(self, micro_batches: int, views: int, stages_per_device: int = 1) -> list[float]:
+        """Each device's work of one batch (stage ``j`` on device ``j % devices``)."""
+        stages = [(f + b + t) * micro_batches * views for f, b, t in
+                  zip(self.student_fwd_ms, self.student_bwd_ms, self.teacher_fwd_ms, strict=True)]  # fmt: skip
+        n = len(stages) // stages_per_device
+        return [sum(stages[d::n]) for d in range(n)]

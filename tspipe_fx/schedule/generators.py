@@ -160,7 +160,7 @@ def _synthesized(
         name: tuple(tuple(d) for d in _FIXED[name](s.n_stages, s.micro_batches, s.views, s.mode, s.staleness,
                                                     HORIZON, s.loss))
         for name in (("tspipe", "gpipe") if s.loss == "batch" else ("1f1b", "tspipe"))
-        if s.teacher_parts == 1
+        if s.teacher_parts == 1 and s.stages_per_device == 1
     }  # fmt: skip
     known = {
         name: lists for name, lists in known.items()
@@ -185,6 +185,7 @@ def make_schedule(
     split_backward: bool | None = None,
     max_in_flight: int | None = None,
     teacher_parts: int = 1,
+    stages_per_device: int = 1,
     quick: bool = False,
 ) -> Schedule:
     """Build a schedule by name: ``auto``, ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential``.
@@ -195,7 +196,8 @@ def make_schedule(
     (None: where it pays), with at most ``max_in_flight`` micro-batches' activations per device
     (default: all of a batch's). ``quick``: a fast first estimate of ``auto`` (the fixed
     schedules and the synthesizer's two main variants, unrepaired), for ranking many partitions;
-    never faster than the full synthesis on the same costs.
+    never faster than the full synthesis on the same costs. ``stages_per_device`` (``auto``
+    only): virtual stages, stage ``j`` on device ``j % (n_stages // stages_per_device)``.
 
     Example:
         >>> s = make_schedule("tspipe", 4, 3, views=2, mode="momentum")
@@ -226,13 +228,17 @@ def make_schedule(
         raise ScheduleError(
             f"{name} runs the teacher in the student's micro-batches; teacher_parts needs 'auto'"
         )
+    if stages_per_device != 1 and name != "auto":
+        raise ScheduleError(
+            f"{name} runs one stage per device; virtual stages (stages_per_device={stages_per_device!r}) "
+            "need 'auto'"
+        )
     if name == "1f1b" and loss == "batch":
         loss = "micro"
     m = 1 if name == "sequential" else micro_batches
     staleness = staleness if mode == "momentum" else 0
-    skeleton = Schedule(
-        name, n_stages, m, views, mode, staleness, n_batches, (), loss=loss, teacher_parts=teacher_parts
-    )
+    skeleton = Schedule(name, n_stages, m, views, mode, staleness, n_batches, (), loss=loss,
+                        teacher_parts=teacher_parts, stages_per_device=stages_per_device)  # fmt: skip
     if name != "auto":
         lists = _FIXED[name](n_stages, m, views, mode, staleness, n_batches, loss)
         return Schedule(
@@ -248,5 +254,6 @@ def make_schedule(
         raise ScheduleError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
     whole = m * views
     cap = whole if loss == "batch" or max_in_flight is None else max(views, min(whole, max_in_flight))
+    cap *= stages_per_device  # (counted per device: a micro-batch held by each of its stages)
     t = _synthesized(dataclasses.replace(skeleton, n_batches=1), costs, cap, split_backward, quick)
     return dataclasses.replace(periodic(skeleton, t, n_batches), variant=t.variant)

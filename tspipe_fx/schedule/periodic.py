@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from tspipe_fx.schedule.task import Schedule, Task
+from tspipe_fx.schedule.task import Schedule, Task, window_ends
 
 __all__ = ["HORIZON", "Lists", "Templates", "lay_out", "periodic", "window_lists"]
 
@@ -33,11 +33,11 @@ class Templates:
 
 
 def window_lists(lists: Lists, w: int) -> Lists:
-    """Window ``w`` of every device's list (up to its ``w``-th optimizer step), batches made
-    relative to ``w``."""
+    """Window ``w`` of every device's list (:func:`~tspipe_fx.schedule.task.window_ends`), batches
+    made relative to ``w``."""
     out = []
     for tasks in lists:
-        ends = [i for i, t in enumerate(tasks) if t.kind == "opt"]
+        ends = window_ends(tasks)
         lo = ends[w - 1] + 1 if w > 0 else 0
         out.append(tuple(t.with_batch(t.batch - w) for t in tasks[lo : ends[w] + 1]))
     return tuple(out)

@@ -15,7 +15,7 @@ import dataclasses
 from tspipe_fx.schedule.costs import StageCosts
 from tspipe_fx.schedule.periodic import Templates, periodic
 from tspipe_fx.schedule.simulator import Timeline, simulate_costs
-from tspipe_fx.schedule.task import Schedule, ScheduleError, Task, dependencies
+from tspipe_fx.schedule.task import Schedule, ScheduleError, Task, dependencies, window_ends
 
 __all__ = ["repair"]
 
@@ -66,7 +66,7 @@ def _moved(t: Templates, s: Schedule, device: int, task: Task, forward: Task) ->
     two are not in one steady window."""
     tasks = s.devices[device]
     i = tasks.index(task)
-    ends = [k for k, x in enumerate(tasks) if x.kind == "opt"]
+    ends = window_ends(tasks)
     w = sum(1 for k in ends if k < i)
     if not 1 <= w <= s.n_batches - 2:
         return None

@@ -60,11 +60,16 @@ def _graph(s: Schedule, early: Early) -> tuple[dict[Task, int], dict[Task, list[
     preds: dict[Task, list[Task]] = {t: list(known[t]) for t in device}
     for t in device:
         w = _window_of(s, early, t)
+        stage = t.stage if t.kind != "loss" else s.n_stages - 1
+        first = s.device_of(stage)  # the device's first stage: its step ends the window
         if t.kind != "opt":
-            opt = Task("opt", t.stage if t.kind != "loss" else s.n_stages - 1, w)
-            preds[opt].append(t)
+            preds[Task("opt", stage, w)].append(t)
             if w > 0 and t.kind == "tf":
-                preds[t].append(Task("opt", t.stage, w - 1))
+                preds[t].append(Task("opt", stage, w - 1))
+        elif stage != first:  # virtual stages: every step of b in the device's window b
+            preds[Task("opt", first, w)].append(t)
+        if w > 0 and stage != first:  # ... and the window starts after the device's last one
+            preds[t].append(Task("opt", first, w - 1))
     chains: dict[tuple[str, int, int], list[Task]] = {}
     for t in device:  # the teacher's forwards in one order across batches too (its BatchNorm)
         if t.kind in ("sf", "tf", "loss"):
@@ -148,7 +153,7 @@ def _list_schedule(problem: _Problem, max_in_flight: int, lookahead: bool) -> Li
     left = {t: len(ps) for t, ps in preds.items()}
     ready_at: dict[Task, float] = {}
     finish: dict[Task, float] = {}
-    n = s.n_stages
+    n = s.n_devices
     candidates: list[list[Task]] = [[] for _ in range(n)]
     for t, k in left.items():
         if k == 0:
@@ -255,8 +260,8 @@ def _insertion_schedule(problem: _Problem, student_first: bool) -> Lists:
     s, priced, device, preds, level = problem.s, problem.costs, problem.device, problem.preds, problem.level
     rank = {t: i for i, t in enumerate(sorted(device))}
     depth = problem.depths
-    busy: list[list[tuple[float, float, Task]]] = [[] for _ in range(s.n_stages)]
-    ended: list[list[float]] = [[] for _ in range(s.n_stages)]  # the slots' ends, in order
+    busy: list[list[tuple[float, float, Task]]] = [[] for _ in range(s.n_devices)]
+    ended: list[list[float]] = [[] for _ in range(s.n_devices)]  # the slots' ends, in order
     start_of: dict[Task, float] = {}
     finish: dict[Task, float] = {}
 

@@ -17,6 +17,13 @@ The loss granularity (:data:`LOSSES`) says what one ``loss`` task covers:
 
 A :class:`Schedule` is one ordered task list per device; :func:`dependencies` is the task graph
 every schedule must respect.
+
+Virtual stages (``stages_per_device`` V > 1, interleaved as in Narayanan et al. 2021): the
+models are cut into V·N stages and stage ``j`` runs on device ``j % N``, so device ``d`` holds
+stages ``d, d + N, …``. Its loads add up over several pieces of each model, which balances a
+chain of coarse nodes better than one contiguous piece per device can. A device's window ``b``
+(:func:`window_ends`) ends with the optimizer step of its first stage, ``d``: that stage's
+backward comes last in the batch.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from tspipe_fx.errors import TspipeError
 
 __all__ = [
     "LOSSES", "Kind", "Schedule", "ScheduleError", "Task", "dependencies", "dependency_map", "must_precede", "order_key",
-    "task_devices", "window_of",
+    "task_devices", "window_ends", "window_of",
 ]  # fmt: skip
 
 Kind = Literal["tf", "sf", "sb", "sw", "loss", "opt"]
@@ -44,7 +51,8 @@ class ScheduleError(TspipeError):
 
 
 class Task(NamedTuple):
-    """One unit of work; ``stage`` is also the device it runs on (``loss``: the last one).
+    """One unit of work of stage ``stage`` (``loss``: the last stage's); the schedule says which
+    device runs it (:meth:`Schedule.device_of`).
 
     A named tuple: schedules of thousands of tasks are hashed and compared at C speed.
     """
@@ -81,6 +89,23 @@ class Schedule:
     split_backward: bool = False  # sb computes input gradients only; sw the weight gradients
     variant: str = ""  # how a synthesized schedule was made (for reports)
     teacher_parts: int = 1  # teacher micro-batches per student micro-batch (each a slice of its rows)
+    stages_per_device: int = 1  # virtual stages: stage j runs on device j % n_devices
+
+    def __post_init__(self) -> None:
+        v = self.stages_per_device
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or self.n_stages % v:
+            raise ScheduleError(
+                f"stages_per_device must be an integer >= 1 that divides the {self.n_stages} stages, "
+                f"got {v!r}; hint: cut the models into stages_per_device x devices stages"
+            )
+
+    @property
+    def n_devices(self) -> int:
+        return self.n_stages // self.stages_per_device
+
+    def device_of(self, stage: int) -> int:
+        """The device that runs stage ``stage``."""
+        return stage % self.n_devices
 
     @property
     def teacher_micro(self) -> int:
@@ -178,19 +203,27 @@ def window_of(s: Schedule, t: Task) -> int:
     return t.batch
 
 
+def window_ends(tasks: Sequence[Task]) -> list[int]:
+    """Where each window of one device's task list ends: the positions of the optimizer steps
+    of the device's first stage (its only one without virtual stages)."""
+    first = min((t.stage for t in tasks if t.kind == "opt"), default=0)
+    return [i for i, t in enumerate(tasks) if t.kind == "opt" and t.stage == first]
+
+
 def task_devices(s: Schedule) -> dict[Task, int]:
     """Every task the schedule must contain, with its device."""
     kinds: tuple[Kind, ...] = ("sf", "sb", "sw") if s.split_backward else ("sf", "sb")
     out: dict[Task, int] = {}
     for b in range(s.n_batches):
         for j in range(s.n_stages):
+            d = s.device_of(j)
             for v in range(s.views):
                 for i in range(s.teacher_micro):
-                    out[Task("tf", j, b, v, i)] = j
+                    out[Task("tf", j, b, v, i)] = d
                 for i in range(s.micro_batches):
                     for kind in kinds:
-                        out[Task(kind, j, b, v, i)] = j
-            out[Task("opt", j, b)] = j
+                        out[Task(kind, j, b, v, i)] = d
+            out[Task("opt", j, b)] = d
         for i in range(s.micro_batches if s.loss_per_micro else 1):
-            out[Task("loss", s.n_stages - 1, b, 0, i)] = s.n_stages - 1
+            out[Task("loss", s.n_stages - 1, b, 0, i)] = s.device_of(s.n_stages - 1)
     return out

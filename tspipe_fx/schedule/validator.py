@@ -13,6 +13,7 @@ from tspipe_fx.schedule.task import (
     must_precede,
     order_key,
     task_devices,
+    window_ends,
 )
 
 __all__ = ["validate"]
@@ -63,16 +64,16 @@ def _check_forward_order(s: Schedule) -> None:
     when the loss is per micro-batch): BatchNorm statistics depend on it, and the reference
     trainer runs that order."""
     seen: dict[tuple[int, str], list[Task]] = {}
-    for d, t in s.tasks():
+    for _, t in s.tasks():
         if t.kind in ("sf", "tf"):
-            seen.setdefault((d, t.kind), []).append(t)
-    for (d, kind), tasks in seen.items():
+            seen.setdefault((t.stage, t.kind), []).append(t)
+    for (j, kind), tasks in seen.items():
         keys = [(t.batch, *order_key(s, t)) for t in tasks]
         if keys != sorted(keys):
             order = "micro-batches first" if s.micro_major else "views first"
             at = next(i for i in range(1, len(keys)) if keys[i] < keys[i - 1])
             raise ScheduleError(
-                f"{s.name}: device {d} runs {tasks[at - 1]} before {tasks[at]}: its {kind} tasks are not in "
+                f"{s.name}: stage {j} runs {tasks[at - 1]} before {tasks[at]}: its {kind} tasks are not in "
                 f"one order (batch by batch, {order}), so BatchNorm would see another order than the "
                 "reference trainer"
             )
@@ -80,15 +81,21 @@ def _check_forward_order(s: Schedule) -> None:
 
 def _check_windows(s: Schedule, needs: Mapping[Task, Sequence[Task]]) -> None:
     """A value that crosses devices is sent and received in one window (each device's window
-    ``b`` ends with its optimizer step of ``b``): the runtimes run the schedule window by window,
-    and a message left by one window would find nobody to take it in the next."""
+    ``b`` ends with its first stage's optimizer step of ``b``, :func:`window_ends`): the runtimes
+    run the schedule window by window, and a message left by one window would find nobody to
+    take it in the next. A device's other stages take their step of ``b`` in its window ``b``."""
     window: dict[Task, tuple[int, int]] = {}
     for d, tasks in enumerate(s.devices):
-        w = 0
-        for t in tasks:
+        ends, w = set(window_ends(tasks)), 0
+        for i, t in enumerate(tasks):
             window[t] = (d, w)
-            w += t.kind == "opt"
+            w += i in ends
     for t, (d, w) in window.items():
+        if t.kind == "opt" and w != t.batch:
+            raise ScheduleError(
+                f"{s.name}: device {d} runs {t} (stage {t.stage}) in its window {w}: a device takes every "
+                f"stage's step of batch {t.batch} in its window {t.batch}, which ends with its first stage's"
+            )
         for dep in needs[t]:
             dd, dw = window[dep]
             if dd != d and dw != w:

@@ -1,11 +1,19 @@
-"""Virtual stages (several stages per device, interleaved) in the schedule data, as pure data."""
+"""Virtual stages (several stages per device, interleaved): the schedule data and the partition."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tspipe_fx.partition.interleave import device_loads, interleaved, stage_problem
+from tspipe_fx.partition.objective import evaluate
+from tspipe_fx.partition.problem import Chain, Device, Partition, PartitionError, Problem
+from tspipe_fx.partition.solver import solve
 from tspipe_fx.schedule import ScheduleError, Task, make_schedule, validate
 from tspipe_fx.schedule.costs import StageCosts
 from tspipe_fx.schedule.simulator import simulate_costs
@@ -62,3 +70,77 @@ def test_virtual_stages_need_auto_and_a_divisor() -> None:
         make_schedule("tspipe", 4, 2, stages_per_device=2)
     with pytest.raises(ScheduleError, match="stages_per_device must be an integer >= 1 that divides the 5 stages, got 2"):
         Schedule("auto", 5, 2, 1, "kd", 0, 1, (), stages_per_device=2)
+
+
+# --- the interleaved partition (partition/interleave.py) ----------------------------------------
+
+
+def _mirrored(fwd: list[float], params: list[int], memory: float, n: int, cuts: list[int]) -> Problem:
+    s = Chain(tuple(fwd), tuple(2 * f for f in fwd), tuple(params), (0,) * len(fwd), tuple((p, 0) for p in cuts))
+    t = Chain(tuple(fwd), (0.0,) * len(fwd), tuple(params), (0,) * len(fwd), s.cuts)
+    return Problem(s, t, (Device(memory_bytes=memory),) * n, micro_batches=2, mirror=True, optimizer_factor=0.0)
+
+
+def _score(part: Partition, n: int, slack: float) -> float:
+    """The period a partition meets: its largest device sum, or more where a stage is over the
+    cap of ``(1 + slack) / 2`` of the period."""
+    return max(max(device_loads(part, n)[0]), 2 * max(part.loads_ms) / (1 + slack))
+
+
+def _brute(problem: Problem, slack: float) -> float | None:
+    """The smallest score over every cut of the chain into 2N stages within each device's
+    memory (None: none fits)."""
+    n = len(problem.devices)
+    positions = [p for p, _ in problem.student.cuts]
+    staged = stage_problem(problem, 2)
+    scores = []
+    for cuts in itertools.combinations(positions, 2 * n - 1):
+        part = evaluate(staged, cuts, cuts)
+        if max(device_loads(part, n)[1]) <= problem.devices[0].memory_bytes:
+            scores.append(_score(part, n, slack))
+    return min(scores, default=None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fwd=st.lists(st.floats(0.1, 10.0, allow_nan=False), min_size=5, max_size=9),
+    n=st.integers(1, 2),
+    slack=st.sampled_from([0.1, 0.5, 100.0]),
+    memory=st.sampled_from([math.inf, 4000.0, 2500.0]),
+    data=st.data(),
+)
+def test_the_interleaved_partition_equals_brute_force(
+    fwd: list[float], n: int, slack: float, memory: float, data: st.DataObject
+) -> None:
+    """Without transfers the answer meets the brute force's best period (bisection: to its
+    tolerance) within each device's memory; where nothing fits, both say so."""
+    params = data.draw(st.lists(st.integers(0, 1000), min_size=len(fwd), max_size=len(fwd)))
+    problem = _mirrored(fwd, params, memory, n, list(range(1, len(fwd))))
+    best = _brute(problem, slack)
+    if best is None:
+        with pytest.raises(PartitionError, match="fits the devices' memory"):
+            interleaved(problem, stage_slack=slack)
+        return
+    part = interleaved(problem, stage_slack=slack)
+    assert _score(part, n, slack) == pytest.approx(best, rel=1e-5)
+    assert max(device_loads(part, n)[1]) <= memory
+
+
+def test_interleaving_balances_the_chain_one_piece_per_device_cannot() -> None:
+    """3 + 2 + 2 + 1 + 2 + 2 onto 3 devices (forward, backward 2x, teacher forward alike: x4):
+    contiguous pieces leave a device 5 of 12, two stages per device give each 4."""
+    problem = _mirrored([3.0, 2.0, 2.0, 1.0, 2.0, 2.0], [0] * 6, math.inf, 3, [1, 2, 3, 4, 5])
+    assert max(solve(problem).loads_ms) == pytest.approx(5 * 4 * 2)
+    part = interleaved(problem, stage_slack=1.0)
+    assert part.student_cuts == (1, 2, 3, 4, 5)
+    assert device_loads(part, 3)[0] == pytest.approx([4 * 4 * 2] * 3)
+
+
+def test_interleaved_partitions_refuse_what_they_do_not_model() -> None:
+    problem = _mirrored([1.0] * 6, [0] * 6, math.inf, 2, [1, 2, 3, 4, 5])
+    with pytest.raises(PartitionError, match="pair the teacher's cuts with the student's"):
+        interleaved(dataclasses.replace(problem, mirror=False))
+    with pytest.raises(PartitionError, match=r"devices of one speed, got \[1.0, 2.0\]"):
+        interleaved(dataclasses.replace(problem, devices=(Device(), Device(speed=2.0))))
+    with pytest.raises(PartitionError, match="5 candidate cuts: too few for 8 stages"):
+        interleaved(dataclasses.replace(problem, devices=(Device(),) * 4))

@@ -40,6 +40,7 @@ from tspipe_fx.schedule.validator import validate
 __all__ = ["insertion_schedule", "list_schedule", "templates"]
 
 Early = tuple[int, ...]  # per stage: how many of a batch's teacher forwards run in the window before
+_FIRST = 1e12  # added to a priority: ahead of every bottom level (milliseconds)
 
 
 def _window_of(s: Schedule, early: Early, t: Task) -> int:
@@ -132,19 +133,33 @@ class _Problem:
 
 
 def list_schedule(
-    s: Schedule, costs: StageCosts, early: Early, *, max_in_flight: int, lookahead: bool
+    s: Schedule,
+    costs: StageCosts,
+    early: Early,
+    *,
+    max_in_flight: int,
+    lookahead: bool,
+    backward_first: bool = False,
 ) -> Lists:
     """Per-device task lists for the tasks of ``s`` (its ``devices`` are ignored).
 
     ``max_in_flight``: a device starts no student forward while it holds that many micro-batches'
     activations. ``lookahead``: a device does not start a task that would still run when a task
-    with a longer path becomes ready, unless it fits in the wait.
+    with a longer path becomes ready, unless it fits in the wait. ``backward_first``: a ready
+    input-gradient backward (or loss) goes before any other task, then the longest path (1F1B's
+    rule; with virtual stages every micro-batch's path is about as long as the next one's, so
+    the bottom level alone lets the forwards of later micro-batches crowd out the backwards
+    that would start the next batch sooner).
     """
-    return _list_schedule(_Problem.of(s, costs, early), max_in_flight, lookahead)
+    return _list_schedule(_Problem.of(s, costs, early), max_in_flight, lookahead, backward_first)
 
 
-def _list_schedule(problem: _Problem, max_in_flight: int, lookahead: bool) -> Lists:
+def _list_schedule(
+    problem: _Problem, max_in_flight: int, lookahead: bool, backward_first: bool = False
+) -> Lists:
     s, priced, device, preds, level = problem.s, problem.costs, problem.device, problem.preds, problem.level
+    if backward_first:
+        level = {t: level[t] + (_FIRST if t.kind in ("sb", "loss") else 0.0) for t in level}
     rank = {t: i for i, t in enumerate(sorted(device))}  # ties: a fixed order
     succs: dict[Task, list[Task]] = {t: [] for t in device}
     for t, ps in preds.items():
@@ -362,8 +377,11 @@ def templates(
         horizon = dataclasses.replace(skeleton, n_batches=HORIZON, split_backward=split, devices=())
         for early in _splits(horizon)[:1] if quick else _splits(horizon):
             problem = _Problem.of(horizon, costs, early)
-            for method in ("insertion", "student first", "lookahead"):
-                if method != "lookahead":
+            methods = ["insertion", "student first", "lookahead"]
+            if skeleton.stages_per_device > 1:
+                methods.append("backward first")
+            for method in methods:
+                if method not in ("lookahead", "backward first"):
                     lists = _insertion_schedule(problem, method == "student first")
                     try:
                         held = validate(dataclasses.replace(horizon, devices=lists))["max_in_flight"]
@@ -372,7 +390,8 @@ def templates(
                     if held > max_in_flight:
                         continue
                 else:
-                    lists = _list_schedule(problem, max_in_flight, lookahead=True)
+                    bwd = method == "backward first"
+                    lists = _list_schedule(problem, max_in_flight, lookahead=not bwd, backward_first=bwd)
                 lookahead = method
                 first, last = window_lists(lists, 0), window_lists(lists, HORIZON - 1)
                 for w in range(1, 2 if quick else HORIZON - 1):

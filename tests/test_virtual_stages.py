@@ -1,19 +1,27 @@
-"""Virtual stages (several stages per device, interleaved): the schedule data and the partition."""
+"""Virtual stages (several stages per device, interleaved): the schedule data, the partition and
+the local runtime."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from toys import Online, Target, byol_loss, run_batches, sgd
 
+import tspipe_fx
+from tspipe_fx.errors import TspipeError
 from tspipe_fx.partition.interleave import device_loads, interleaved, stage_problem
 from tspipe_fx.partition.objective import evaluate
 from tspipe_fx.partition.problem import Chain, Device, Partition, PartitionError, Problem
 from tspipe_fx.partition.solver import solve
+from tspipe_fx.runtime.reference import ReferenceTrainer
+from tspipe_fx.runtime.trainer import Trainer
 from tspipe_fx.schedule import ScheduleError, Task, make_schedule, validate
 from tspipe_fx.schedule.costs import StageCosts
 from tspipe_fx.schedule.simulator import simulate_costs
@@ -168,3 +176,47 @@ def test_interleaved_partitions_refuse_what_they_do_not_model() -> None:
         interleaved(dataclasses.replace(problem, devices=(Device(), Device(speed=2.0))))
     with pytest.raises(PartitionError, match="5 candidate cuts: too few for 8 stages"):
         interleaved(dataclasses.replace(problem, devices=(Device(),) * 4))
+
+
+# --- the local runtime runs virtual stages ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("staleness", "loss"), [(1, "micro"), (0, "micro"), (1, "batch")])
+def test_the_local_runtime_runs_two_stages_per_device_as_the_reference(staleness: int, loss: str) -> None:
+    """BYOL's toy (BatchNorm in the projector) cut into 4 stages on 2 devices (stages 0 and 2 on
+    the first, 1 and 3 on the second): one thread per device runs both its stages' tasks in the
+    synthesized order, and trains what plain training does, loss by loss and weight by weight."""
+    torch.manual_seed(0)
+    online = Online()
+    target = Target(online)
+    pipe = tspipe_fx.compile(copy.deepcopy(online), copy.deepcopy(target), 4, example_inputs=(torch.randn(8, 8),),
+                             mode="momentum", cost_model="uniform", schedule="auto")  # fmt: skip
+    pipe = dataclasses.replace(pipe, plan=dataclasses.replace(pipe.plan, stages_per_device=2))
+    trainer = pipe.trainer(byol_loss, optimizer=sgd, views=2, staleness=staleness, momentum=0.9, loss=loss)
+    assert [len(tasks) > 0 for tasks in trainer.window(0, last=False)] == [True, True]
+    assert {t.stage for t in trainer.window(1, last=False)[0]} == {0, 2}
+    ref = ReferenceTrainer(copy.deepcopy(online), copy.deepcopy(target), byol_loss, optimizer=sgd, mode="momentum",
+                           micro_batches=trainer.m, views=2, staleness=staleness, momentum=0.9,
+                           micro_major=trainer.micro_major, loss=loss)  # fmt: skip
+    batches = [(torch.randn(8, 8), torch.randn(8, 8)) for _ in range(6)]
+    got = run_batches(trainer, batches)
+    want = [ref.step(*b) for b in batches]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    for like, mine, which in ((online, ref.student, "student"), (target, ref.teacher, "teacher")):
+        trained = copy.deepcopy(like)
+        trainer.sync_to_modules(**{which: trained})
+        for (name, a), b in zip(trained.state_dict().items(), mine.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_distributed_runtime_refuses_virtual_stages() -> None:
+    online = Online()
+    pipe = tspipe_fx.compile(copy.deepcopy(online), Target(online), 4, example_inputs=(torch.randn(8, 8),),
+                             mode="momentum", cost_model="uniform", schedule="auto")  # fmt: skip
+    plan = dataclasses.replace(pipe.plan, stages_per_device=2)
+    with pytest.raises(TspipeError, match=r"2 stages per device .* runtime='dist' runs one stage per rank"):
+        Trainer(plan, pipe.staged("student"), pipe.staged("teacher"), byol_loss, optimizer=sgd, runtime="dist", views=2)
+    with pytest.raises(TspipeError, match="stages_per_device must be an integer >= 1 dividing the 4 stages"):
+        dataclasses.replace(pipe.plan, stages_per_device=3)
+    with pytest.raises(TspipeError, match="above 1 with schedule 'auto' only"):
+        dataclasses.replace(pipe.plan, stages_per_device=2, schedule="tspipe")

@@ -101,6 +101,9 @@ class Plan:
     precision: str = "fp32"  # the compute dtype the costs price (activations, links) and the trainer runs
     recompute: tuple[str, ...] = ()  # per device, its activation recompute policy (empty: "never")
     memory: tuple[StageMemory, ...] = ()  # per device, the predicted peak by part (memory_bytes: its total)
+    # virtual stages (schedule "auto"): stage j runs on device j % (n_stages // stages_per_device);
+    # the fields "per device" above are then per stage
+    stages_per_device: int = 1
 
     def __post_init__(self) -> None:
         _check(self)
@@ -110,6 +113,10 @@ class Plan:
         return len(self.devices)
 
     @property
+    def n_devices(self) -> int:
+        return self.n_stages // self.stages_per_device
+
+    @property
     def max_load_ms(self) -> float:
         """The partition's objective: the busiest device's work and transfers per batch."""
         return max(self.loads_ms)
@@ -117,7 +124,7 @@ class Plan:
     @property
     def busiest_ms(self) -> float:
         """The busiest device's compute per batch (transfers overlap it): no schedule is faster."""
-        return max(self.stage_costs().loads_ms(self.micro_batches, self.views))
+        return max(self.stage_costs().loads_ms(self.micro_batches, self.views, self.stages_per_device))
 
     @property
     def period_ms(self) -> float:
@@ -166,7 +173,8 @@ class Plan:
         """The plan's schedule over ``n_batches`` batches (``auto``: made for the plan's costs)."""
         return make_schedule(self.schedule, self.n_stages, self.micro_batches, views=self.views,
                              mode=self.mode, staleness=self.staleness, n_batches=n_batches, loss=self.loss,
-                             costs=costs or self.stage_costs(), teacher_parts=self.teacher_parts)  # fmt: skip
+                             costs=costs or self.stage_costs(), teacher_parts=self.teacher_parts,
+                             stages_per_device=self.stages_per_device)  # fmt: skip
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -236,6 +244,14 @@ def _check(plan: Plan) -> None:
         or not all(len(x) == 2 and x[0] > 0 and x[1] >= 0 for x in plan.links)
     ):
         raise bad("links", f"{len(plan.devices)} pairs (GB/s > 0, latency ms >= 0), or empty")
+    v = plan.stages_per_device
+    if not count(v, 1) or len(plan.devices) % v or (v > 1 and plan.schedule != "auto"):
+        raise bad(
+            "stages_per_device",
+            f"an integer >= 1 dividing the {len(plan.devices)} stages (above 1 with schedule 'auto' only)",
+        )
+    if v > 1 and any(plan.devices[j] != plan.devices[j % plan.n_devices] for j in range(len(plan.devices))):
+        raise bad("devices", f"stage j's device the same as stage j % {plan.n_devices}'s (virtual stages)")
     n = plan.n_stages
     if plan.recompute and (len(plan.recompute) != n or not all(r in RECOMPUTE for r in plan.recompute)):
         raise bad("recompute", f"{n} policies of {list(RECOMPUTE)} (one per device), or empty")

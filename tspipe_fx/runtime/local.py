@@ -35,7 +35,9 @@ class LocalRuntime(StageTasks):
         lists: Sequence[Sequence[Task]],
         data: dict[int, Fed],
     ) -> None:
-        """Run one window: ``lists[j]`` on device ``j``; ``data[b]``: batch ``b``."""
+        """Run one window: ``lists[k]`` on device ``k`` (a thread each; with virtual stages a
+        device's list holds the tasks of several stages, each run on its own stage's state);
+        ``data[b]``: batch ``b``."""
         if self.broken is not None:
             raise RuntimeFailure(f"the runtime failed earlier and cannot go on: {self.broken}")
         board = Board(self.timeout_s)
@@ -43,11 +45,11 @@ class LocalRuntime(StageTasks):
         workers = [
             threading.Thread(
                 target=self._worker,
-                args=(d, lists[d.index], data, board),
-                name=f"tspipe-dev{d.index}",
+                args=(k, tasks, data, board),
+                name=f"tspipe-dev{k}",
                 daemon=True,
             )
-            for d in self.devices
+            for k, tasks in enumerate(lists)
         ]
         for w in workers:
             w.start()
@@ -61,16 +63,17 @@ class LocalRuntime(StageTasks):
             )
             raise self.broken from err
 
-    def _worker(self, d: DeviceState, tasks: Sequence[Task], data: dict[int, Fed], board: Board) -> None:
-        task = tasks[0] if tasks else Task("opt", d.index, -1)
+    def _worker(self, device: int, tasks: Sequence[Task], data: dict[int, Fed], board: Board) -> None:
+        task = tasks[0] if tasks else Task("opt", device, -1)
         try:
-            with torch.cuda.stream(d.stream) if d.stream is not None else contextlib.nullcontext():
-                for task in tasks:
+            for task in tasks:
+                d = self.stage[task.stage]
+                with torch.cuda.stream(d.stream) if d.stream is not None else contextlib.nullcontext():
                     self.run_task(d, task, data, board)
         except Aborted:
             return
         except BaseException as e:  # noqa: BLE001 - every failure reaches the caller, named
-            board.abort(d.index, task, e)
+            board.abort(device, task, e)
 
     def send(self, d: DeviceState, board: Board, key: Any, payload: Any) -> None:
         """Post ``payload``; on a GPU with an event marking when the stage's stream made it."""

@@ -125,6 +125,12 @@ class Trainer:
         )
         self.runtime: StageTasks
         if runtime == "dist":
+            if self.plan.stages_per_device > 1:
+                raise TspipeError(
+                    f"the plan holds {self.plan.stages_per_device} stages per device (virtual stages), and "
+                    "runtime='dist' runs one stage per rank; hint: runtime='local', or a plan with one stage "
+                    "per device"
+                )
             from tspipe_fx.runtime.dist.layout import init
             from tspipe_fx.runtime.dist.runtime import DistRuntime
 

@@ -5,9 +5,11 @@ device is free it runs, among its tasks whose inputs have arrived, the one with 
 path to the end of the run (its *bottom level*, task and link times included). The student's
 critical chain (forward, loss, backward, optimizer step, next forward) is the longest, so it
 goes first; teacher forwards and deferred weight gradients, with short paths, fill the gaps.
+With virtual stages a variant puts ready backwards first (1F1B's rule), as every micro-batch's
+path is then about as long as the next one's.
 
-The lists must also respect what the trainer runs: windows (:func:`~tspipe_fx.schedule.task
-.window_of`; each device's window ``b`` ends with its optimizer step of ``b``, and the
+The lists must also respect what the trainer runs (:mod:`~tspipe_fx.schedule.task_graph`):
+windows (each device's window ``b`` ends with its first stage's optimizer step of ``b``, and the
 teacher forwards of ``b+1`` run inside it), forwards in one order per stage (BatchNorm), and a
 cap on the micro-batches whose activations a device holds. From a run of ``HORIZON`` batches it
 takes the first window, one steady window (repeated) and the last, and keeps the variant whose
@@ -19,117 +21,18 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import functools
 import heapq
-import itertools
-from dataclasses import dataclass
 
 from tspipe_fx.schedule.costs import StageCosts
 from tspipe_fx.schedule.periodic import HORIZON, Lists, Templates, periodic, window_lists
 from tspipe_fx.schedule.simulator import simulate_costs
-from tspipe_fx.schedule.task import (
-    Schedule,
-    ScheduleError,
-    Task,
-    dependency_map,
-    order_key,
-    task_devices,
-)
+from tspipe_fx.schedule.task import Schedule, ScheduleError, Task, order_key
+from tspipe_fx.schedule.task_graph import Early, TaskGraph
 from tspipe_fx.schedule.validator import validate
 
 __all__ = ["insertion_schedule", "list_schedule", "templates"]
 
-Early = tuple[int, ...]  # per stage: how many of a batch's teacher forwards run in the window before
 _FIRST = 1e12  # added to a priority: ahead of every bottom level (milliseconds)
-
-
-def _window_of(s: Schedule, early: Early, t: Task) -> int:
-    """Batch ``c``'s first ``early[j]`` teacher forwards on stage ``j`` (in forward order) run in
-    window ``c - 1``, the rest in window ``c``; every other task in its batch's window."""
-    if t.kind != "tf" or t.batch == 0:
-        return t.batch
-    rank = order_key(s, t)
-    position = rank[0] * (s.teacher_micro if not s.micro_major else s.views) + rank[1]
-    return t.batch - 1 if position < early[t.stage] else t.batch
-
-
-def _graph(s: Schedule, early: Early) -> tuple[dict[Task, int], dict[Task, list[Task]]]:
-    """Every task with its device, and what must finish before it: the data dependencies, the
-    window bounds (after the device's previous step, before its own) and one forward order."""
-    device = task_devices(s)
-    known = dependency_map(s)
-    preds: dict[Task, list[Task]] = {t: list(known[t]) for t in device}
-    for t in device:
-        w = _window_of(s, early, t)
-        stage = t.stage if t.kind != "loss" else s.n_stages - 1
-        first = s.device_of(stage)  # the device's first stage: its step ends the window
-        if t.kind != "opt":
-            preds[Task("opt", stage, w)].append(t)
-            if w > 0 and t.kind == "tf":
-                preds[t].append(Task("opt", stage, w - 1))
-        elif stage != first:  # virtual stages: every step of b in the device's window b
-            preds[Task("opt", first, w)].append(t)
-        if w > 0 and stage != first:  # ... and the window starts after the device's last one
-            preds[t].append(Task("opt", first, w - 1))
-    chains: dict[tuple[str, int, int], list[Task]] = {}
-    for t in device:  # the teacher's forwards in one order across batches too (its BatchNorm)
-        if t.kind in ("sf", "tf", "loss"):
-            chains.setdefault((t.kind, t.stage, -1 if t.kind == "tf" else t.batch), []).append(t)
-    for key, tasks in chains.items():
-        tasks.sort(key=(lambda t: t.micro) if key[0] == "loss" else (lambda t: (t.batch, *order_key(s, t))))
-        for a, b in itertools.pairwise(tasks):
-            preds[b].append(a)
-    return device, preds
-
-
-def _bottom_levels(
-    device: dict[Task, int], preds: dict[Task, list[Task]], costs: StageCosts
-) -> dict[Task, float]:
-    succs: dict[Task, list[Task]] = {t: [] for t in device}
-    missing = 0
-    for t, ps in preds.items():
-        for p in ps:
-            succs[p].append(t)
-    left = {t: len(succs[t]) for t in device}
-    stack = [t for t, n in left.items() if n == 0]
-    level: dict[Task, float] = {}
-    while stack:
-        t = stack.pop()
-        tail = 0.0
-        for u in succs[t]:
-            link = costs.link_ms(t, u) if device[u] != device[t] else 0.0
-            tail = max(tail, link + level[u])
-        level[t] = costs.task_ms(t) + tail
-        for p in preds[t]:
-            left[p] -= 1
-            if left[p] == 0:
-                stack.append(p)
-    missing = len(device) - len(level)
-    if missing:
-        raise ScheduleError(f"the task graph has a cycle ({missing} tasks on it)")
-    return level
-
-
-@dataclass(frozen=True)
-class _Problem:
-    """A horizon's task graph, priced, with its bottom levels (shared by the methods)."""
-
-    s: Schedule
-    costs: StageCosts
-    device: dict[Task, int]
-    preds: dict[Task, list[Task]]
-    level: dict[Task, float]
-
-    @functools.cached_property
-    def depths(self) -> dict[Task, int]:
-        """:func:`_depths` of the graph, computed once (insertion and student-first share it)."""
-        return _depths(self.preds)
-
-    @classmethod
-    def of(cls, s: Schedule, costs: StageCosts, early: Early) -> _Problem:
-        priced = costs.for_schedule(s.split_backward, s.teacher_parts)
-        device, preds = _graph(s, early)
-        return cls(s, priced, device, preds, _bottom_levels(device, preds, priced))
 
 
 def list_schedule(
@@ -151,11 +54,11 @@ def list_schedule(
     the bottom level alone lets the forwards of later micro-batches crowd out the backwards
     that would start the next batch sooner).
     """
-    return _list_schedule(_Problem.of(s, costs, early), max_in_flight, lookahead, backward_first)
+    return _list_schedule(TaskGraph.of(s, costs, early), max_in_flight, lookahead, backward_first)
 
 
 def _list_schedule(
-    problem: _Problem, max_in_flight: int, lookahead: bool, backward_first: bool = False
+    problem: TaskGraph, max_in_flight: int, lookahead: bool, backward_first: bool = False
 ) -> Lists:
     s, priced, device, preds, level = problem.s, problem.costs, problem.device, problem.preds, problem.level
     if backward_first:
@@ -249,29 +152,10 @@ def insertion_schedule(s: Schedule, costs: StageCosts, early: Early, *, student_
     bottom level, each at the earliest idle gap of its device that is long enough and starts
     after its inputs arrive. ``student_first``: every student task is placed first, as if the
     teacher's outputs were there, and the teacher's forwards then go into the gaps it leaves."""
-    return _insertion_schedule(_Problem.of(s, costs, early), student_first)
+    return _insertion_schedule(TaskGraph.of(s, costs, early), student_first)
 
 
-def _depths(preds: dict[Task, list[Task]]) -> dict[Task, int]:
-    """Longest chain of predecessors: among tasks of equal level, predecessors come first."""
-    depth: dict[Task, int] = {}
-    for t in preds:
-        stack = [t]
-        while stack:
-            x = stack[-1]
-            if x in depth:
-                stack.pop()
-                continue
-            todo = [p for p in preds[x] if p not in depth]
-            if todo:
-                stack += todo
-                continue
-            stack.pop()
-            depth[x] = 1 + max((depth[p] for p in preds[x]), default=0)
-    return depth
-
-
-def _insertion_schedule(problem: _Problem, student_first: bool) -> Lists:
+def _insertion_schedule(problem: TaskGraph, student_first: bool) -> Lists:
     s, priced, device, preds, level = problem.s, problem.costs, problem.device, problem.preds, problem.level
     rank = {t: i for i, t in enumerate(sorted(device))}
     depth = problem.depths
@@ -376,7 +260,7 @@ def templates(
     for split in split_options:
         horizon = dataclasses.replace(skeleton, n_batches=HORIZON, split_backward=split, devices=())
         for early in _splits(horizon)[:1] if quick else _splits(horizon):
-            problem = _Problem.of(horizon, costs, early)
+            problem = TaskGraph.of(horizon, costs, early)
             methods = ["insertion", "student first", "lookahead"]
             if skeleton.stages_per_device > 1:
                 methods.append("backward first")

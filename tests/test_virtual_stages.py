@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 from toys import Online, Target, byol_loss, run_batches, sgd
 
 import tspipe_fx
@@ -20,6 +21,7 @@ from tspipe_fx.partition.interleave import device_loads, interleaved, stage_prob
 from tspipe_fx.partition.objective import evaluate
 from tspipe_fx.partition.problem import Chain, Device, Partition, PartitionError, Problem
 from tspipe_fx.partition.solver import solve
+from tspipe_fx.plan import Plan
 from tspipe_fx.runtime.reference import ReferenceTrainer
 from tspipe_fx.runtime.trainer import Trainer
 from tspipe_fx.schedule import ScheduleError, Task, make_schedule, validate
@@ -181,20 +183,29 @@ def test_interleaved_partitions_refuse_what_they_do_not_model() -> None:
 # --- the local runtime runs virtual stages ------------------------------------------------------
 
 
-@pytest.mark.parametrize(("staleness", "loss"), [(1, "micro"), (0, "micro"), (1, "batch")])
-def test_the_local_runtime_runs_two_stages_per_device_as_the_reference(staleness: int, loss: str) -> None:
-    """BYOL's toy (BatchNorm in the projector) cut into 4 stages on 2 devices (stages 0 and 2 on
-    the first, 1 and 3 on the second): one thread per device runs both its stages' tasks in the
-    synthesized order, and trains what plain training does, loss by loss and weight by weight."""
+def _byol_toy() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     online = Online()
-    target = Target(online)
-    pipe = tspipe_fx.compile(copy.deepcopy(online), copy.deepcopy(target), 4, example_inputs=(torch.randn(8, 8),),
-                             mode="momentum", cost_model="uniform", schedule="auto")  # fmt: skip
-    pipe = dataclasses.replace(pipe, plan=dataclasses.replace(pipe.plan, stages_per_device=2))
+    return online, Target(online)
+
+
+@pytest.mark.parametrize(("staleness", "loss"), [(1, "micro"), (0, "micro"), (1, "batch")])
+def test_the_local_runtime_runs_two_stages_per_device_as_the_reference(staleness: int, loss: str) -> None:
+    """BYOL's toy (BatchNorm in the projector) on 2 devices, two stages each (``"auto"``: on
+    uniform costs they simulate 116 ms a batch against one stage's 128): one thread per device runs
+    both its stages' tasks in the synthesized order, and trains what plain training does, loss
+    by loss and weight by weight."""
+    online, target = _byol_toy()
+    one = tspipe_fx.compile(copy.deepcopy(online), copy.deepcopy(target), 2, example_inputs=(torch.randn(8, 8),),
+                            mode="momentum", cost_model="uniform")  # fmt: skip
+    pipe = tspipe_fx.compile(copy.deepcopy(online), copy.deepcopy(target), 2, example_inputs=(torch.randn(8, 8),),
+                             mode="momentum", cost_model="uniform", stages_per_device="auto")  # fmt: skip
+    assert (pipe.plan.stages_per_device, pipe.plan.n_stages, pipe.plan.n_devices) == (2, 4, 2)
+    assert pipe.plan.period_ms < one.plan.period_ms
+    assert "4 stages on 2 devices" in pipe.report()
+    assert Plan.from_json(pipe.plan.to_json()) == pipe.plan
     trainer = pipe.trainer(byol_loss, optimizer=sgd, views=2, staleness=staleness, momentum=0.9, loss=loss)
-    assert [len(tasks) > 0 for tasks in trainer.window(0, last=False)] == [True, True]
-    assert {t.stage for t in trainer.window(1, last=False)[0]} == {0, 2}
+    assert [{t.stage for t in tasks} for tasks in trainer.window(1, last=False)] == [{0, 2}, {1, 3}]
     ref = ReferenceTrainer(copy.deepcopy(online), copy.deepcopy(target), byol_loss, optimizer=sgd, mode="momentum",
                            micro_batches=trainer.m, views=2, staleness=staleness, momentum=0.9,
                            micro_major=trainer.micro_major, loss=loss)  # fmt: skip
@@ -209,14 +220,33 @@ def test_the_local_runtime_runs_two_stages_per_device_as_the_reference(staleness
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"stages_per_device": 3}, "stages_per_device must be 1, 2 or 'auto'"),
+        ({"stages_per_device": 2, "mode": "kd"}, "needs mode='momentum'.*got mode='kd'"),
+        ({"stages_per_device": 2, "schedule": "tspipe"}, "got schedule='tspipe'"),
+        ({"stages_per_device": "auto", "recompute": "always"}, "got recompute='always'"),
+        ({"stages_per_device": 2, "refine": 1}, "got refine=1"),
+    ],
+)
+def test_compile_refuses_virtual_stages_where_they_are_not_modelled(kwargs: dict, match: str) -> None:
+    online, target = _byol_toy()
+    settings = {"mode": "momentum", "cost_model": "uniform", **kwargs}
+    with pytest.raises(TspipeError, match=match):
+        tspipe_fx.compile(online, target, 2, example_inputs=(torch.randn(8, 8),), **settings)
+
+
 def test_the_distributed_runtime_refuses_virtual_stages() -> None:
-    online = Online()
-    pipe = tspipe_fx.compile(copy.deepcopy(online), Target(online), 4, example_inputs=(torch.randn(8, 8),),
-                             mode="momentum", cost_model="uniform", schedule="auto")  # fmt: skip
-    plan = dataclasses.replace(pipe.plan, stages_per_device=2)
+    online, target = _byol_toy()
+    pipe = tspipe_fx.compile(online, target, 2, example_inputs=(torch.randn(8, 8),), mode="momentum",
+                             cost_model="uniform", stages_per_device=2)  # fmt: skip
     with pytest.raises(TspipeError, match=r"2 stages per device .* runtime='dist' runs one stage per rank"):
-        Trainer(plan, pipe.staged("student"), pipe.staged("teacher"), byol_loss, optimizer=sgd, runtime="dist", views=2)
+        Trainer(pipe.plan, pipe.staged("student"), pipe.staged("teacher"), byol_loss, optimizer=sgd, runtime="dist",
+                views=2)  # fmt: skip
+    with pytest.raises(TspipeError, match="compile rebuilds plans of one stage per device only"):
+        tspipe_fx.compile(online, target, 2, example_inputs=(torch.randn(8, 8),), mode="momentum", plan=pipe.plan)
     with pytest.raises(TspipeError, match="stages_per_device must be an integer >= 1 dividing the 4 stages"):
         dataclasses.replace(pipe.plan, stages_per_device=3)
     with pytest.raises(TspipeError, match="above 1 with schedule 'auto' only"):
-        dataclasses.replace(pipe.plan, stages_per_device=2, schedule="tspipe")
+        dataclasses.replace(pipe.plan, schedule="tspipe")

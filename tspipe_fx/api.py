@@ -32,6 +32,7 @@ from tspipe_fx.compiler.memory import ScheduleOf, fit_memory, predicted
 from tspipe_fx.compiler.micro_batches import Partitioned, candidates, fastest
 from tspipe_fx.compiler.partitioner import Partitioner
 from tspipe_fx.compiler.refine import refine as refine_step
+from tspipe_fx.compiler.virtual import check_stages_per_device, interleave
 from tspipe_fx.cost.devices import DeviceSpec, device_spec
 from tspipe_fx.cost.model import CostModel
 from tspipe_fx.cost.profile import Profile
@@ -85,6 +86,7 @@ def compile(
     teacher_parts: int | None = None,
     precision: str | None = None,
     recompute: str | None = None,
+    stages_per_device: int | str = 1,
 ) -> Pipeline:
     """Cut ``student`` and ``teacher`` into ``n_gpus`` balanced stage pairs.
 
@@ -150,6 +152,11 @@ def compile(
             forwards count in its load). Every device's peak is predicted
             (:mod:`tspipe_fx.partition.memory`) and kept within its memory; the plan records it
             and the policies, and the trainer runs them unless told otherwise.
+        stages_per_device: 1, or virtual stages for a momentum pair with ``schedule="auto"``: 2
+            cuts both models into ``2 * n_gpus`` stages, device ``d`` holding stages ``d`` and
+            ``d + n_gpus`` (:mod:`tspipe_fx.compiler.virtual`); ``"auto"`` takes them where the
+            synthesized schedule simulates faster. The local runtime runs them; the distributed
+            runtime does not yet.
 
     With ``schedule="auto"`` and no ``micro_batches``, compile also chooses M (N, 2N or 4N) with
     the partition: the one whose synthesized schedule simulates fastest
@@ -178,6 +185,8 @@ def compile(
     views, staleness, loss, teacher_parts, precision, recompute, micro_batches, batch_size = settings.values()
     n, mode = check_args(student, teacher, n_gpus, mode, micro_batches, max_candidates)
     check_options(schedule, refine, batch_size, views, staleness, loss)
+    check_stages_per_device(stages_per_device, mode=mode, schedule=schedule, plan=plan, balance=balance,
+                            refine=refine, recompute=recompute)  # fmt: skip
     if isinstance(teacher_parts, bool) or not isinstance(teacher_parts, int) or teacher_parts < 1:
         raise TspipeError(f"teacher_parts must be an integer >= 1, got {teacher_parts!r}")
     if teacher_parts > 1 and schedule != "auto":
@@ -261,10 +270,14 @@ def compile(
                            fitted.recompute)  # fmt: skip
 
     def trained_under(k: int) -> ScheduleOf:  # the schedule a partition at k micro-batches trains with
-        def build(problem: Problem, part: Partition) -> Schedule:
-            costs = schedule_costs(problem, part.student_cuts, part.teacher_cuts)
-            return make_schedule(schedule or "tspipe", n, k, views=views, mode=mode, staleness=staleness,
-                                 loss=loss, costs=costs, teacher_parts=teacher_parts)  # fmt: skip
+        def build(problem: Problem, part: Partition) -> Schedule:  # (virtual stages: a device per stage)
+            costs, stages = (
+                schedule_costs(problem, part.student_cuts, part.teacher_cuts),
+                len(problem.devices),
+            )
+            return make_schedule(schedule or "tspipe", stages, k, views=views, mode=mode, staleness=staleness,
+                                 loss=loss, costs=costs, teacher_parts=teacher_parts,
+                                 stages_per_device=stages // n)  # fmt: skip
 
         return build
 
@@ -287,12 +300,17 @@ def compile(
         inputs = (at_batch(s_flat, example_batch, micro["B"]), at_batch(t_flat, example_batch, t_micro["B"]))
         part, s_costs, t_costs = refine_step(part, partitioner, refine, (s_costs, t_costs), inputs, run_on[0])
         cm_name += "+refined"
-    memory = predicted(
-        partitioner, (s_costs, t_costs), part, trained_under(m), chosen.recompute, weight_copies
-    )
-    over = [
-        j for j, (x, d) in enumerate(zip(memory, hw, strict=True)) if x.total > d.memory_bytes * (1 + 1e-9)
-    ]
+    one_stage = partitioner
+    if stages_per_device != 1:
+        two = interleave(partitioner, (s_costs, t_costs), part, lambda p, cuts, _: trained_under(m)(p, cuts),
+                         force=stages_per_device == 2)  # fmt: skip
+        if two is not None:
+            partitioner, part = two.partitioner, two.part
+    per_device = len(partitioner.devices) // n
+    on = [run_on[j % n] for j in range(len(partitioner.devices))]  # each stage's device
+    policies = chosen.recompute * per_device  # (virtual stages: "never" on every one)
+    memory = predicted(partitioner, (s_costs, t_costs), part, trained_under(m), policies, weight_copies)
+    over = [j for j, d in enumerate(hw) if sum(x.total for x in memory[j::n]) > d.memory_bytes * (1 + 1e-9)]
     if over:  # (only refine's re-timed costs can move the cuts past the fitted limits)
         raise TspipeError(
             f"refine moved the cuts past the memory of devices {over}; hint: refine=0, or more memory"
@@ -303,19 +321,19 @@ def compile(
     total_work = sum(c.fwd_ms + c.bwd_ms for c in s_costs) + sum(c.fwd_ms for c in t_costs)
     result = Plan(
         mode=mode,
-        devices=tuple(str(d) for d in run_on),
+        devices=tuple(str(d) for d in on),
         batch_size=batch,
         micro_batches=m,
         cost_model=cm_name,
-        student=model_plan(s_cap, s_gc, s_stages, part.student_cuts, s_costs, run_on, micro, scale),
-        teacher=model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, run_on, t_micro, scale),
+        student=model_plan(s_cap, s_gc, s_stages, part.student_cuts, s_costs, on, micro, scale),
+        teacher=model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, on, t_micro, scale),
         loads_ms=tuple(float(x) * views for x in part.loads_ms),
         memory_bytes=tuple(x.total for x in memory),
         memory=memory,
         recompute=chosen.recompute if any(r != "never" for r in chosen.recompute) else (),
-        lower_bound_ms=views * m * total_work / sum(d.speed for d in partitioner.devices),
+        lower_bound_ms=views * m * total_work / sum(d.speed for d in hw),
         baselines=tuple(
-            (name, float(p.period_ms) * views) for name, p in partitioner.baselines(s_costs, t_costs)
+            (name, float(p.period_ms) * views) for name, p in one_stage.baselines(s_costs, t_costs)
         )
         if fixed is None
         else (),
@@ -328,6 +346,7 @@ def compile(
         links=tuple((d.link_gbs, d.link_latency_ms) for d in partitioner.devices)
         if any(math.isfinite(d.link_gbs) or d.link_latency_ms for d in partitioner.devices)
         else (),
+        stages_per_device=per_device,
     )
     return Pipeline(
         result, s_cap, t_cap, s_stages, t_stages, partitioner, s_costs, t_costs,

@@ -119,7 +119,8 @@ class Plan:
     @property
     def max_load_ms(self) -> float:
         """The partition's objective: the busiest device's work and transfers per batch."""
-        return max(self.loads_ms)
+        n = self.n_devices
+        return max(sum(self.loads_ms[d::n]) for d in range(n))
 
     @property
     def busiest_ms(self) -> float:

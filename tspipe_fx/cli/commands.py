@@ -146,6 +146,7 @@ def _plan(args: argparse.Namespace) -> None:
         student.module, teacher_module, args.gpus, example_inputs=student.args, example_kwargs=student.kwargs or None,
         mode=args.mode, batch_size=args.batch, micro_batches=args.micro_batches, schedule=args.schedule,
         loss=args.loss, teacher_parts=args.teacher_parts, precision=args.precision, recompute=args.recompute,
+        stages_per_device=int(args.stages_per_device) if args.stages_per_device != "auto" else "auto",
         **options,
     )  # fmt: skip
     print(pipe.report())
@@ -229,23 +230,30 @@ def _simulate(args: argparse.Namespace) -> None:
     if args.loss is not None:
         plan = dataclasses.replace(plan, loss=args.loss)
     link = LINKS[args.link] if args.link else None
+    names = [s for s in args.schedules if plan.stages_per_device == 1 or s == "auto"]
+    if names != list(args.schedules):  # the fixed schedules run one stage per device
+        left = [s for s in args.schedules if s not in names]
+        print(
+            f"(the plan holds {plan.stages_per_device} stages per device: only auto runs them; left out {left})"
+        )
+        if not names:
+            raise TspipeError("no schedule left to simulate; hint: --schedules auto")
     timelines = {
-        name: simulate_plan(plan, name, views=args.views, n_batches=args.batches, link=link)
-        for name in args.schedules
+        name: simulate_plan(plan, name, views=args.views, n_batches=args.batches, link=link) for name in names
     }
     span = max(tl.makespan for tl in timelines.values())
     for name, tl in timelines.items():
         print(f"{name}: {tl.period:.3f} ms per batch")
         print(render_timeline(tl, scale=span / args.width))
         print()
-    base = timelines[args.schedules[0]].period
+    base = timelines[names[0]].period
     rows = []
     for name, tl in timelines.items():
         costs = plan.stage_costs(link, scale=plan.micro_batches if name == "sequential" else 1)
-        limit = costs.work_ms(tl.schedule.micro_batches, tl.schedule.views) / plan.n_stages
+        limit = costs.work_ms(tl.schedule.micro_batches, tl.schedule.views) / plan.n_devices
         rows.append([name, tl.period, f"{tl.period / base:.2f}x", limit / tl.period if tl.period else 1.0,
                      100 * tl.bubble_fraction, plan.batch_size / tl.period * 1e3])  # fmt: skip
-    print(tabulate(rows, headers=["schedule", "ms per batch", f"vs {args.schedules[0]}", "efficiency", "idle %",
+    print(tabulate(rows, headers=["schedule", "ms per batch", f"vs {names[0]}", "efficiency", "idle %",
                                   "samples/s"], floatfmt=".3f"))  # fmt: skip
     print("\n(efficiency: the work of a batch over devices x period; 1.0: no device idle)")
     print("\n(digits: student forward micro-batch, letters: teacher forward, capitals: student backward, "

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the compute dtype: activations and stage boundaries priced in it (default fp32)")  # fmt: skip
     p.add_argument("--recompute", choices=["never", "always", "except_last", "auto"], default="never",
                    help="activation recompute; auto: per device, the least that fits its memory (default never)")  # fmt: skip
+    p.add_argument("--stages-per-device", choices=["1", "2", "auto"], default="1",
+                   help="momentum with --schedule auto: virtual stages, two per device (auto: where they simulate "
+                   "faster; the local runtime runs them)")  # fmt: skip
     p.add_argument("--memory-gib", type=float, default=None, metavar="GIB",
                    help="memory per device in GiB (default: the device specs'; unlimited on CPU)")  # fmt: skip
     p.add_argument("--cost-model", default="measured",

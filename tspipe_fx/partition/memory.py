@@ -55,7 +55,9 @@ def predict_memory(
     recompute: Sequence[str] = (),
     weight_copies: float = 0.0,
 ) -> tuple[StageMemory, ...]:
-    """Per device, the predicted peak of ``part`` trained under ``schedule`` (see the module).
+    """Per stage, the predicted peak of ``part`` trained under ``schedule`` (see the module): per
+    device, or with virtual stages each of a device's stages alone (the device's peak is at most
+    their sum).
 
     Args:
         problem: the chains (activations and cut bytes in the compute dtype), devices, micro-batches
@@ -88,7 +90,8 @@ def predict_memory(
             accumulation=2.0 * s_largest[j],
             teacher_working=t_peak[j] / schedule.teacher_parts,
         )
-        at = busiest(schedule.devices[j], split_backward=schedule.split_backward,
+        mine = [t for t in schedule.devices[schedule.device_of(j)] if t.stage == j]  # (virtual stages)
+        at = busiest(mine, split_backward=schedule.split_backward,
                      micro_batches=schedule.micro_batches, policy=policies[j], sizes=sizes)  # fmt: skip
         out.append(
             StageMemory(

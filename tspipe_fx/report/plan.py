@@ -37,11 +37,17 @@ def _memory(plan: Plan) -> str:
                                                           m.working, m.total))]
         for j, m in enumerate(plan.memory)
     ]  # fmt: skip
-    headers = ["dev", "recompute", "in flight", "params MB", "grads MB", "optimizer MB", "teacher MB",
+    headers = ["dev" if plan.stages_per_device == 1 else "stage", "recompute", "in flight", "params MB", "grads MB", "optimizer MB", "teacher MB",
                "activations MB", "cut buffers MB", "working MB", "peak MB"]  # fmt: skip
-    return "predicted memory per device (at its busiest moment of the schedule):\n" + tabulate(
+    what = "device" if plan.stages_per_device == 1 else "stage (a device's peak is at most its stages' sum)"
+    return f"predicted memory per {what} (at its busiest moment of the schedule):\n" + tabulate(
         rows, headers=headers, floatfmt=".1f"
     )
+
+
+def _virtual(plan: Plan) -> str:
+    v, n = plan.stages_per_device, plan.n_devices
+    return "" if v == 1 else f" on {n} devices (stage j on device j % {n}: {v} stages each)"
 
 
 def render_plan(plan: Plan) -> str:
@@ -68,18 +74,18 @@ def render_plan(plan: Plan) -> str:
             ]
         )
     headers = [
-        "dev", "device", "student modules", "teacher modules", "params MB s/t",
+        "dev" if plan.stages_per_device == 1 else "stage", "device", "student modules", "teacher modules", "params MB s/t",
         "GFLOP s/t", "s fwd ms", "s bwd ms", "t fwd ms", "cut MB in/out", "peak MB", "load ms",
     ]  # fmt: skip
     table = tabulate(rows, headers=headers, floatfmt=".3f")
-    compute = plan.stage_costs().loads_ms(plan.micro_batches, plan.views)
-    worst = max(range(plan.n_stages), key=lambda j: compute[j])
+    compute = plan.stage_costs().loads_ms(plan.micro_batches, plan.views, plan.stages_per_device)
+    worst = max(range(plan.n_devices), key=lambda j: compute[j])
     timeline = simulate_plan(plan)
     period = timeline.period
     views = f", {plan.views} views" if plan.views > 1 else ""
     lines = [
         f"{plan.student.model_name} (student, {plan.student.method}) and {plan.teacher.model_name} "
-        f"(teacher, {plan.teacher.method}), mode {plan.mode}, {plan.n_stages} stages, batch "
+        f"(teacher, {plan.teacher.method}), mode {plan.mode}, {plan.n_stages} stages{_virtual(plan)}, batch "
         f"{plan.batch_size} in {plan.micro_batches} micro-batches{_uneven(plan)}{views}, cost model "
         f"{plan.cost_model}{'' if plan.precision == 'fp32' else ', ' + plan.precision + ' activations'}",
         table,

@@ -1,0 +1,118 @@
+"""compile's virtual-stage step: two stages per device, where the simulator shows they pay.
+
+A momentum pair cut into ``N`` contiguous pieces is only as balanced as its coarsest nodes
+allow (BYOL ResNet-18 on 8 devices: the busiest device 1.17x the bound). Cut into ``2N`` stages,
+device ``d`` holding stages ``d`` and ``d + N`` (:mod:`tspipe_fx.partition.interleave`), a long
+first stage is evened out by a short second one. Whether that pays is the synthesized
+schedule's question: the interleaved partitions (a few caps on a stage's share) are simulated
+under ``auto`` with two stages per device, against the one-stage plan's own period.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tspipe_fx.compiler.partitioner import Partitioner
+from tspipe_fx.errors import TspipeError
+from tspipe_fx.partition.interleave import interleaved, stage_problem
+from tspipe_fx.partition.objective import schedule_costs
+from tspipe_fx.partition.problem import Partition, PartitionError, Problem
+from tspipe_fx.schedule.simulator import simulate_costs
+from tspipe_fx.schedule.task import Schedule
+
+__all__ = ["STAGE_SLACKS", "Interleaved", "check_stages_per_device", "interleave"]
+
+STAGE_SLACKS = (0.4, 0.6, 1.0)  # caps on a stage's share tried (partition.interleave.interleaved)
+GAIN = 0.01  # two stages per device are taken when they simulate at least this much faster
+
+Synthesized = Callable[[Problem, Partition, int], Schedule]  # (problem, cuts, stages per device) -> auto
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    """Two stages per device: the partitioner with a device per stage, the cuts, the period."""
+
+    partitioner: Partitioner
+    part: Partition
+    period_ms: float  # the synthesized schedule's, simulated (ms per batch, one view's worth)
+    one_stage_ms: float  # the one-stage plan's, alike
+
+
+def check_stages_per_device(value: object, **settings: Any) -> None:
+    """``stages_per_device`` is 1, 2 or ``"auto"``; above 1 it needs what the interleaved
+    partition models (``settings``: mode, schedule, plan, balance, refine, recompute)."""
+    if value not in (1, 2, "auto") or isinstance(value, bool):
+        raise TspipeError(
+            f"stages_per_device must be 1, 2 or 'auto' (two where the simulator shows they pay), got {value!r}"
+        )
+    saved = settings["plan"]
+    if saved is not None and saved.stages_per_device > 1:
+        raise TspipeError(
+            f"the saved plan holds {saved.stages_per_device} stages per device, and compile rebuilds plans of one "
+            "stage per device only; hint: compile again with stages_per_device=2 (the partition is deterministic)"
+        )
+    if value == 1:
+        return
+    needs = {"mode": "momentum", "schedule": "auto", "plan": None, "balance": None, "refine": 0,
+             "recompute": "never"}  # fmt: skip
+    wrong = {
+        k: settings[k]
+        for k, v in needs.items()
+        if settings[k] != v and not (k == "plan" and settings[k] is None)
+    }
+    if wrong:
+        got = ", ".join(f"{k}={v!r}" if k != "plan" else "a saved plan" for k, v in wrong.items())
+        raise TspipeError(
+            f"stages_per_device={value!r} (virtual stages) needs mode='momentum', schedule='auto', no saved plan "
+            f"or balance, refine=0 and recompute='never'; got {got}; hint: stages_per_device=1"
+        )
+
+
+def interleave(
+    partitioner: Partitioner,
+    costs: tuple[Sequence[Any], Sequence[Any]],
+    part: Partition,
+    synthesized: Synthesized,
+    *,
+    force: bool,
+) -> Interleaved | None:
+    """The fastest interleaved partition when it beats ``part`` (one stage per device) by
+    :data:`GAIN` in simulated period, or whenever one exists with ``force``; else None.
+
+    Raises:
+        PartitionError: with ``force``, when no interleaved partition exists (too few candidate
+            cuts, devices of several speeds, memory).
+    """
+    problem = partitioner.problem(*costs)
+    one = _period(problem, part, synthesized, 1)
+    best: tuple[float, Partition] | None = None
+    failure: PartitionError | None = None
+    staged = stage_problem(problem, 2)
+    for slack in STAGE_SLACKS:
+        try:
+            cand = interleaved(problem, stage_slack=slack)
+        except PartitionError as e:
+            failure = e
+            continue
+        period = _period(staged, cand, synthesized, 2)
+        if best is None or period < best[0]:
+            best = (period, cand)
+    if best is None:
+        if force and failure is not None:
+            raise failure
+        return None
+    if not force and best[0] > one * (1 - GAIN):
+        return None
+    n = len(partitioner.devices)
+    per_stage = dataclasses.replace(
+        partitioner, devices=tuple(partitioner.devices[k % n] for k in range(2 * n)), recompute_share=()
+    )
+    return Interleaved(per_stage, best[1], best[0], one)
+
+
+def _period(problem: Problem, part: Partition, synthesized: Synthesized, per_device: int) -> float:
+    costs = schedule_costs(problem, part.student_cuts, part.teacher_cuts)
+    return simulate_costs(synthesized(problem, part, per_device), costs).period

@@ -7,6 +7,8 @@ import copy
 import dataclasses
 import itertools
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -170,6 +172,17 @@ def test_interleaving_balances_the_chain_one_piece_per_device_cannot() -> None:
     assert device_loads(part, 3)[0] == pytest.approx([4 * 4 * 2] * 3)
 
 
+def test_the_teacher_is_cut_at_its_own_paired_positions() -> None:
+    """A momentum teacher without the student's predictor has its own positions, paired with the
+    student's by index (a mirrored problem): the interleaved cuts are the same indices in each."""
+    s = Chain((1.0,) * 7, (2.0,) * 7, (0,) * 7, (0,) * 7, tuple((p, 0) for p in range(1, 7)))
+    t = Chain((1.0,) * 8, (0.0,) * 8, (0,) * 8, (0,) * 8, tuple((p, 0) for p in (1, 2, 4, 5, 6, 7)))
+    part = interleaved(Problem(s, t, (Device(),) * 2, mirror=True), stage_slack=1.0)
+    s_index = [p for p, _ in s.cuts]
+    t_index = [p for p, _ in t.cuts]
+    assert [t_index.index(c) for c in part.teacher_cuts] == [s_index.index(c) for c in part.student_cuts]
+
+
 def test_interleaved_partitions_refuse_what_they_do_not_model() -> None:
     problem = _mirrored([1.0] * 6, [0] * 6, math.inf, 2, [1, 2, 3, 4, 5])
     with pytest.raises(PartitionError, match="pair the teacher's cuts with the student's"):
@@ -250,3 +263,28 @@ def test_the_distributed_runtime_refuses_virtual_stages() -> None:
         dataclasses.replace(pipe.plan, stages_per_device=3)
     with pytest.raises(TspipeError, match="above 1 with schedule 'auto' only"):
         dataclasses.replace(pipe.plan, schedule="tspipe")
+
+
+def test_a_checkpoint_of_virtual_stages_resumes_the_same_run(tmp_path: Path) -> None:
+    """One file per stage (four on two devices); the resumed run's losses are the straight run's,
+    bit for bit."""
+    from tspipe_fx.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    online, target = _byol_toy()
+    data = [(torch.randn(8, 8), torch.randn(8, 8)) for _ in range(6)]
+
+    def trainer() -> Any:
+        pipe = tspipe_fx.compile(copy.deepcopy(online), copy.deepcopy(target), 2, example_inputs=(torch.randn(8, 8),),
+                                 mode="momentum", cost_model="uniform", stages_per_device=2)  # fmt: skip
+        return pipe.trainer(byol_loss, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2), views=2, momentum=0.9)
+
+    all_losses = run_batches(trainer(), data)
+    first = trainer()
+    head = run_batches(first, data[:3])
+    save_checkpoint(first, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("stage-")) == [
+        f"stage-{j}.g1.pt" for j in range(4)
+    ]
+    second = trainer()
+    load_checkpoint(second, tmp_path / "ckpt")
+    assert head + run_batches(second, data[3:]) == all_losses

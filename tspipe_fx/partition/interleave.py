@@ -107,8 +107,8 @@ def interleaved(problem: Problem, *, stage_slack: float = 0.2) -> Partition:
             f"no interleaved partition into {2 * n} stages fits the devices' memory; hint: one stage per "
             "device, or more memory"
         )
-    cuts = [pos[i] for i in best]
-    return evaluate(staged, cuts, cuts)
+    # (mirrored: the teacher's candidates pair with the student's by index, at its own positions)
+    return evaluate(staged, [pos[i] for i in best], [model.t.pos[i] for i in best])
 
 
 def _reach(

@@ -250,6 +250,21 @@ def test_compile_refuses_virtual_stages_where_they_are_not_modelled(kwargs: dict
         tspipe_fx.compile(online, target, 2, example_inputs=(torch.randn(8, 8),), **settings)
 
 
+def test_two_stages_per_device_are_kept_within_memory() -> None:
+    """Two stages on a device hold more than its one stage did here (their peaks are summed):
+    at the one-stage plan's own peak as the limit, "auto" keeps one stage per device, and 2,
+    asked for, names the device over its memory."""
+    online, target = _byol_toy()
+    common = dict(example_inputs=(torch.randn(8, 8),), mode="momentum", cost_model="uniform")
+    one = tspipe_fx.compile(copy.deepcopy(online), copy.deepcopy(target), 2, **common)
+    limit = int(max(one.plan.memory_bytes))
+    auto = tspipe_fx.compile(copy.deepcopy(online), copy.deepcopy(target), 2, memory_limit=limit,
+                             stages_per_device="auto", **common)  # fmt: skip
+    assert auto.plan.stages_per_device == 1
+    with pytest.raises(TspipeError, match=r"exceed the memory of devices \[0\]; hint: .*stages_per_device=1"):
+        tspipe_fx.compile(online, target, 2, memory_limit=limit, stages_per_device=2, **common)
+
+
 def test_the_distributed_runtime_refuses_virtual_stages() -> None:
     online, target = _byol_toy()
     pipe = tspipe_fx.compile(online, target, 2, example_inputs=(torch.randn(8, 8),), mode="momentum",

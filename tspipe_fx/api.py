@@ -47,7 +47,7 @@ from tspipe_fx.passes.symbolic import input_sizes
 from tspipe_fx.pipeline import Pipeline
 from tspipe_fx.plan import PRECISIONS, Plan, compute_bytes
 from tspipe_fx.schedule.generators import make_schedule
-from tspipe_fx.schedule.memory import checked_recompute
+from tspipe_fx.schedule.memory import StageMemory, checked_recompute
 from tspipe_fx.schedule.task import Schedule
 from tspipe_fx.stage import positional_args
 from tspipe_fx.tracing import CapturedModel, capture
@@ -300,21 +300,29 @@ def compile(
         inputs = (at_batch(s_flat, example_batch, micro["B"]), at_batch(t_flat, example_batch, t_micro["B"]))
         part, s_costs, t_costs = refine_step(part, partitioner, refine, (s_costs, t_costs), inputs, run_on[0])
         cm_name += "+refined"
+
+    def peaks(partitioner: Partitioner, part: Partition) -> tuple[tuple[StageMemory, ...], list[int]]:
+        policies = chosen.recompute * (len(partitioner.devices) // n)  # (virtual stages: "never" on each)
+        memory = predicted(partitioner, (s_costs, t_costs), part, trained_under(m), policies, weight_copies)
+        totals = [sum(x.total for x in memory[j::n]) for j in range(n)]  # (a device's stages, summed)
+        return memory, [j for j, d in enumerate(hw) if totals[j] > d.memory_bytes * (1 + 1e-9)]
+
     one_stage = partitioner
-    if stages_per_device != 1:
+    memory, over = peaks(partitioner, part)
+    if stages_per_device != 1 and not over:
         two = interleave(partitioner, (s_costs, t_costs), part, lambda p, cuts, _: trained_under(m)(p, cuts),
                          force=stages_per_device == 2)  # fmt: skip
         if two is not None:
-            partitioner, part = two.partitioner, two.part
+            memory2, over2 = peaks(two.partitioner, two.part)
+            if not over2 or stages_per_device == 2:  # ("auto" keeps one stage where two do not fit)
+                partitioner, part, memory, over = two.partitioner, two.part, memory2, over2
+    if over:  # refine's re-timed costs moved the cuts past the fitted limits, or two stages do not fit
+        raise TspipeError(
+            f"the plan's predicted peaks exceed the memory of devices {over}; hint: refine=0, stages_per_device=1, "
+            "or more memory"
+        )
     per_device = len(partitioner.devices) // n
     on = [run_on[j % n] for j in range(len(partitioner.devices))]  # each stage's device
-    policies = chosen.recompute * per_device  # (virtual stages: "never" on every one)
-    memory = predicted(partitioner, (s_costs, t_costs), part, trained_under(m), policies, weight_copies)
-    over = [j for j, d in enumerate(hw) if sum(x.total for x in memory[j::n]) > d.memory_bytes * (1 + 1e-9)]
-    if over:  # (only refine's re-timed costs can move the cuts past the fitted limits)
-        raise TspipeError(
-            f"refine moved the cuts past the memory of devices {over}; hint: refine=0, or more memory"
-        )
 
     s_stages = split(s_gc, part.student_cuts, name=f"{s_cap.model_name}Stage")
     t_stages = split(t_gc, part.teacher_cuts, name=f"{t_cap.model_name}Stage")

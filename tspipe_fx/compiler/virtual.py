@@ -37,7 +37,7 @@ class Interleaved:
 
     partitioner: Partitioner
     part: Partition
-    period_ms: float  # the synthesized schedule's, simulated (ms per batch, one view's worth)
+    period_ms: float  # the synthesized schedule's, simulated (ms per batch)
     one_stage_ms: float  # the one-stage plan's, alike
 
 

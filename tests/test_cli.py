@@ -127,6 +127,22 @@ def test_plan_momentum_copies_the_student_and_roofline_specs(capsys: pytest.Capt
     assert "(teacher, fx), mode momentum, 2 stages, batch 256 in 2 micro-batches, 2 views, cost model roofline" in out
 
 
+def test_plan_and_simulate_two_stages_per_device(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    plan_file = tmp_path / "plan.json"
+    rc, out, _ = run(capsys, "plan", "test_cli:tiny_mlp", "--mode", "momentum", "--gpus", "2", "--batch", "256",
+                     "--cost-model", "roofline", "--device-spec", "h100", "--stages-per-device", "2",
+                     "--json", str(plan_file))  # fmt: skip
+    assert rc == 0, out
+    assert "mode momentum, 4 stages on 2 devices (stage j on device j % 2: 2 stages each)" in out
+    assert Plan.load(plan_file).stages_per_device == 2
+    rc, out, _ = run(capsys, "simulate", str(plan_file))
+    assert rc == 0, out
+    assert "only auto runs them; left out ['tspipe', 'gpipe', '1f1b', 'sequential']" in out
+    assert "\nauto: " in f"\n{out}"
+    rc, out, err = run(capsys, "simulate", str(plan_file), "--schedules", "tspipe")
+    assert rc == 1 and "no schedule left to simulate; hint: --schedules auto" in out + err
+
+
 def test_plan_within_a_memory_limit_with_recompute(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     args = ["plan", "test_cli:tiny_net", "test_cli:tiny_net", "--model-arg", "width=64", "--image-size", "64",
             "--gpus", "2", "--batch", "64", "--cost-model", "roofline"]  # fmt: skip

@@ -109,6 +109,15 @@ class Trainer:
             precision=opts.precision or plan.precision,
             recompute=per_stage,
         )
+        if self.plan.stages_per_device > 1 and (
+            opts.clip_grad_norm is not None or self.plan.precision == "fp16"
+        ):
+            raise TspipeError(
+                f"gradient clipping and fp16's loss scale take every stage's gradient norms at each step, and a device "
+                f"holding {self.plan.stages_per_device} stages steps one before the other's backward is done; got "
+                f"clip_grad_norm={opts.clip_grad_norm!r}, precision={self.plan.precision!r}; hint: a plan with one "
+                "stage per device (compile(..., stages_per_device=1)), or bf16 without clipping"
+            )
         self.student, self.teacher = student, teacher
         self.n = self.plan.n_stages
         # Every window is cut from one of three short schedules (1, 2 or 3 batches): built once,

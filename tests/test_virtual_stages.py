@@ -269,12 +269,15 @@ def test_the_distributed_runtime_refuses_virtual_stages() -> None:
     online, target = _byol_toy()
     pipe = tspipe_fx.compile(online, target, 2, example_inputs=(torch.randn(8, 8),), mode="momentum",
                              cost_model="uniform", stages_per_device=2)  # fmt: skip
-    with pytest.raises(TspipeError, match=r"2 stages per device .* runtime='dist' runs one stage per rank"):
+    with pytest.raises(TspipeError, match=r"2 stages per device .* runtime=.dist. runs one stage per rank"):
         Trainer(pipe.plan, pipe.staged("student"), pipe.staged("teacher"), byol_loss, optimizer=sgd, runtime="dist",
                 views=2)  # fmt: skip
     for bad in ({"clip_grad_norm": 1.0}, {"precision": "fp16"}):  # (a device's first step would wait for its second)
         with pytest.raises(TspipeError, match=r"every stage's gradient norms .* hint: a plan with one stage per device"):
             pipe.trainer(byol_loss, optimizer=sgd, views=2, **bad)
+    tied = dataclasses.replace(pipe.staged("student"), ties=((("backbone.a.weight",), (0, 2)),))
+    with pytest.raises(TspipeError, match=r"tied tensors \['backbone.a.weight'\] sit on stages \[0, 2\], two of"):
+        Trainer(pipe.plan, tied, pipe.staged("teacher"), byol_loss, optimizer=sgd, views=2)
     with pytest.raises(TspipeError, match="compile rebuilds plans of one stage per device only"):
         tspipe_fx.compile(online, target, 2, example_inputs=(torch.randn(8, 8),), mode="momentum", plan=pipe.plan)
     with pytest.raises(TspipeError, match="stages_per_device must be an integer >= 1 dividing the 4 stages"):

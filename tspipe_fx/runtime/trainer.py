@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -109,15 +109,8 @@ class Trainer:
             precision=opts.precision or plan.precision,
             recompute=per_stage,
         )
-        if self.plan.stages_per_device > 1 and (
-            opts.clip_grad_norm is not None or self.plan.precision == "fp16"
-        ):
-            raise TspipeError(
-                f"gradient clipping and fp16's loss scale take every stage's gradient norms at each step, and a device "
-                f"holding {self.plan.stages_per_device} stages steps one before the other's backward is done; got "
-                f"clip_grad_norm={opts.clip_grad_norm!r}, precision={self.plan.precision!r}; hint: a plan with one "
-                "stage per device (compile(..., stages_per_device=1)), or bf16 without clipping"
-            )
+        if self.plan.stages_per_device > 1:
+            _refuse_on_virtual_stages(self.plan, opts, student.ties, runtime)
         self.student, self.teacher = student, teacher
         self.n = self.plan.n_stages
         # Every window is cut from one of three short schedules (1, 2 or 3 batches): built once,
@@ -134,12 +127,6 @@ class Trainer:
         )
         self.runtime: StageTasks
         if runtime == "dist":
-            if self.plan.stages_per_device > 1:
-                raise TspipeError(
-                    f"the plan holds {self.plan.stages_per_device} stages per device (virtual stages), and "
-                    "runtime='dist' runs one stage per rank; hint: runtime='local', or a plan with one stage "
-                    "per device"
-                )
             from tspipe_fx.runtime.dist.layout import init
             from tspipe_fx.runtime.dist.runtime import DistRuntime
 
@@ -323,3 +310,24 @@ class Trainer:
         self.next_index = state["next_index"]
         if self.runtime.loss_scale is not None and state.get("loss_scale") is not None:
             self.runtime.loss_scale.load_state_dict(state["loss_scale"])
+
+
+def _refuse_on_virtual_stages(plan: Plan, opts: TrainOptions, ties: Sequence[Any], runtime: str) -> None:
+    """What a plan with several stages per device cannot train with, named."""
+    v, n = plan.stages_per_device, plan.n_devices
+    hint = "hint: a plan with one stage per device (compile(..., stages_per_device=1))"
+    if runtime == "dist":
+        raise TspipeError(f"the plan holds {v} stages per device (virtual stages), and runtime='dist' runs one "
+                          f"stage per rank; {hint}, or runtime='local'")  # fmt: skip
+    if opts.clip_grad_norm is not None or plan.precision == "fp16":
+        raise TspipeError(
+            f"gradient clipping and fp16's loss scale take every stage's gradient norms at each step, and a device "
+            f"holding {v} stages steps one before the other's backward is done; got clip_grad_norm="
+            f"{opts.clip_grad_norm!r}, precision={plan.precision!r}; {hint}, or bf16 without clipping"
+        )
+    for names, stages in ties:  # the owner hands the new value to its copies after its step
+        if len({j % n for j in stages}) < len(stages):
+            raise TspipeError(
+                f"the tied tensors {list(names)} sit on stages {list(stages)}, two of them on one device: the "
+                f"copy's step would wait for the owner's, later on the same device; {hint}"
+            )

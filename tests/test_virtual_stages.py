@@ -237,6 +237,7 @@ def test_the_local_runtime_runs_two_stages_per_device_as_the_reference(staleness
     ("kwargs", "match"),
     [
         ({"stages_per_device": 3}, "stages_per_device must be 1, 2 or 'auto'"),
+        ({"stages_per_device": 2.0}, "stages_per_device must be 1, 2 or 'auto'.*got 2.0"),
         ({"stages_per_device": 2, "mode": "kd"}, "needs mode='momentum'.*got mode='kd'"),
         ({"stages_per_device": 2, "schedule": "tspipe"}, "got schedule='tspipe'"),
         ({"stages_per_device": "auto", "recompute": "always"}, "got recompute='always'"),

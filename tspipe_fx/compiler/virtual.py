@@ -44,7 +44,7 @@ class Interleaved:
 def check_stages_per_device(value: object, **settings: Any) -> None:
     """``stages_per_device`` is 1, 2 or ``"auto"``; above 1 it needs what the interleaved
     partition models (``settings``: mode, schedule, plan, balance, refine, recompute)."""
-    if value not in (1, 2, "auto") or isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or value not in (1, 2, "auto"):
         raise TspipeError(
             f"stages_per_device must be 1, 2 or 'auto' (two where the simulator shows they pay), got {value!r}"
         )

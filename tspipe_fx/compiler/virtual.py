@@ -33,12 +33,10 @@ Synthesized = Callable[[Problem, Partition, int], Schedule]  # (problem, cuts, s
 
 @dataclass(frozen=True)
 class Interleaved:
-    """Two stages per device: the partitioner with a device per stage, the cuts, the period."""
+    """Two stages per device: the partitioner with a device per stage, and the cuts."""
 
     partitioner: Partitioner
     part: Partition
-    period_ms: float  # the synthesized schedule's, simulated (ms per batch)
-    one_stage_ms: float  # the one-stage plan's, alike
 
 
 def check_stages_per_device(value: object, **settings: Any) -> None:
@@ -58,11 +56,7 @@ def check_stages_per_device(value: object, **settings: Any) -> None:
         return
     needs = {"mode": "momentum", "schedule": "auto", "plan": None, "balance": None, "refine": 0,
              "recompute": "never"}  # fmt: skip
-    wrong = {
-        k: settings[k]
-        for k, v in needs.items()
-        if settings[k] != v and not (k == "plan" and settings[k] is None)
-    }
+    wrong = {k: settings[k] for k, v in needs.items() if settings[k] != v}
     if wrong:
         got = ", ".join(f"{k}={v!r}" if k != "plan" else "a saved plan" for k, v in wrong.items())
         raise TspipeError(
@@ -87,7 +81,6 @@ def interleave(
             cuts, devices of several speeds, memory).
     """
     problem = partitioner.problem(*costs)
-    one = _period(problem, part, synthesized, 1)
     best: tuple[float, Partition] | None = None
     failure: PartitionError | None = None
     staged = stage_problem(problem, 2)
@@ -104,13 +97,9 @@ def interleave(
         if force and failure is not None:
             raise failure
         return None
-    if not force and best[0] > one * (1 - GAIN):
+    if not force and best[0] > _period(problem, part, synthesized, 1) * (1 - GAIN):
         return None
-    n = len(partitioner.devices)
-    per_stage = dataclasses.replace(
-        partitioner, devices=tuple(partitioner.devices[k % n] for k in range(2 * n)), recompute_share=()
-    )
-    return Interleaved(per_stage, best[1], best[0], one)
+    return Interleaved(dataclasses.replace(partitioner, devices=staged.devices, recompute_share=()), best[1])
 
 
 def _period(problem: Problem, part: Partition, synthesized: Synthesized, per_device: int) -> float:

@@ -125,12 +125,10 @@ def _reach(
     for d in range(n):
         g = np.full(len(a_work), -1)
         came: dict[int, tuple[int, int]] = {}
+        room = n - 1 - d  # stages still to come in each half, each non-empty
+        top = x - room
         for c in np.nonzero(f >= 0)[0]:
             e = int(f[c])
-            spent = a_work[c + 1 :] - a_work[c]
-            held = a_mem[c + 1 :] - a_mem[c]
-            room = n - 1 - d  # stages still to come in each half, each non-empty
-            top = x - room
             if c + 1 > top:
                 continue
             spent = a_work[c + 1 : top + 1] - a_work[c]

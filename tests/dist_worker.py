@@ -70,7 +70,8 @@ def rows_of(step: int, steps: int, short_last: bool) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--stages", type=int, default=2, help="devices (ranks) per pipeline")
+    parser.add_argument("--stages-per-device", type=int, default=1, help="2: virtual stages (schedule auto)")
     parser.add_argument("--mode", choices=["kd", "momentum"], default="kd")
     parser.add_argument("--schedule", default="tspipe")
     parser.add_argument("--loss", default=None, help="the loss granularity (default: the plan's)")
@@ -99,7 +100,7 @@ def main() -> None:
 
     student, teacher = models(args.mode, args.tied, args.noisy)
     x0 = batch(0, args.mode)[0][: BATCH // pipelines]
-    options: dict[str, Any] = {"cost_model": "uniform"}
+    options: dict[str, Any] = {"cost_model": "uniform", "stages_per_device": args.stages_per_device}
     if args.other_plan and rank > 0:  # 2 KD stages cut elsewhere than the uniform cost model cuts
         options = {"balance": (["head"], ["c"])}
     pipe = tspipe_fx.compile(student, teacher, args.stages, example_inputs=(x0,), mode=args.mode, **options)
@@ -139,6 +140,8 @@ def main() -> None:
             "compiled_cuts": (pipe.plan.student.cuts, pipe.plan.teacher.cuts),
             "cuts": (trainer.plan.student.cuts, trainer.plan.teacher.cuts),
             "split_backward": trainer.schedules[3].split_backward,
+            "micro_batches": trainer.m,
+            "stages_per_device": trainer.plan.stages_per_device,
             "time": time.time(),
         },
         args.out / f"rank-{rank}.pt",

@@ -214,6 +214,22 @@ def test_two_pipelines_of_two_stages(tmp_path: Path, mode: str) -> None:
     assert_matches(got[0], want, ref, rtol=1e-4, atol=1e-5, buffers=False)
 
 
+@pytest.mark.parametrize(("ranks", "loss"), [(2, "micro"), (4, "batch")], ids=["one-pipeline", "two-pipelines"])
+def test_two_stages_per_rank_equal_the_reference(tmp_path: Path, ranks: int, loss: str) -> None:
+    """Virtual stages across ranks: BYOL's toy in 4 stages on 2 devices, rank ``r`` running
+    stages ``r`` and ``r + 2`` in its device's synthesized list (the channel from stage 1 back
+    to rank 0's stage 2 included); with two pipelines, each stage's gradients are averaged with
+    its replica's."""
+    run(ranks, tmp_path, "--stages", "2", "--stages-per-device", "2", "--mode", "momentum", "--steps", "5",
+        "--schedule", "auto", "--loss", loss)  # fmt: skip
+    got = results(tmp_path)
+    assert [g["stages_per_device"] for g in got] == [2] * ranks
+    assert_replicas_equal(got)
+    pipelines = ranks // 2  # (the reference's micro-batches are the pipelines' together)
+    want, ref = reference("momentum", 5, got[0]["micro_batches"] * pipelines, loss=loss)
+    assert_matches(got[0], want, ref, rtol=1e-4, atol=1e-5, buffers=ranks == 2)
+
+
 def test_ranks_follow_rank_0s_plan(tmp_path: Path) -> None:
     """Rank 1 compiles another partition (as measured costs can make it): rank 0's is used."""
     run(2, tmp_path, "--other-plan", "--steps", "4")
@@ -237,18 +253,25 @@ def test_two_nodes(tmp_path: Path) -> None:
     assert_matches(got[0], want, ref)
 
 
-def test_resume_in_a_new_process_group_is_bit_identical(tmp_path: Path) -> None:
-    """6 steps straight equal 3 steps, a checkpoint, a new torchrun that resumes, 3 steps
-    (momentum with a one-step-late teacher, clipping, two pipelines)."""
-    common = ["--stages", "2", "--mode", "momentum", "--clip", "0.5", "--steps", "6"]
-    run(4, tmp_path / "straight", *common)
-    run(4, tmp_path / "first", *common, "--save-at", "3")
-    run(4, tmp_path / "second", *common, "--resume", str(tmp_path / "first" / "ckpt"))
-    straight, first, second = (results(tmp_path / k)[0] for k in ("straight", "first", "second"))
+def resumed_equals_straight(out: Path, ranks: int, common: list[str], save_at: int, rank: int = 0) -> dict[str, Any]:
+    """A run straight, and the same run saved after ``save_at`` steps and resumed by a new
+    torchrun: the same losses and weights, bit for bit. The first part's results."""
+    run(ranks, out / "straight", *common)
+    run(ranks, out / "first", *common, "--save-at", str(save_at))
+    run(ranks, out / "second", *common, "--resume", str(out / "first" / "ckpt"))
+    straight, first, second = (results(out / k)[rank] for k in ("straight", "first", "second"))
     assert straight["losses"] == first["losses"] + second["losses"]
     for which in ("student", "teacher"):
         for name, value in straight[which].items():
             assert torch.equal(second[which][name], value), name
+    return first
+
+
+def test_resume_in_a_new_process_group_is_bit_identical(tmp_path: Path) -> None:
+    """6 steps straight equal 3 steps, a checkpoint, a new torchrun that resumes, 3 steps
+    (momentum with a one-step-late teacher, clipping, two pipelines)."""
+    common = ["--stages", "2", "--mode", "momentum", "--clip", "0.5", "--steps", "6"]
+    first = resumed_equals_straight(tmp_path, 4, common, 3)
     ckpt = tmp_path / "first" / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "rng-0.g1.pt", "rng-1.g1.pt", "rng-2.g1.pt", "rng-3.g1.pt", "stage-0.g1.pt", "stage-1.g1.pt",
@@ -258,6 +281,14 @@ def test_resume_in_a_new_process_group_is_bit_identical(tmp_path: Path) -> None:
     for which in ("student", "teacher"):
         for name, value in first[which].items():
             assert torch.equal(consolidated[which][name], value), name
+
+
+def test_resume_of_two_stages_per_rank_is_bit_identical(tmp_path: Path) -> None:
+    """Virtual stages resume as one stage per rank does: each rank writes both its stages' files."""
+    common = ["--stages", "2", "--stages-per-device", "2", "--mode", "momentum", "--schedule", "auto", "--steps", "5"]
+    resumed_equals_straight(tmp_path, 2, common, 2, rank=1)
+    stages = sorted(p.name for p in (tmp_path / "first" / "ckpt").iterdir() if p.name.startswith("stage-"))
+    assert stages == [f"stage-{j}.g1.pt" for j in range(4)]
 
 
 @pytest.mark.parametrize("how", ["raise", "loss"])
@@ -328,7 +359,7 @@ def test_a_world_that_is_no_multiple_of_the_stages(tmp_path: Path) -> None:
     done = subprocess.run(_torchrun(3, tmp_path, "--stages", "2"), env=_env(), capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode != 0
-    assert "the world has 3 ranks, not a multiple of the pipeline's 2 stages" in done.stdout + done.stderr
+    assert "the world has 3 ranks, not a multiple of the pipeline's 2 devices" in done.stdout + done.stderr
 
 
 def test_dist_without_a_process_group_says_how_to_start() -> None:

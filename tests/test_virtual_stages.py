@@ -266,25 +266,44 @@ def test_two_stages_per_device_are_kept_within_memory() -> None:
         tspipe_fx.compile(online, target, 2, memory_limit=limit, stages_per_device=2, **common)
 
 
-def test_the_distributed_runtime_refuses_virtual_stages() -> None:
+def test_what_virtual_stages_cannot_train_with_is_refused() -> None:
     online, target = _byol_toy()
     pipe = tspipe_fx.compile(online, target, 2, example_inputs=(torch.randn(8, 8),), mode="momentum",
                              cost_model="uniform", stages_per_device=2)  # fmt: skip
-    with pytest.raises(TspipeError, match=r"2 stages per device .* runtime=.dist. runs one stage per rank"):
-        Trainer(pipe.plan, pipe.staged("student"), pipe.staged("teacher"), byol_loss, optimizer=sgd, runtime="dist",
-                views=2)  # fmt: skip
     for bad in ({"clip_grad_norm": 1.0}, {"precision": "fp16"}):  # (a device's first step would wait for its second)
         with pytest.raises(TspipeError, match=r"every stage's gradient norms .* hint: a plan with one stage per device"):
             pipe.trainer(byol_loss, optimizer=sgd, views=2, **bad)
     tied = dataclasses.replace(pipe.staged("student"), ties=((("backbone.a.weight",), (0, 2)),))
     with pytest.raises(TspipeError, match=r"tied tensors \['backbone.a.weight'\] sit on stages \[0, 2\], two of"):
         Trainer(pipe.plan, tied, pipe.staged("teacher"), byol_loss, optimizer=sgd, views=2)
-    with pytest.raises(TspipeError, match="compile rebuilds plans of one stage per device only"):
-        tspipe_fx.compile(online, target, 2, example_inputs=(torch.randn(8, 8),), mode="momentum", plan=pipe.plan)
+    single = dataclasses.replace(pipe.plan, devices=("cpu",) * 4, stages_per_device=4)
+    with pytest.raises(TspipeError, match=r"4 stages on its one device, and runtime='dist' sends"):
+        Trainer(single, pipe.staged("student"), pipe.staged("teacher"), byol_loss, optimizer=sgd, views=2, runtime="dist")
     with pytest.raises(TspipeError, match="stages_per_device must be an integer >= 1 dividing the 4 stages"):
         dataclasses.replace(pipe.plan, stages_per_device=3)
     with pytest.raises(TspipeError, match="above 1 with schedule 'auto' only"):
         dataclasses.replace(pipe.plan, schedule="tspipe")
+
+
+def test_a_saved_plan_of_virtual_stages_is_rebuilt() -> None:
+    """compile(plan=...) keeps the saved stages per device (as every rank of the distributed
+    runtime does with rank 0's plan); asking for other stages with a plan, or what virtual stages
+    do not model, is refused."""
+    online, target = _byol_toy()
+    common = dict(example_inputs=(torch.randn(8, 8),), mode="momentum", cost_model="uniform")
+    pipe = tspipe_fx.compile(copy.deepcopy(online), copy.deepcopy(target), 2, stages_per_device=2, **common)
+    saved = Plan.from_json(pipe.plan.to_json())
+    again = tspipe_fx.compile(copy.deepcopy(online), copy.deepcopy(target), 2, plan=saved, **common)
+    assert (again.plan.stages_per_device, again.plan.n_stages) == (2, 4)
+    assert (again.plan.student.cuts, again.plan.teacher.cuts) == (pipe.plan.student.cuts, pipe.plan.teacher.cuts)
+    assert (again.plan.period_ms, again.plan.micro_batches) == (pipe.plan.period_ms, pipe.plan.micro_batches)
+    assert again.plan.memory_bytes == pipe.plan.memory_bytes
+    with pytest.raises(TspipeError, match=r"stages_per_device='auto' with a saved plan: the plan fixes its stages \(2"):
+        tspipe_fx.compile(online, target, 2, plan=saved, stages_per_device="auto", **common)
+    with pytest.raises(TspipeError, match=r"a saved plan of 2 stages per device .* got schedule='tspipe'"):
+        tspipe_fx.compile(online, target, 2, plan=saved, schedule="tspipe", **common)
+    with pytest.raises(TspipeError, match="the plan is for 2 devices, n_gpus is 4"):
+        tspipe_fx.compile(online, target, 4, plan=saved, **common)
 
 
 def test_a_checkpoint_of_virtual_stages_resumes_the_same_run(tmp_path: Path) -> None:

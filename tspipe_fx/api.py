@@ -155,8 +155,7 @@ def compile(
         stages_per_device: 1, or virtual stages for a momentum pair with ``schedule="auto"``: 2
             cuts both models into ``2 * n_gpus`` stages, device ``d`` holding stages ``d`` and
             ``d + n_gpus`` (:mod:`tspipe_fx.compiler.virtual`); ``"auto"`` takes them where the
-            synthesized schedule simulates faster. The local runtime runs them; the distributed
-            runtime does not yet.
+            synthesized schedule simulates faster. Both runtimes run them; a saved plan keeps its own.
 
     With ``schedule="auto"`` and no ``micro_batches``, compile also chooses M (N, 2N or 4N) with
     the partition: the one whose synthesized schedule simulates fastest
@@ -185,8 +184,8 @@ def compile(
     views, staleness, loss, teacher_parts, precision, recompute, micro_batches, batch_size = settings.values()
     n, mode = check_args(student, teacher, n_gpus, mode, micro_batches, max_candidates)
     check_options(schedule, refine, batch_size, views, staleness, loss)
-    check_stages_per_device(stages_per_device, mode=mode, schedule=schedule, plan=plan, balance=balance,
-                            refine=refine, recompute=recompute)  # fmt: skip
+    saved_per_device = check_stages_per_device(stages_per_device, mode=mode, schedule=schedule, plan=plan,
+                                               balance=balance, refine=refine, recompute=recompute)  # fmt: skip
     if isinstance(teacher_parts, bool) or not isinstance(teacher_parts, int) or teacher_parts < 1:
         raise TspipeError(f"teacher_parts must be an integer >= 1, got {teacher_parts!r}")
     if teacher_parts > 1 and schedule != "auto":
@@ -252,7 +251,7 @@ def compile(
         partitioner = Partitioner(
             s_gc,
             t_gc,
-            hw,
+            tuple(hw[j % n] for j in range(n * saved_per_device)),  # (a saved plan's stages: one each)
             k,
             optimizer_factor,
             fixed=fixed,

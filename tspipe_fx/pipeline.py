@@ -87,7 +87,7 @@ class Pipeline:
     def with_plan(self, plan: Plan) -> Pipeline:
         """This pipeline cut as ``plan`` says (another process's plan for the same models: the
         distributed runtime makes every rank follow rank 0's)."""
-        check_plan(plan, self.student, self.teacher, self.plan.n_stages, self.plan.mode)
+        check_plan(plan, self.student, self.teacher, self.plan.n_devices, self.plan.mode)
         s_cuts = [self.student_chain.position_of(name) for name in plan.student.cuts]
         t_cuts = [self.teacher_chain.position_of(name) for name in plan.teacher.cuts]
         return dataclasses.replace(
@@ -107,10 +107,12 @@ class Pipeline:
         if runtime == "dist":
             from tspipe_fx.runtime.dist.layout import agree_on_plan, init
 
-            init(self.plan.n_stages)
+            init(self.plan.n_devices)
             plan = agree_on_plan(self.plan)
             if (plan.student.cuts, plan.teacher.cuts) != (self.plan.student.cuts, self.plan.teacher.cuts):
                 pipe = self.with_plan(plan)
+            elif plan != self.plan:  # the same stages, rank 0's schedule and figures
+                pipe = dataclasses.replace(self, plan=plan)
         return Trainer(
             pipe.plan, pipe.staged("student"), pipe.staged("teacher"), loss_fn,
             optimizer=optimizer, runtime=runtime, **options,

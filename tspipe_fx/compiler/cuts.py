@@ -107,11 +107,11 @@ def cuts_from_balance(bal: Any, gc: GraphChain, n: int, role: str) -> list[int]:
 def check_plan(
     plan: Plan, s_cap: CapturedModel, t_cap: CapturedModel, n: int, mode: str | None = None
 ) -> None:
-    """``plan`` was made for these models, ``n`` stages and (if given) this mode."""
+    """``plan`` was made for these models, ``n`` devices and (if given) this mode."""
     if not isinstance(plan, Plan):
         raise TspipeError(f"plan must be a Plan, got {type(plan).__name__}")
-    if plan.n_stages != n:
-        raise TspipeError(f"the plan has {plan.n_stages} stages, n_gpus is {n}")
+    if plan.n_devices != n:
+        raise TspipeError(f"the plan is for {plan.n_devices} devices, n_gpus is {n}")
     if mode is not None and plan.mode != mode:
         raise TspipeError(
             f"the plan is for mode {plan.mode!r}, this compile for mode {mode!r}; hint: compile with "

@@ -39,30 +39,35 @@ class Interleaved:
     part: Partition
 
 
-def check_stages_per_device(value: object, **settings: Any) -> None:
-    """``stages_per_device`` is 1, 2 or ``"auto"``; above 1 it needs what the interleaved
-    partition models (``settings``: mode, schedule, plan, balance, refine, recompute)."""
+def check_stages_per_device(value: object, **settings: Any) -> int:
+    """``stages_per_device`` is 1, 2 or ``"auto"``; above 1 (or with a saved plan of virtual
+    stages) it needs what the interleaved partition models (``settings``: mode, schedule, plan,
+    balance, refine, recompute). Returns the saved plan's stages per device (1 without one)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)) or value not in (1, 2, "auto"):
         raise TspipeError(
             f"stages_per_device must be 1, 2 or 'auto' (two where the simulator shows they pay), got {value!r}"
         )
     saved = settings["plan"]
-    if saved is not None and saved.stages_per_device > 1:
+    if saved is not None and value != 1:
         raise TspipeError(
-            f"the saved plan holds {saved.stages_per_device} stages per device, and compile rebuilds plans of one "
-            "stage per device only; hint: compile again with stages_per_device=2 (the partition is deterministic)"
+            f"stages_per_device={value!r} with a saved plan: the plan fixes its stages ({saved.stages_per_device} "
+            "per device); hint: leave stages_per_device out, or compile without the plan"
         )
-    if value == 1:
-        return
-    needs = {"mode": "momentum", "schedule": "auto", "plan": None, "balance": None, "refine": 0,
-             "recompute": "never"}  # fmt: skip
+    per_device = 1 if saved is None else saved.stages_per_device
+    if value == 1 and per_device == 1:
+        return per_device
+    needs = {"mode": "momentum", "schedule": "auto", "balance": None, "refine": 0, "recompute": "never"}
     wrong = {k: settings[k] for k, v in needs.items() if settings[k] != v}
     if wrong:
-        got = ", ".join(f"{k}={v!r}" if k != "plan" else "a saved plan" for k, v in wrong.items())
+        got = ", ".join(f"{k}={v!r}" for k, v in wrong.items())
+        what = f"stages_per_device={value!r}"
+        if saved is not None:
+            what = f"a saved plan of {per_device} stages per device"
         raise TspipeError(
-            f"stages_per_device={value!r} (virtual stages) needs mode='momentum', schedule='auto', no saved plan "
-            f"or balance, refine=0 and recompute='never'; got {got}; hint: stages_per_device=1"
+            f"{what} (virtual stages) needs mode='momentum', schedule='auto', no balance, refine=0 and "
+            f"recompute='never'; got {got}; hint: stages_per_device=1"
         )
+    return per_device
 
 
 def interleave(

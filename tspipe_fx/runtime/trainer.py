@@ -64,7 +64,7 @@ class Trainer:
             ``loss_fn(s1, s2, t1, t2)``; outputs as the models return them, joined over the batch.
         optimizer: a factory ``params -> optimizer``, or an optimizer over the student's parameters.
         schedule: ``auto``, ``tspipe``, ``gpipe``, ``1f1b`` or ``sequential`` (default: the plan's).
-        runtime: ``"local"`` (one process, a thread per device) or ``"dist"`` (one rank per stage
+        runtime: ``"local"`` (one process, a thread per device) or ``"dist"`` (one rank per device
             under torchrun).
         timeout_s: how long a task waits for its inputs before the step fails.
     """
@@ -130,7 +130,7 @@ class Trainer:
             from tspipe_fx.runtime.dist.layout import init
             from tspipe_fx.runtime.dist.runtime import DistRuntime
 
-            layout, device = init(self.n)
+            layout, device = init(self.plan.n_devices, self.plan.stages_per_device)
             self.runtime = DistRuntime(student, teacher, layout, device, loss_fn, **common)
         else:
             devices = [torch.device(d) for d in self.plan.devices]
@@ -316,9 +316,9 @@ def _refuse_on_virtual_stages(plan: Plan, opts: TrainOptions, ties: Sequence[Any
     """What a plan with several stages per device cannot train with, named."""
     v, n = plan.stages_per_device, plan.n_devices
     hint = "hint: a plan with one stage per device (compile(..., stages_per_device=1))"
-    if runtime == "dist":
-        raise TspipeError(f"the plan holds {v} stages per device (virtual stages), and runtime='dist' runs one "
-                          f"stage per rank; {hint}, or runtime='local'")  # fmt: skip
+    if runtime == "dist" and n == 1:
+        raise TspipeError(f"the plan holds {v} stages on its one device, and runtime='dist' sends a stage's "
+                          f"messages to another rank; {hint}, or runtime='local'")  # fmt: skip
     if opts.clip_grad_norm is not None or plan.precision == "fp16":
         raise TspipeError(
             f"gradient clipping and fp16's loss scale take every stage's gradient norms at each step, and a device "

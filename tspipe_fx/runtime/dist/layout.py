@@ -18,32 +18,54 @@ __all__ = ["Layout", "agree_on_plan", "init"]
 
 @dataclass(frozen=True)
 class Layout:
-    """Where this rank sits: ``pipelines`` replicas of ``n_stages`` consecutive ranks."""
+    """Where this rank sits: ``pipelines`` replicas of ``n_devices`` consecutive ranks, rank
+    ``r`` holding stages ``r % n_devices + k * n_devices`` (``k < stages_per_device``: virtual
+    stages, :attr:`~tspipe_fx.schedule.task.Schedule.stages_per_device`)."""
 
     rank: int
     world: int
-    n_stages: int
+    n_devices: int
+    stages_per_device: int = 1
+
+    @property
+    def n_stages(self) -> int:
+        return self.n_devices * self.stages_per_device
 
     @property
     def pipelines(self) -> int:
-        return self.world // self.n_stages
+        return self.world // self.n_devices
 
     @property
     def pipeline(self) -> int:
-        return self.rank // self.n_stages
+        return self.rank // self.n_devices
 
     @property
-    def stage(self) -> int:
-        return self.stage_of(self.rank)
+    def device(self) -> int:
+        """This rank's place in its pipeline (the schedule's device)."""
+        return self.rank % self.n_devices
 
-    def stage_of(self, rank: int) -> int:
-        return rank % self.n_stages
+    @property
+    def stages(self) -> list[int]:
+        """The stages this rank runs."""
+        return self.stages_of(self.rank)
+
+    def stages_of(self, rank: int) -> list[int]:
+        return [rank % self.n_devices + k * self.n_devices for k in range(self.stages_per_device)]
+
+    def where(self, rank: int) -> str:
+        """``rank``'s stages, in words: ``"stage 1"`` or ``"stages 1, 3"``."""
+        held = self.stages_of(rank)
+        return f"stage{'s' if len(held) > 1 else ''} {', '.join(map(str, held))}"
+
+    def device_of(self, stage: int) -> int:
+        """The place in a pipeline of the rank that runs ``stage``."""
+        return stage % self.n_devices
 
     def rank_of(self, stage: int, pipeline: int | None = None) -> int:
-        return (self.pipeline if pipeline is None else pipeline) * self.n_stages + stage
+        return (self.pipeline if pipeline is None else pipeline) * self.n_devices + self.device_of(stage)
 
 
-def init(n_stages: int) -> tuple[Layout, torch.device]:
+def init(n_devices: int, stages_per_device: int = 1) -> tuple[Layout, torch.device]:
     """Join (or reuse) the process group from torchrun's environment; this rank's device.
 
     NCCL with ``cuda:LOCAL_RANK`` where CUDA is available, gloo on the CPU otherwise.
@@ -60,10 +82,10 @@ def init(n_stages: int) -> tuple[Layout, torch.device]:
         dist.init_process_group(backend)
         atexit.register(_destroy)  # ours to end; runs after the watchdog's goodbye (LIFO)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world % n_stages:
+    if world % n_devices:
         raise TspipeError(
-            f"the world has {world} ranks, not a multiple of the pipeline's {n_stages} stages; hint: "
-            f"launch n_stages x replicas ranks (torchrun --nproc-per-node {n_stages})"
+            f"the world has {world} ranks, not a multiple of the pipeline's {n_devices} devices; hint: "
+            f"launch devices x replicas ranks (torchrun --nproc-per-node {n_devices})"
         )
     if dist.get_backend() == "nccl":
         local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
@@ -71,7 +93,7 @@ def init(n_stages: int) -> tuple[Layout, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    return Layout(rank, world, n_stages), device
+    return Layout(rank, world, n_devices, stages_per_device), device
 
 
 def _destroy() -> None:

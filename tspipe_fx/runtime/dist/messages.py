@@ -1,10 +1,11 @@
 """Point-to-point messages between neighbouring stages of one pipeline: activations forward,
-gradients back, with batched ``isend``/``irecv`` on one process group per neighbour pair and
-direction.
+gradients back, with batched ``isend``/``irecv`` on one process group per neighbouring stage pair
+and direction (with virtual stages a rank holds several stages, and the pair of its last and
+first devices carries a channel too, stage ``N - 1`` to ``N``).
 
 Shapes and dtypes are known without asking (:mod:`.shapes`: a fake-tensor run of the stages for
 the batch's shapes, cached per shape; a gradient has the shape of its output). On a channel the
-receiver posts its receives in the sender's task order (every rank knows every stage's task
+receiver posts its receives in the sender's task order (every rank knows every device's task
 list), so messages match on NCCL, which pairs them by order alone, as on gloo. Sends complete in
 their own time; :meth:`Messages.drain` waits for them.
 """
@@ -104,10 +105,10 @@ class Messages:
                 else torch.zeros(specs[n].shape, dtype=specs[n].dtype, device=d.device)
                 for n in self._grad_names(j, key)
             ]
-        self._isend(tensors, to)
+        self._isend(tensors, j, to)
 
-    def _isend(self, tensors: list[torch.Tensor], to: int) -> None:
-        group = self.channels[(self.layout.pipeline, self.layout.stage, to)]
+    def _isend(self, tensors: list[torch.Tensor], stage: int, to: int) -> None:
+        group = self.channels[(self.layout.pipeline, stage, to)]
         peer = self.layout.rank_of(to)
         sent = [t.detach().contiguous() for t in tensors if t.numel()]
         if sent:
@@ -121,7 +122,8 @@ class Messages:
         channel = "fwd" if kind in _FWD else "bwd"
         # Post this channel's receives in the sender's order, up to and including ``key``.
         kinds = _FWD if channel == "fwd" else ("sb",)
-        order = [(t.kind, j, t.batch, t.view, t.micro) for t in self._lists[j] if t.kind in kinds]
+        sender = self._lists[self.layout.device_of(j)]  # (its device's list: stage j's tasks in it)
+        order = [(t.kind, j, t.batch, t.view, t.micro) for t in sender if t.kind in kinds and t.stage == j]
         at = self._cursor.get((j, channel), 0)
         while key not in self._posted:
             if at >= len(order):
@@ -136,18 +138,17 @@ class Messages:
 
     def wait(self, work: Any, what: str, peer: int) -> None:
         """Wait for a point-to-point message; a lost peer is named, not left as a socket error."""
-        stage = peer % self.layout.n_stages
         try:
             done = work.wait(timeout=timedelta(seconds=self.timeout_s))
         except RuntimeError as e:
             raise PeerLost(
-                f"lost rank {peer} (stage {stage}) while {what}: {str(e).splitlines()[0]}; hint: that "
-                "rank died (killed, out of memory?) or hangs; its own log says which",
+                f"lost rank {peer} ({self.layout.where(peer)}) while {what}: {str(e).splitlines()[0]}; hint: "
+                "that rank died (killed, out of memory?) or hangs; its own log says which",
                 peer,
-                stage,
+                self.layout.where(peer),
             ) from e
         if done is False:
-            raise TimeoutError(f"waited {self.timeout_s:.0f} s {what} from rank {peer} (stage {stage})")
+            raise TimeoutError(f"waited {self.timeout_s:.0f} s {what} from rank {peer} ({self.layout.where(peer)})")
 
     def _post(self, d: DeviceState, key: Any) -> None:
         kind, j = key[0], key[1]

@@ -1,15 +1,16 @@
 """The distributed runtime: one rank per device under torchrun, pipeline x data parallel.
 
 ``pipe.trainer(..., runtime="dist")`` in a script started by ``torchrun --nproc-per-node N
-[--nnodes K --rdzv-backend c10d --rdzv-endpoint HOST:PORT]``. Ranks form ``world / n_stages``
-pipelines of consecutive ranks: rank ``r`` runs stage ``r % n_stages`` of pipeline
-``r // n_stages``. Every rank of a pipeline calls ``trainer.step`` with the same batch (the
-first stage reads the inputs, the last the target); each pipeline gets its own share of the
-data, as with DistributedDataParallel.
+[--nnodes K --rdzv-backend c10d --rdzv-endpoint HOST:PORT]``. Ranks form ``world / N``
+pipelines of ``N`` consecutive ranks (the plan's devices): rank ``r`` is device ``r % N`` of
+pipeline ``r // N`` and runs its stage (with virtual stages, its stages ``r % N + k N``). Every
+rank of a pipeline calls ``trainer.step`` with the same batch (the first stage reads the inputs,
+the last the target); each pipeline gets its own share of the data, as with
+DistributedDataParallel.
 
-Rank ``r`` executes the task list of its stage, the very list the local runtime gives a thread,
-through the same task code (:class:`~tspipe_fx.runtime.tasks.StageTasks`); only the messages,
-collectives and failures differ:
+Rank ``r`` executes the task list of its device, the very list the local runtime gives a thread,
+through the same task code (:class:`~tspipe_fx.runtime.tasks.StageTasks`), each task on its own
+stage's state; only the messages, collectives and failures differ:
 
 - Activations and gradients move with batched ``isend``/``irecv`` on one process group per
   neighbour pair and direction. Their shapes and dtypes are known without asking: each rank
@@ -55,7 +56,7 @@ _FWD = ("tf", "sf")
 
 
 class DistRuntime(StageTasks):
-    """The local runtime's task code with one stage per rank; see the module docstring."""
+    """The local runtime's task code with one device per rank; see the module docstring."""
 
     def __init__(
         self,
@@ -67,22 +68,27 @@ class DistRuntime(StageTasks):
         **options: Any,
     ):
         self.layout = layout
-        n = layout.n_stages
-        super().__init__(student, teacher, [device] * n, loss_fn, held=[layout.stage], **options)
+        n, devices = layout.n_stages, layout.n_devices
+        super().__init__(student, teacher, [device] * n, loss_fn, held=layout.stages, **options)
         self.comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
         # Every group is created by every rank, in one order.
-        channels: dict[tuple[int, int, int], Any] = {}  # (pipeline, from, to) -> group
+        channels: dict[tuple[int, int, int], Any] = {}  # (pipeline, from stage, to stage) -> group
         pipeline_groups, replica_groups = [], []
+        tie_groups: list[dict[tuple[str, ...], Any]] = []
         for p in range(layout.pipelines):
             for j in range(n - 1):
                 a, b = layout.rank_of(j, p), layout.rank_of(j + 1, p)
                 channels[(p, j, j + 1)] = dist.new_group([a, b])
                 channels[(p, j + 1, j)] = dist.new_group([a, b])
-            pipeline_groups.append(dist.new_group([layout.rank_of(j, p) for j in range(n)]))
-        for j in range(n):
-            replica_groups.append(dist.new_group([layout.rank_of(j, p) for p in range(layout.pipelines)]))
+            pipeline_groups.append(dist.new_group([layout.rank_of(k, p) for k in range(devices)]))
+            tie_groups.append(
+                {names: dist.new_group(sorted({layout.rank_of(j, p) for j in ks})) for names, ks in self.ties}
+            )
+        for k in range(devices):
+            replica_groups.append(dist.new_group([layout.rank_of(k, p) for p in range(layout.pipelines)]))
         self.pipeline_group: Any = pipeline_groups[layout.pipeline]
-        self.replica_group: Any = replica_groups[layout.stage]
+        self.replica_group: Any = replica_groups[layout.device]
+        self.tie_groups = tie_groups[layout.pipeline]  # (a tie's messages in their own order)
         # Which stage owns each trainable student parameter, in the model's order (clipping).
         owners: dict[str, int] = {}
         for j, st in enumerate(self.student.stages):
@@ -101,17 +107,16 @@ class DistRuntime(StageTasks):
     def run(self, lists: Sequence[Sequence[Task]], data: dict[int, Fed]) -> None:
         if self.broken is not None:
             raise RuntimeFailure(f"the runtime failed earlier and cannot go on: {self.broken}")
-        d = self.devices[0]
-        tasks = lists[d.index]
+        tasks = lists[self.layout.device]
         board = Board(self.timeout_s)
         self.messages.start_window(lists, data)
-        task = tasks[0] if tasks else Task("opt", d.index, -1)
+        task = tasks[0] if tasks else Task("opt", self.layout.device, -1)
         batch = next(t.batch for t in tasks if t.kind == "opt")
         try:
             inbox = self._expect_losses()
             last_loss = max((i for i, t in enumerate(tasks) if t.kind == "loss"), default=-1)
             for i, task in enumerate(tasks):
-                self.run_task(d, task, data, board)
+                self.run_task(self.stage[task.stage], task, data, board)
                 if i == last_loss:
                     self._tell_loss(batch)
             self.messages.check_used()
@@ -138,13 +143,17 @@ class DistRuntime(StageTasks):
             elif isinstance(e, PeerLost):  # the peer went without a word: name it, not this rank
                 if self.watchdog is not None:
                     self.watchdog.lost(e)
-                self.broken = RuntimeFailure(f"rank {self.layout.rank} (stage {d.index}) stops: {e}")
+                self.broken = RuntimeFailure(f"rank {self.layout.rank} ({self._where}) stops: {e}")
             else:
                 if self.watchdog is not None:
                     self.watchdog.fail(message)
-                self.broken = RuntimeFailure(f"rank {self.layout.rank} (stage {d.index}) failed at {message}")
+                self.broken = RuntimeFailure(f"rank {self.layout.rank} ({self._where}) failed at {message}")
             raise self.broken from e
         self.losses[batch] = sum(values) / len(values)  # the mean over pipelines
+
+    @property
+    def _where(self) -> str:
+        return self.layout.where(self.layout.rank)
 
     def recover(self) -> bool:
         """A failed window is not undone across ranks: the run stops (torchrun names the rank)."""
@@ -221,29 +230,29 @@ class DistRuntime(StageTasks):
         mine = parameter_of(d.student, names)
         if d.index != stages[0]:
             grad = mine.grad if mine.grad is not None else torch.zeros_like(mine)
-            self._p2p(dist.isend, grad.detach().contiguous(), stages[0], wait=False)
+            self._p2p(dist.isend, grad.detach().contiguous(), stages[0], names, wait=False)
             mine.grad = None
             return
         for k in stages[1:]:
             other = torch.empty_like(mine)
-            self._p2p(dist.irecv, other, k, wait=True)
+            self._p2p(dist.irecv, other, k, names, wait=True)
             mine.grad = other if mine.grad is None else mine.grad + other
 
     def copy_tied(self, d: DeviceState, names: tuple[str, ...], stages: tuple[int, ...], board: Board) -> None:
         mine = parameter_of(d.student, names)
         if d.index == stages[0]:
             for k in stages[1:]:
-                self._p2p(dist.isend, mine.detach().clone(), k, wait=False)
+                self._p2p(dist.isend, mine.detach().clone(), k, names, wait=False)
             return
         value = torch.empty_like(mine)
-        self._p2p(dist.irecv, value, stages[0], wait=True)
+        self._p2p(dist.irecv, value, stages[0], names, wait=True)
         with torch.no_grad():
             mine.copy_(value)
 
-    def _p2p(self, op: Callable[..., Any], tensor: torch.Tensor, stage: int, *, wait: bool) -> None:
-        (work,) = dist.batch_isend_irecv(
-            [dist.P2POp(op, tensor, self.layout.rank_of(stage), self.pipeline_group)]
-        )
+    def _p2p(
+        self, op: Callable[..., Any], tensor: torch.Tensor, stage: int, tie: tuple[str, ...], *, wait: bool
+    ) -> None:
+        (work,) = dist.batch_isend_irecv([dist.P2POp(op, tensor, self.layout.rank_of(stage), self.tie_groups[tie])])
         if wait:
             self.messages.wait(work, "exchanging a tied weight", self.layout.rank_of(stage))
         else:
@@ -258,7 +267,7 @@ class DistRuntime(StageTasks):
         for j in range(self.n_stages):
             src = self.layout.rank_of(j, 0)
             if self.layout.rank == src:
-                d = self.devices[0]
+                d = self.stage[j]
                 state = (d.student if which == "student" else d.teacher).state_dict()
             else:
                 template = (self.student if which == "student" else self.teacher).stages[j].module.state_dict()

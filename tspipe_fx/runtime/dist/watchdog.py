@@ -35,9 +35,9 @@ __all__ = ["PeerLost", "Watchdog"]
 class PeerLost(TspipeError):
     """Another rank went away while this one exchanged messages with it."""
 
-    def __init__(self, message: str, rank: int, stage: int):
+    def __init__(self, message: str, rank: int, where: str):
         super().__init__(message)
-        self.rank, self.stage = rank, stage
+        self.rank, self.where = rank, where  # where: its stages, in words ("stage 1")
 
 
 def _write_error_file(path: str, message: str, timestamp: int) -> None:
@@ -93,11 +93,11 @@ class Watchdog:
         """Tell every rank that this one failed (the first notice wins), and give them up to
         ``wait_s`` to read it before this process goes on to exit (torchrun ends the others
         when it sees one exit, which could otherwise cut their own word short)."""
-        self._post(f"rank {self.layout.rank} (stage {self.layout.stage}) failed: {message}", wait_s, readers=1)
+        self._post(f"rank {self.layout.rank} ({self.layout.where(self.layout.rank)}) failed: {message}", wait_s, readers=1)
 
     def lost(self, peer: PeerLost, *, wait_s: float = 5.0) -> None:
         """Tell every rank that ``peer``'s rank went away while this one exchanged messages with it."""
-        self._post(f"rank {peer.rank} (stage {peer.stage}) was lost: rank {self.layout.rank} {peer}", wait_s, readers=2)
+        self._post(f"rank {peer.rank} ({peer.where}) was lost: rank {self.layout.rank} {peer}", wait_s, readers=2)
 
     def _post(self, notice: str, wait_s: float, *, readers: int) -> None:
         """Post ``notice`` (unless another came first), write this rank's error file, and wait up to
@@ -177,7 +177,7 @@ class Watchdog:
         """Rank ``r``'s heartbeat stopped: name it; on this machine, write its error file and kill
         it (a stopped process cannot take torchrun's SIGTERM, which would wait 30 s for it)."""
         notice = (
-            f"rank {r} (stage {self.layout.stage_of(r)}) stopped answering for {self.dead_after_s:.0f} s "
+            f"rank {r} ({self.layout.where(r)}) stopped answering for {self.dead_after_s:.0f} s "
             "(stopped, hung outside Python, killed, or its machine is gone)"
         )
         now = int(time.time())

@@ -329,3 +329,17 @@ def test_a_checkpoint_of_virtual_stages_resumes_the_same_run(tmp_path: Path) -> 
     second = trainer()
     load_checkpoint(second, tmp_path / "ckpt")
     assert head + run_batches(second, data[3:]) == all_losses
+
+
+def test_a_rank_of_the_distributed_runtime_holds_its_devices_stages() -> None:
+    """Rank ``r`` of ``world / N`` pipelines is device ``r % N`` and holds stages ``r % N + kN``;
+    a stage's messages go to the rank of its device in the same pipeline."""
+    from tspipe_fx.runtime.dist.layout import Layout
+
+    layout = Layout(rank=5, world=6, n_devices=3, stages_per_device=2)
+    assert (layout.pipelines, layout.pipeline, layout.device, layout.n_stages) == (2, 1, 2, 6)
+    assert layout.stages == [2, 5]
+    assert [layout.rank_of(j) for j in range(6)] == [3, 4, 5, 3, 4, 5]
+    assert [layout.rank_of(j, 0) for j in range(6)] == [0, 1, 2, 0, 1, 2]
+    assert (layout.where(5), layout.where(0)) == ("stages 2, 5", "stages 0, 3")
+    assert Layout(rank=1, world=2, n_devices=2).where(1) == "stage 1"

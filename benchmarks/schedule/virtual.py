@@ -46,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", default="vit_b16", choices=list(LOSS))
     parser.add_argument("--gpus", type=int, default=16)
-    parser.add_argument("--slack", type=float, nargs="+", default=[0.2, 0.4, 0.6, 1.0])
+    parser.add_argument("--slack", type=float, nargs="+", default=[0.2, 0.4, 0.5, 0.6, 1.0])
     args = parser.parse_args()
     n = args.gpus
     loss = LOSS[args.pair]

@@ -25,7 +25,7 @@ from tspipe_fx.schedule.task import Schedule
 
 __all__ = ["STAGE_SLACKS", "Interleaved", "check_stages_per_device", "interleave"]
 
-STAGE_SLACKS = (0.4, 0.6, 1.0)  # caps on a stage's share tried (partition.interleave.interleaved)
+STAGE_SLACKS = (0.4, 0.5, 0.6, 1.0)  # caps on a stage's share tried (partition.interleave.interleaved)
 GAIN = 0.01  # two stages per device are taken when they simulate at least this much faster
 
 Synthesized = Callable[[Problem, Partition, int], Schedule]  # (problem, cuts, stages per device) -> auto

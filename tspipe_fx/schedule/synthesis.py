@@ -11,8 +11,9 @@ path is then about as long as the next one's.
 The lists must also respect what the trainer runs (:mod:`~tspipe_fx.schedule.task_graph`):
 windows (each device's window ``b`` ends with its first stage's optimizer step of ``b``, and the
 teacher forwards of ``b+1`` run inside it), forwards in one order per stage (BatchNorm), and a
-cap on the micro-batches whose activations a device holds. From a run of ``HORIZON`` batches it
-takes the first window, one steady window (repeated) and the last, and keeps the variant whose
+cap on the micro-batches whose activations a device holds. From a run of ``HORIZON`` batches
+(twice as many with virtual stages: :func:`~tspipe_fx.schedule.periodic.horizon_of`) it takes
+the first window, one steady window (repeated) and the last, and keeps the variant whose
 repeated schedule simulates fastest; the result is periodic, so the trainer's windows and the
 simulator's period describe one schedule.
 """
@@ -24,7 +25,7 @@ import dataclasses
 import heapq
 
 from tspipe_fx.schedule.costs import StageCosts
-from tspipe_fx.schedule.periodic import HORIZON, Lists, Templates, periodic, window_lists
+from tspipe_fx.schedule.periodic import HORIZON, Lists, Templates, horizon_of, periodic, window_lists
 from tspipe_fx.schedule.simulator import simulate_costs
 from tspipe_fx.schedule.task import Schedule, ScheduleError, Task, order_key
 from tspipe_fx.schedule.task_graph import Early, TaskGraph
@@ -257,8 +258,9 @@ def templates(
         period = simulate_costs(periodic(skeleton, cand, 6), costs).period
         if best is None or period < best[0] - 1e-9:
             best = (period, cand)
+    n_batches = horizon_of(skeleton.stages_per_device)
     for split in split_options:
-        horizon = dataclasses.replace(skeleton, n_batches=HORIZON, split_backward=split, devices=())
+        horizon = dataclasses.replace(skeleton, n_batches=n_batches, split_backward=split, devices=())
         for early in _splits(horizon)[:1] if quick else _splits(horizon):
             problem = TaskGraph.of(horizon, costs, early)
             methods = ["insertion", "student first", "lookahead"]
@@ -277,8 +279,8 @@ def templates(
                     bwd = method == "backward first"
                     lists = _list_schedule(problem, max_in_flight, lookahead=not bwd, backward_first=bwd)
                 lookahead = method
-                first, last = window_lists(lists, 0), window_lists(lists, HORIZON - 1)
-                for w in range(1, 2 if quick else HORIZON - 1):
+                first, last = window_lists(lists, 0), window_lists(lists, n_batches - 1)
+                for w in range(1, 2 if quick else n_batches - 1):
                     variant = (
                         f"{lookahead}{', split backward' if split else ''}"
                         f", teacher forwards ahead {list(early)}"

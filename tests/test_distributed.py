@@ -283,6 +283,7 @@ def test_resume_in_a_new_process_group_is_bit_identical(tmp_path: Path) -> None:
             assert torch.equal(consolidated[which][name], value), name
 
 
+@pytest.mark.slow  # three torchruns; the default run keeps under 15 minutes
 def test_resume_of_two_stages_per_rank_is_bit_identical(tmp_path: Path) -> None:
     """Virtual stages resume as one stage per rank does: each rank writes both its stages' files."""
     common = ["--stages", "2", "--stages-per-device", "2", "--mode", "momentum", "--schedule", "auto", "--steps", "5"]

@@ -355,7 +355,11 @@ def test_a_loss_over_several_outputs_trains_through_each() -> None:
         example_inputs=(torch.randn(6, 8),),
         cost_model="uniform",
     )
-    trainer = pipe.trainer(loss, optimizer=sgd)
+    # tspipe: auto splits the backward here and adds the micro-batches' weight gradients in its own
+    # order; the first layer feeds a BatchNorm over micro-batches of two, whose weight gradients are
+    # mostly rounding residue, and momentum SGD carried that apart by 3e-6 on this AMD CPU (README,
+    # Limitations). What this test is about, the gradient through both outputs, is exact either way.
+    trainer = pipe.trainer(loss, optimizer=sgd, schedule="tspipe")
     ref = ReferenceTrainer(
         copy.deepcopy(student), copy.deepcopy(teacher), loss, optimizer=sgd, micro_batches=trainer.m
     )

@@ -230,7 +230,7 @@ def compile(
     specs = (
         [device_spec(s) for s in device_specs] if device_specs is not None else [spec_for(d) for d in run_on]
     )
-    hw = hardware(run_on, specs, device_specs is not None, memory_limit)
+    hw = hardware(run_on, specs, device_specs is not None, memory_limit, precision)
     polish_for = "tspipe" if schedule == "auto" else schedule  # (auto: the skeleton it is synthesized on)
 
     def chains(k: int) -> tuple[dict[str, int], dict[str, int], GraphChain, GraphChain, Any]:

@@ -12,8 +12,9 @@ task list), in bytes, activations in the compute dtype:
   cast for it (``weight_copies`` per parameter byte);
 * the weight gradients, from the window's first backward to its optimizer step (which sets them
   to None); a later backward makes each weight gradient anew before adding it into them: the
-  largest node's, twice (a convolution's gradient on CPU is made in a blocked layout and
-  converted);
+  largest node's, with the workspace its backward takes (``Device.grad_workspace`` copies: a
+  convolution's gradient on CPU is made in a blocked layout and converted; oneDNN's AVX2 kernels
+  hold four copies, measured on an AMD EPYC);
 * the running task's working set: the values alive at its busiest node, for one micro-batch of
   a student forward or backward, or of a teacher forward.
 
@@ -87,7 +88,7 @@ def predict_memory(
             inputs=received,
             gradients=float(s.param_bytes),
             student_working=s_peak[j],
-            accumulation=2.0 * s_largest[j],
+            accumulation=(1.0 + problem.devices[j].grad_workspace) * s_largest[j],
             teacher_working=t_peak[j] / schedule.teacher_parts,
         )
         mine = [t for t in schedule.devices[schedule.device_of(j)] if t.stage == j]  # (virtual stages)

@@ -89,6 +89,9 @@ class Device:
     memory_bytes: float = math.inf
     link_gbs: float = math.inf  # to the next device, GB/s
     link_latency_ms: float = 0.0
+    # workspace a backward takes for its largest weight gradient, in copies of the weight (the
+    # gradient made in a blocked layout and converted: one; oneDNN's AVX2 convolutions: four)
+    grad_workspace: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Every example runs three ways:
 
     python examples/byol.py                                          # tiny, 2 CPU devices, local runtime
-    torchrun --nproc-per-node 2 examples/byol.py --runtime dist      # tiny, one rank per stage (gloo)
+    torchrun --nproc-per-node 2 examples/byol.py --runtime dist      # tiny, one rank per device (gloo)
     torchrun --nproc-per-node 8 examples/byol.py --runtime dist --full --gpus 8   # paper size, NCCL
 
 The tiny runs train on one fixed synthetic batch, so their loss must fall within a few steps
@@ -28,7 +28,7 @@ def parser(doc: str | None, *, batch: int, full_batch: int) -> argparse.Argument
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the paper's model sizes (GPUs)")
     p.add_argument("--runtime", choices=["local", "dist"], default="local",
-                   help="local: one process, a thread per stage; dist: one rank per stage under torchrun")  # fmt: skip
+                   help="local: one process, a thread per device; dist: one rank per device under torchrun")  # fmt: skip
     p.add_argument("--gpus", type=int, default=2, help="pipeline stages")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=None, help=f"samples per batch (default {batch}, {full_batch} with --full)")

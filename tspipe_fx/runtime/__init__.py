@@ -4,7 +4,7 @@ costing or partitioning (they get Stages, a Plan and a Schedule).
 * :class:`~tspipe_fx.runtime.trainer.Trainer`: windows of the schedule, one batch in flight.
 * :class:`~tspipe_fx.runtime.tasks.StageTasks`: the task code both runtimes run.
 * :class:`~tspipe_fx.runtime.local.LocalRuntime`: one process, a thread per device.
-* :mod:`tspipe_fx.runtime.dist`: one rank per stage under torchrun, pipeline x data parallel.
+* :mod:`tspipe_fx.runtime.dist`: one rank per device under torchrun, pipeline x data parallel.
 * :class:`~tspipe_fx.runtime.reference.ReferenceTrainer`: the same semantics, not pipelined.
 * :mod:`tspipe_fx.runtime.checkpoint`: save and resume.
 """

@@ -1,1 +1,1 @@
-"""The distributed runtime: one rank per stage under torchrun (see :mod:`.runtime`)."""
+"""The distributed runtime: one rank per device (and its stages) under torchrun (see :mod:`.runtime`)."""

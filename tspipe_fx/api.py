@@ -38,6 +38,7 @@ from tspipe_fx.cost.model import CostModel
 from tspipe_fx.cost.profile import Profile
 from tspipe_fx.cost.stage_times import at_batch
 from tspipe_fx.errors import CaptureError, TspipeError
+from tspipe_fx.partition.interleave import per_stage
 from tspipe_fx.partition.objective import schedule_costs
 from tspipe_fx.partition.problem import Partition, Problem
 from tspipe_fx.passes import annotate_structure, annotate_symbolic
@@ -251,7 +252,7 @@ def compile(
         partitioner = Partitioner(
             s_gc,
             t_gc,
-            tuple(hw[j % n] for j in range(n * saved_per_device)),  # (a saved plan's stages: one each)
+            per_stage(hw, saved_per_device),  # (a saved plan's virtual stages: a device each)
             k,
             optimizer_factor,
             fixed=fixed,
@@ -321,7 +322,7 @@ def compile(
             "or more memory"
         )
     per_device = len(partitioner.devices) // n
-    on = [run_on[j % n] for j in range(len(partitioner.devices))]  # each stage's device
+    on = per_stage(run_on, per_device)  # each stage's device
 
     s_stages = split(s_gc, part.student_cuts, name=f"{s_cap.model_name}Stage")
     t_stages = split(t_gc, part.teacher_cuts, name=f"{t_cap.model_name}Stage")

@@ -21,22 +21,31 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from tspipe_fx.partition.objective import Objective, evaluate
 from tspipe_fx.partition.problem import Partition, PartitionError, Problem
 
-__all__ = ["device_loads", "interleaved", "stage_problem"]
+__all__ = ["device_loads", "interleaved", "per_stage", "stage_problem"]
+
+T = TypeVar("T")
+
+
+def per_stage(per_device: Sequence[T], stages_per_device: int) -> tuple[T, ...]:
+    """Each stage's entry of a per-device sequence: stage ``k`` on device ``k % N``."""
+    n = len(per_device)
+    return tuple(per_device[k % n] for k in range(n * stages_per_device))
 
 
 def stage_problem(problem: Problem, stages_per_device: int) -> Problem:
     """The problem with a device per stage: stage ``k`` on ``problem.devices[k % N]``."""
-    n = len(problem.devices)
     return dataclasses.replace(
         problem,
-        devices=tuple(problem.devices[k % n] for k in range(n * stages_per_device)),
-        recompute_share=tuple(problem.recompute_share[k % n] for k in range(n * stages_per_device))
+        devices=per_stage(problem.devices, stages_per_device),
+        recompute_share=per_stage(problem.recompute_share, stages_per_device)
         if problem.recompute_share
         else (),
     )

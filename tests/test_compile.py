@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -65,6 +66,38 @@ def test_plan_round_trips_and_rebuilds_the_same_stages(kd: tspipe_fx.Pipeline, t
         assert [s.module.code for s in a] == [s.module.code for s in b]
     with pytest.raises(TspipeError, match="not a tspipe_fx plan"):
         Plan.from_json(plan.to_json().replace('"mode"', '"mood"'))
+
+
+def test_a_saved_plan_is_rebuilt_on_its_own_costs(kd: tspipe_fx.Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile(plan=p) without a cost model keeps p's stage costs, figures and schedule, and
+    profiles nothing; another micro-batch size or a cost model given prices the plan anew."""
+    plan = dataclasses.replace(kd.plan, schedule="auto", loss="micro")
+    x = torch.randn(6, 3, 32, 32)
+
+    def no_profiling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a saved plan's costs were measured again")
+
+    with monkeypatch.context() as m:
+        m.setattr(tspipe_fx.compiler.costs, "profile", no_profiling)
+        again = tspipe_fx.compile(kd.student, kd.teacher, 3, example_inputs=(x,), plan=plan).plan
+    assert again.cost_model == plan.cost_model == "measured"
+    for a, b in ((plan.student, again.student), (plan.teacher, again.teacher)):
+        for s, t in zip(a.stages, b.stages, strict=True):
+            assert t.fwd_ms == pytest.approx(s.fwd_ms, rel=1e-9) and t.bwd_ms == pytest.approx(s.bwd_ms, rel=1e-9)
+            # (bytes are whole per node: each node's share is rounded)
+            assert t.activation_bytes == pytest.approx(s.activation_bytes, abs=len(s.nodes))
+    assert again.loads_ms == pytest.approx(plan.loads_ms, rel=1e-9)
+    assert again.memory_bytes == pytest.approx(plan.memory_bytes, rel=1e-6)
+    assert again.lower_bound_ms == pytest.approx(plan.lower_bound_ms, rel=1e-9)
+    assert again.build_schedule(3).devices == plan.build_schedule(3).devices  # auto, made for the same costs
+    # Priced anew: a cost model given, or micro-batches of another size (the costs were for 2 samples).
+    uniform = tspipe_fx.compile(kd.student, kd.teacher, 3, example_inputs=(x,), plan=plan, cost_model="uniform")
+    assert uniform.plan.cost_model == "uniform" and uniform.plan.student.cuts == plan.student.cuts
+    assert uniform.plan.student.stages[0].fwd_ms != plan.student.stages[0].fwd_ms
+    with monkeypatch.context() as m:
+        m.setattr(tspipe_fx.compiler.costs, "profile", no_profiling)
+        with pytest.raises(AssertionError, match="measured again"):
+            tspipe_fx.compile(kd.student, kd.teacher, 3, example_inputs=(x,), plan=plan, micro_batches=2)
 
 
 def test_with_plan_recuts_the_same_models(kd: tspipe_fx.Pipeline) -> None:
@@ -323,7 +356,7 @@ def test_the_symbolic_run_and_the_fingerprint_happen_once_per_model(monkeypatch:
         runs.append(id(gm))
         return real(gm, inputs)
 
-    monkeypatch.setattr(tspipe_fx.api, "annotate_symbolic", counting)
+    monkeypatch.setattr(tspipe_fx.compiler.capture, "annotate_symbolic", counting)
     monkeypatch.setattr(tspipe_fx.cost.profiling, "annotate_symbolic", counting)
     hashes: list[bytes] = []
     real_sha = hashlib.sha256

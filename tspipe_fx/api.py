@@ -16,7 +16,6 @@ student, teacher, example batch
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from tspipe_fx.compiler.assemble import model_plan
+from tspipe_fx.compiler.capture import captured, check_shapes
 from tspipe_fx.compiler.checks import Mode, check_args, check_options, from_plan
 from tspipe_fx.compiler.costs import cost_models
 from tspipe_fx.compiler.cuts import check_momentum_names, cut_space
@@ -32,16 +32,17 @@ from tspipe_fx.compiler.memory import ScheduleOf, fit_memory, predicted
 from tspipe_fx.compiler.micro_batches import Partitioned, candidates, fastest
 from tspipe_fx.compiler.partitioner import Partitioner
 from tspipe_fx.compiler.refine import refine as refine_step
+from tspipe_fx.compiler.saved_costs import keeps_saved_costs, saved_costs
 from tspipe_fx.compiler.virtual import check_stages_per_device, interleave
 from tspipe_fx.cost.devices import DeviceSpec, device_spec
 from tspipe_fx.cost.model import CostModel
 from tspipe_fx.cost.profile import Profile
 from tspipe_fx.cost.stage_times import at_batch
-from tspipe_fx.errors import CaptureError, TspipeError
+from tspipe_fx.errors import TspipeError
 from tspipe_fx.partition.interleave import per_stage
 from tspipe_fx.partition.objective import schedule_costs
 from tspipe_fx.partition.problem import Partition, Problem
-from tspipe_fx.passes import annotate_structure, annotate_symbolic
+from tspipe_fx.passes import annotate_structure
 from tspipe_fx.passes.chain import GraphChain, graph_chain
 from tspipe_fx.passes.split import split
 from tspipe_fx.passes.symbolic import input_sizes
@@ -51,7 +52,7 @@ from tspipe_fx.schedule.generators import make_schedule
 from tspipe_fx.schedule.memory import StageMemory, checked_recompute
 from tspipe_fx.schedule.task import Schedule
 from tspipe_fx.stage import positional_args
-from tspipe_fx.tracing import CapturedModel, capture
+from tspipe_fx.tracing import CapturedModel
 
 __all__ = ["compile"]
 
@@ -121,7 +122,9 @@ def compile(
         max_candidates: candidate cuts per model (the partitioner's granularity).
         plan: a saved :class:`Plan` to rebuild instead of partitioning: its cuts and, unless given
             here, its micro-batches, batch size, views, staleness, loss, teacher parts (with
-            ``schedule="auto"``), precision and recompute policies (the schedule is ``schedule``'s).
+            ``schedule="auto"``), precision and recompute policies (the schedule is ``schedule``'s);
+            without ``cost_model`` or ``profile``, at its micro-batch size and precision, its stage
+            costs too, with no profiling (:mod:`tspipe_fx.compiler.saved_costs`).
         refine: rounds of checking the plan against its stages run whole on the first device
             (:func:`tspipe_fx.cost.stage_times.time_stages`): each round times the chosen stages,
             scales each stage's node costs to its measured times and partitions again, until the
@@ -207,7 +210,7 @@ def compile(
         if own
         else s_example
     )
-    s_cap, t_cap = _capture("student", student, s_example), _capture("teacher", teacher, t_example)
+    s_cap, t_cap = captured("student", student, s_example), captured("teacher", teacher, t_example)
     s_flat, t_flat = s_cap.flatten_inputs(*s_example), t_cap.flatten_inputs(*t_example)
     sizes, t_sizes = input_sizes(s_flat), input_sizes(t_flat)
     if sizes.get("B") != t_sizes.get("B"):
@@ -227,7 +230,7 @@ def compile(
         check_momentum_names(s_cap, t_cap)
     for role, cap, flat in (("student", s_cap, s_flat), ("teacher", t_cap, t_flat)):
         annotate_structure(cap.graph_module)
-        _shapes(role, cap, flat)
+        check_shapes(role, cap, flat)
     specs = (
         [device_spec(s) for s in device_specs] if device_specs is not None else [spec_for(d) for d in run_on]
     )
@@ -241,9 +244,12 @@ def compile(
         return micro, t_micro, s_gc, t_gc, cut_space(plan, balance, s_cap, t_cap, s_gc, t_gc, n, mode)
 
     first = chains(m)  # every check that needs only the graphs comes before the costs (profiling)
+    keep = keeps_saved_costs(plan, cost_model, profile, first[0]["B"], precision)  # (no profiling)
     s_cm, t_cm, cm_name = cost_models(
-        cost_model, profile, s_cap, t_cap, (s_example, t_example), run_on[0], specs[0], precision
-    )
+        "roofline" if keep else cost_model, profile, s_cap, t_cap, (s_example, t_example), run_on[0], specs[0],
+        precision,
+    )  # fmt: skip
+    cm_name = plan.cost_model if keep and plan is not None else cm_name
 
     def partition_at(k: int) -> Partitioned:
         micro, t_micro, s_gc, t_gc, (fixed, pairs) = first if k == m else chains(k)
@@ -264,6 +270,9 @@ def compile(
         )
         s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch
         t_costs = t_cm.graph_costs(t_cap.graph_module, t_micro)
+        if keep:
+            assert plan is not None and fixed is not None
+            s_costs, t_costs = saved_costs(plan, (s_gc, t_gc), fixed, (s_costs, t_costs), scale)
         fitted = fit_memory(partitioner, (s_costs, t_costs), trained_under(k), recompute=recompute,
                             weight_copies=weight_copies)  # fmt: skip
         return Partitioned(k, micro, t_micro, s_gc, t_gc, fitted.partitioner, s_costs, t_costs, fitted.part,
@@ -365,29 +374,3 @@ def compile(
 
 def _example(inputs: Any, kwargs: dict[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return positional_args(inputs), dict(kwargs or {})
-
-
-def _capture(role: str, model: nn.Module, example: tuple[tuple[Any, ...], dict[str, Any]]) -> CapturedModel:
-    if isinstance(model, CapturedModel):
-        return model
-    try:
-        return capture(model, example[0], example_kwargs=example[1])
-    except CaptureError as e:
-        raise CaptureError(f"the {role}: {e}") from None
-
-
-def _shapes(role: str, cap: CapturedModel, flat: list[torch.Tensor]) -> None:
-    """Shapes and symbolic costs of one model; an example it cannot run on is named in one line."""
-    try:
-        annotate_symbolic(cap.graph_module, flat)
-    except Exception as e:  # noqa: BLE001 - whatever the model raised, the user needs where and why
-        text = str(e).strip()
-        node = re.search(r"While executing %(\S+)", text)
-        shapes = ", ".join(f"{n}={tuple(x.shape)}" for n, x in zip(cap.input_names, flat, strict=False))
-        raise TspipeError(
-            f"the {role} ({cap.model_name}) cannot run on its example inputs ({shapes}): "
-            f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-            f"{f' (at node {node.group(1)})' if node else ''}; hint: the example must be one batch the "
-            f"{role} takes; a teacher that takes other inputs than the student gets its own "
-            "(compile(..., teacher_example_inputs=...), trainer.step(..., teacher_inputs=...))"
-        ) from None

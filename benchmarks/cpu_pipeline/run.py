@@ -78,14 +78,14 @@ def sgd(params: Any) -> torch.optim.Optimizer:
 
 
 def compiled(args: argparse.Namespace, plan: Path | None = None, stages: int = 2) -> Any:
-    """The pipeline every contender shares: the saved plan's split (no profiling here)."""
+    """The pipeline every contender shares: the saved plan's split and costs (no profiling here)."""
     import tspipe_fx
     from tspipe_fx.plan import Plan
 
     student, teacher = pair()
     x, _ = data(args.batch)
     return tspipe_fx.compile(student, teacher, stages, example_inputs=(x,), micro_batches=args.micro,
-                             plan=Plan.load(plan or args.plan), cost_model="uniform")  # fmt: skip
+                             plan=Plan.load(plan or args.plan))  # fmt: skip
 
 
 # --- the contenders (each a worker process) ----------------------------------------------------
@@ -359,7 +359,7 @@ def main() -> None:
         from tspipe_fx.plan import Plan
 
         pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
-                                 micro_batches=args.micro, plan=Plan.load(args.plan), cost_model="uniform")  # fmt: skip
+                                 micro_batches=args.micro, plan=Plan.load(args.plan))  # fmt: skip
     else:
         pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
                                  micro_batches=args.micro, cost_model=args.cost_model, refine=args.refine)  # fmt: skip

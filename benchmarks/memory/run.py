@@ -87,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
         x, y = data()
         plan = Plan.load(args.plan)
         pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(x[: BATCH // MICRO],), batch_size=BATCH,
-                                 micro_batches=MICRO, plan=plan, cost_model="uniform", optimizer_factor=1.0,
+                                 micro_batches=MICRO, plan=plan, optimizer_factor=1.0,
                                  **CASES[args.case])  # fmt: skip
         marker = torch.empty(MARK, dtype=torch.uint8)  # its allocation event marks the baseline
         del marker

@@ -15,7 +15,7 @@ from tspipe_fx.cost.stage_times import time_stages
 from tspipe_fx.partition.problem import Partition
 from tspipe_fx.passes.split import split
 
-__all__ = ["refine"]
+__all__ = ["ratios", "refine"]
 
 
 def refine(
@@ -38,13 +38,13 @@ def refine(
         s_costs = s_gc.rescaled(
             s_costs,
             part.student_cuts,
-            _ratios(times.student_fwd_ms, [s.fwd_ms for s in s_pred]),
-            _ratios(times.student_bwd_ms, [s.bwd_ms for s in s_pred]),
+            ratios(times.student_fwd_ms, [s.fwd_ms for s in s_pred]),
+            ratios(times.student_bwd_ms, [s.bwd_ms for s in s_pred]),
         )
         t_costs = t_gc.rescaled(
             t_costs,
             part.teacher_cuts,
-            _ratios(times.teacher_fwd_ms, [t.fwd_ms for t in t_pred]),
+            ratios(times.teacher_fwd_ms, [t.fwd_ms for t in t_pred]),
             [1.0] * len(t_pred),
         )
         # On the rescaled costs, this partition's compute is what was measured.
@@ -61,6 +61,6 @@ def refine(
     return partitioner.at(s_costs, t_costs, cuts_of(best)), s_costs, t_costs
 
 
-def _ratios(measured: Sequence[float], predicted: Sequence[float]) -> list[float]:
-    """Per stage: measured over predicted (1 where nothing was predicted)."""
+def ratios(measured: Sequence[float], predicted: Sequence[float]) -> list[float]:
+    """Per stage: measured (or recorded) over predicted (1 where nothing was predicted)."""
     return [mv / pv if pv > 0 else 1.0 for mv, pv in zip(measured, predicted, strict=True)]

@@ -90,15 +90,21 @@ class GraphChain:
         return out
 
     def rescaled(
-        self, node_costs: Sequence[NodeCost], cuts: Sequence[int], fwd: Sequence[float], bwd: Sequence[float]
+        self,
+        node_costs: Sequence[NodeCost],
+        cuts: Sequence[int],
+        fwd: Sequence[float],
+        bwd: Sequence[float],
+        memory: Sequence[float] | None = None,
     ) -> list[NodeCost]:
-        """``node_costs`` with stage ``k``'s (the chain cut at ``cuts``) scaled by ``fwd[k]``, ``bwd[k]``."""
+        """``node_costs`` with stage ``k``'s (the chain cut at ``cuts``) scaled by ``fwd[k]``,
+        ``bwd[k]`` and (activation bytes) ``memory[k]``."""
         bounds = [0, *cuts, self.n]
         out = []
         for node, cost in zip(self.gm.graph.nodes, node_costs, strict=True):
             p = self._position(node)
             k = 0 if p is None else next(k for k in range(len(bounds) - 1) if p < bounds[k + 1])
-            out.append(cost.scaled(fwd[k], bwd[k]))
+            out.append(cost.scaled(fwd[k], bwd[k], memory[k] if memory is not None else 1.0))
         return out
 
     def _position(self, node: fx.Node) -> int | None:

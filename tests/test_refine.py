@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import pytest
 import torch
 from toys import Net
@@ -112,6 +114,13 @@ def test_time_stages_runs_every_stage_and_leaves_the_models_alone() -> None:
     assert all(v > 0 for v in (*times.student_fwd_ms, *times.student_bwd_ms, *times.teacher_fwd_ms))
     assert times.loads_ms(2) == [2 * sum(x) for x in zip(times.student_fwd_ms, times.student_bwd_ms,
                                                         times.teacher_fwd_ms, strict=True)]  # fmt: skip
+    # The split backward's halves, as shares of the whole backward timed beside them.
+    assert len(times.student_input_grad_ms) == len(times.student_weight_grad_ms) == 2
+    assert all(v > 0 for v in (times.student_input_grad_ms[1], *times.student_weight_grad_ms))
+    shares = times.split_shares()
+    assert shares[1] == (times.student_input_grad_ms[1] / times.student_bwd_ms[1],
+                         times.student_weight_grad_ms[1] / times.student_bwd_ms[1])  # fmt: skip
+    assert all(i >= 0 and w > 0 for i, w in shares)
     after = pipe.student.graph_module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics untouched
     with pytest.raises(TspipeError, match="repeats >= 1"):
@@ -170,6 +179,34 @@ def test_refine_moves_work_off_a_stage_that_runs_slower_than_predicted(
     assert evenness[sizes(plan)] == min(evenness.values())
     s_nodes = sizes(plan)[0]  # the kept partition's costs are its measured times
     assert [st.fwd_ms for st in plan.student.stages] == pytest.approx([s_nodes[0], 3.0 * s_nodes[1]])
+
+
+def _flat(pairs: Iterable[Sequence[float]]) -> list[float]:
+    return [v for pair in pairs for v in pair]
+
+
+def test_refine_records_the_timed_split_backward_and_auto_prices_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refine's split halves travel in the plan (and a saved plan rebuilt) to the synthesizer: a
+    split that costs 1.3x the backward is not chosen where a free one is."""
+    split_at = {"cheap": ((0.0, 1.0), (0.5, 0.5)), "dear": ((0.0, 1.0), (0.9, 0.9))}
+
+    def fake(shares: tuple[tuple[float, float], ...]) -> StageTimes:
+        bwd = (12.0, 26.0)  # the KD pair of the CPU benchmark, roughly: the teacher on stage 0
+        return StageTimes((9.0, 12.0), bwd, (20.0, 0.1), tuple(i * b for (i, _), b in zip(shares, bwd, strict=True)),
+                          tuple(w * b for (_, w), b in zip(shares, bwd, strict=True)))  # fmt: skip
+
+    plans = {}
+    for name, shares in split_at.items():
+        monkeypatch.setattr(compiler, "time_stages", lambda *a, shares=shares, **k: fake(shares))
+        plans[name] = _pipe(balance=([4, 5], [4, 5]), refine=1, loss="micro").plan
+        assert _flat(s.split_shares for s in plans[name].student.stages) == pytest.approx(_flat(shares))
+        assert _flat(plans[name].stage_costs().split_shares) == pytest.approx(_flat(shares))
+    assert plans["cheap"].build_schedule(3).split_backward
+    assert not plans["dear"].build_schedule(3).split_backward
+    assert tspipe_fx.Plan.from_json(plans["dear"].to_json()) == plans["dear"]
+    again = tspipe_fx.compile(Net(), Net().eval(), 2, example_inputs=(torch.randn(8, 8),), plan=plans["dear"]).plan
+    assert _flat(again.stage_costs().split_shares) == pytest.approx(_flat(split_at["dear"]))
+    assert not again.build_schedule(3).split_backward
 
 
 def test_refine_and_schedule_reject_bad_values() -> None:

@@ -175,3 +175,16 @@ def test_a_message_across_windows_is_refused() -> None:
     with pytest.raises(ScheduleError, match=r"device 0 sends tf1.0.0 in its window 0, device 1 takes it for "
                                             r"tf1.0.0 in its window 1.*cannot cross windows"):  # fmt: skip
         validate(dataclasses.replace(s, devices=(s.devices[0], tuple(moved))))
+
+
+def test_a_timed_split_backward_is_priced_as_timed() -> None:
+    """``split_shares`` price each stage's halves as timed (their sum above 1 is the split's own
+    cost); without them the share rule splits the backward at no cost; bad shares are named."""
+    costs = StageCosts.of([1.0, 1.0], [4.0, 4.0], [1.0, 1.0]).for_schedule(True, 1)
+    assert [costs.task_ms(Task(k, j, 0)) for j in (0, 1) for k in ("sb", "sw")] == [0.0, 4.0, 2.0, 2.0]
+    timed = dataclasses.replace(costs, split_shares=((0.0, 1.1), (0.6, 0.7)))
+    assert [timed.task_ms(Task(k, j, 0)) for j in (0, 1) for k in ("sb", "sw")] == pytest.approx([0, 4.4, 2.4, 2.8])
+    assert timed.for_schedule(False, 1).task_ms(Task("sb", 1, 0)) == 4.0  # a whole backward: as before
+    for bad in (((0.5, 0.5),), ((0.5, 0.5), (-0.1, 1.0)), ((0.5, 0.5), (1.0,))):
+        with pytest.raises(ScheduleError, match="split_shares needs a pair of shares >= 0 for each of 2 stages"):
+            dataclasses.replace(costs, split_shares=bad)  # type: ignore[arg-type]

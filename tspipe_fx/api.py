@@ -32,7 +32,7 @@ from tspipe_fx.compiler.memory import ScheduleOf, fit_memory, predicted
 from tspipe_fx.compiler.micro_batches import Partitioned, candidates, fastest
 from tspipe_fx.compiler.partitioner import Partitioner
 from tspipe_fx.compiler.refine import refine as refine_step
-from tspipe_fx.compiler.saved_costs import keeps_saved_costs, saved_costs
+from tspipe_fx.compiler.saved_costs import keeps_saved_costs, saved_costs, saved_split
 from tspipe_fx.compiler.virtual import check_stages_per_device, interleave
 from tspipe_fx.cost.devices import DeviceSpec, device_spec
 from tspipe_fx.cost.model import CostModel
@@ -267,6 +267,7 @@ def compile(
             synthesize=schedule == "auto",
             teacher_parts=teacher_parts,
             activation_scale=scale,
+            split_shares=saved_split(plan) if keep and plan is not None else (),
         )
         s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch
         t_costs = t_cm.graph_costs(t_cap.graph_module, t_micro)
@@ -307,7 +308,9 @@ def compile(
                 f"captured for {example_batch} only; hint: example_inputs of {micro['B']} samples"
             )
         inputs = (at_batch(s_flat, example_batch, micro["B"]), at_batch(t_flat, example_batch, t_micro["B"]))
-        part, s_costs, t_costs = refine_step(part, partitioner, refine, (s_costs, t_costs), inputs, run_on[0])
+        part, s_costs, t_costs, partitioner = refine_step(
+            part, partitioner, refine, (s_costs, t_costs), inputs, run_on[0]
+        )
         cm_name += "+refined"
 
     def peaks(partitioner: Partitioner, part: Partition) -> tuple[tuple[StageMemory, ...], list[int]]:
@@ -342,7 +345,9 @@ def compile(
         batch_size=batch,
         micro_batches=m,
         cost_model=cm_name,
-        student=model_plan(s_cap, s_gc, s_stages, part.student_cuts, s_costs, on, micro, scale),
+        student=model_plan(
+            s_cap, s_gc, s_stages, part.student_cuts, s_costs, on, micro, scale, partitioner.split_shares
+        ),
         teacher=model_plan(t_cap, t_gc, t_stages, part.teacher_cuts, t_costs, on, t_micro, scale),
         loads_ms=tuple(float(x) * views for x in part.loads_ms),
         memory_bytes=tuple(x.total for x in memory),

@@ -54,6 +54,7 @@ class StagePlan:
     activation_bytes: int  # kept for backward
     cut_in_bytes: int
     cut_out_bytes: int
+    split_shares: tuple[float, ...] = ()  # a split backward's (input, weight) halves over bwd_ms, as timed
 
 
 @dataclass(frozen=True)
@@ -160,14 +161,16 @@ class Plan:
             return transfer_ms(nbytes * scale, *links[j]) if links and j < self.n_stages - 1 else 0.0
 
         replay = [replay_share(r, self.micro_batches) for r in self.recompute] or [0.0] * self.n_stages
-        return StageCosts.of(
-            [s.fwd_ms * scale for s, _ in pairs],
-            [
+        timed = [s.split_shares for s, _ in pairs]  # (the split backward's halves, where refine timed them)
+        return StageCosts(
+            tuple(s.fwd_ms * scale for s, _ in pairs),
+            tuple(
                 (s.bwd_ms + r * s.fwd_ms) * scale for (s, _), r in zip(pairs, replay, strict=True)
-            ],  # + recompute
-            [t.fwd_ms * scale for _, t in pairs],
-            [send(j, s.cut_out_bytes) for j, (s, _) in enumerate(pairs)],
-            [send(j, t.cut_out_bytes) for j, (_, t) in enumerate(pairs)],
+            ),  # + recompute
+            tuple(t.fwd_ms * scale for _, t in pairs),
+            tuple(send(j, s.cut_out_bytes) for j, (s, _) in enumerate(pairs)),
+            tuple(send(j, t.cut_out_bytes) for j, (_, t) in enumerate(pairs)),
+            split_shares=tuple((h[0], h[1]) for h in timed) if all(len(h) == 2 for h in timed) else (),
         )
 
     def build_schedule(self, n_batches: int = 4, *, costs: StageCosts | None = None) -> Schedule:

@@ -362,7 +362,8 @@ def main() -> None:
                                  micro_batches=args.micro, plan=Plan.load(args.plan))  # fmt: skip
     else:
         pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
-                                 micro_batches=args.micro, cost_model=args.cost_model, refine=args.refine)  # fmt: skip
+                                 micro_batches=args.micro, cost_model=args.cost_model, refine=args.refine,
+                                 loss="micro")  # fmt: skip  (planned as auto trains: a loss per micro-batch)
         print(f"compiled in {time.perf_counter() - t0:.1f} s ({args.cost_model} costs, {args.refine} rounds of "
               "stage timing, 1 thread)\n")  # fmt: skip
     if args.save_plan is not None:

@@ -27,9 +27,11 @@ def model_plan(
     run_on: Sequence[torch.device],
     micro: dict[str, int],
     activation_scale: float = 1.0,
+    split_shares: Sequence[tuple[float, float]] = (),
 ) -> ModelPlan:
     """One model's stages, each with its nodes, modules and costs per micro-batch (activations and
-    cut bytes in the compute dtype: ``activation_scale`` of the graph's fp32)."""
+    cut bytes in the compute dtype: ``activation_scale`` of the graph's fp32), and the split
+    backward's timed halves per stage where given."""
     sums = gc.to_partition_chain(costs, activation_scale=activation_scale).stage_sums(cuts)
     bounds = [0, *cuts, gc.n]
     plans = []
@@ -53,6 +55,7 @@ def model_plan(
                 activation_bytes=total.act_bytes,
                 cut_in_bytes=round(gc.live_bytes[lo] * activation_scale) if k > 0 else 0,
                 cut_out_bytes=round(gc.live_bytes[hi] * activation_scale) if k < len(stages) - 1 else 0,
+                split_shares=tuple(split_shares[k]) if len(split_shares) == len(stages) else (),
             )
         )
     return ModelPlan(

@@ -48,6 +48,7 @@ class Partitioner:
     teacher_parts: int = 1  # (a synthesized schedule's teacher micro-batches per student micro-batch)
     activation_scale: float = 1.0  # activations in the compute dtype: 0.5 for bf16 and fp16
     recompute_share: tuple[float, ...] = ()  # per device, the student forwards its recompute replays
+    split_shares: tuple[tuple[float, float], ...] = ()  # per device, the split backward as timed (refine)
 
     def problem(
         self, sc: Sequence[NodeCost], tc: Sequence[NodeCost], cuts: Cuts | None = None, *, blind: bool = False
@@ -67,6 +68,7 @@ class Partitioner:
             optimizer_factor=self.optimizer_factor,
             mirror=mirror,
             recompute_share=() if blind else self.recompute_share,
+            split_shares=() if blind else self.split_shares,
         )
 
     def at(self, sc: Sequence[NodeCost], tc: Sequence[NodeCost], cuts: Cuts) -> Partition:

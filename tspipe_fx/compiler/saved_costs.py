@@ -1,9 +1,9 @@
 """A saved plan rebuilt with the costs it recorded.
 
 ``compile(..., plan=p)`` without a cost model keeps ``p``'s costs: each stage's forward and
-backward times and activation bytes per micro-batch, as ``p`` measured or refined them, so the
-rebuilt plan reports, schedules (``auto`` is synthesized for these costs) and fits memory as ``p``
-did, with no profiling. Node costs come from the roofline model (no measurement; it spreads a
+backward times, activation bytes and timed split backward per micro-batch, as ``p`` measured or
+refined them, so the rebuilt plan reports, schedules (``auto`` is synthesized for these costs)
+and fits memory as ``p`` did, with no profiling. Node costs come from the roofline model (no measurement; it spreads a
 stage's time and activations over its nodes) and each stage's are scaled to ``p``'s sums.
 
 The recorded costs are per micro-batch of ``p``'s size in ``p``'s precision: another micro-batch
@@ -20,7 +20,7 @@ from tspipe_fx.cost.profile import Profile
 from tspipe_fx.passes.chain import GraphChain
 from tspipe_fx.plan import Plan
 
-__all__ = ["keeps_saved_costs", "saved_costs"]
+__all__ = ["keeps_saved_costs", "saved_costs", "saved_split"]
 
 
 def keeps_saved_costs(
@@ -57,3 +57,9 @@ def saved_costs(
             )
         )
     return out[0], out[1]
+
+
+def saved_split(plan: Plan) -> tuple[tuple[float, float], ...]:
+    """``plan``'s split backward as timed per student stage (empty where it was not)."""
+    halves = [s.split_shares for s in plan.student.stages]
+    return tuple((h[0], h[1]) for h in halves) if all(len(h) == 2 for h in halves) else ()

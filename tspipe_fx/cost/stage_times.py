@@ -5,8 +5,10 @@ back to back, where caches, the allocator and autograd's bookkeeping make it cos
 than their sum (on this project's CPU a stage's backward ran up to 1.9x the sum of its nodes';
 on an H100 ResNet stages ran up to 1.5x). :func:`time_stages` runs each student stage's forward
 and backward and each teacher stage's forward on one micro-batch, round after round, every
-stage once per round, so a slow spell of a noisy machine falls on all stages alike; the medians
-are what :func:`tspipe_fx.compile` (``refine=``) scales each stage's node costs to before it
+stage once per round, so a slow spell of a noisy machine falls on all stages alike (each
+student stage's backward also split in two, as the zero-bubble schedules run it:
+:mod:`tspipe_fx.runtime.split_backward`, whose extra autograd calls and repeated kernel set-up
+cost ~17% more than one backward on a ResNet stage of this project's CPU); the medians are what :func:`tspipe_fx.compile` (``refine=``) scales each stage's node costs to before it
 partitions again.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.passes.timer import Timer
+from tspipe_fx.runtime.split_backward import WeightWork, input_gradients, weight_gradients
 from tspipe_fx.stage import Stage
 
 __all__ = ["StageTimes", "at_batch", "time_stages"]
@@ -34,6 +37,17 @@ class StageTimes:
     student_fwd_ms: tuple[float, ...]
     student_bwd_ms: tuple[float, ...]
     teacher_fwd_ms: tuple[float, ...]
+    # the backward split as the zero-bubble schedules run it: input gradients, then weights'
+    student_input_grad_ms: tuple[float, ...] = ()
+    student_weight_grad_ms: tuple[float, ...] = ()
+
+    def split_shares(self) -> tuple[tuple[float, float], ...]:
+        """Per student stage, its split backward's halves as shares of its whole backward (their
+        sum above 1 is what splitting costs); empty where the split was not timed."""
+        pairs = zip(
+            self.student_input_grad_ms, self.student_weight_grad_ms, self.student_bwd_ms, strict=False
+        )
+        return tuple((i / b, w / b) if b > 0 else (0.0, 1.0) for i, w, b in pairs)
 
     def loads_ms(self, micro_batches: int) -> list[float]:
         """Each device's compute per batch (no transfers)."""
@@ -74,7 +88,7 @@ def time_stages(
 
     for r in range(warmup + repeats):
         env: dict[str, Any] = dict(zip(student[0].inputs, _on(student_inputs, device), strict=True))
-        roots: list[tuple[int, list[torch.Tensor]]] = []
+        roots: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
         for j, (stage, mod) in enumerate(zip(student, s_mods, strict=True)):
             # A stage's inputs are leaves, as received; those an in-place op writes are cloned
             # inside the timed call, as the runtime does.
@@ -90,18 +104,33 @@ def time_stages(
                 out = tuple(mod(*call))
 
             record("sf", j, timer.once(forward), r)
-            roots.append((j, [o for o in out if isinstance(o, torch.Tensor) and o.requires_grad]))
+            outs = [o for o in out if isinstance(o, torch.Tensor) and o.requires_grad]
+            roots.append((j, outs, [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]))
             env.update(zip(stage.outputs, out, strict=True))
-        for j, outs in reversed(roots):  # each stage's backward from its own outputs
+        work: list[WeightWork] = []  # (the input half's hand-over to the weight half)
+        for j, outs, leaves in reversed(roots):  # each stage's backward from its own outputs
             if not outs:
-                record("sb", j, 0.0, r)
+                for kind in ("sb", "si", "sw"):
+                    record(kind, j, 0.0, r)
                 continue
             grads = [torch.ones_like(o) for o in outs]
+            params = [p for p in s_mods[j].parameters() if p.requires_grad]
 
-            def backward(outs: list[torch.Tensor] = outs, grads: list[torch.Tensor] = grads) -> None:
-                torch.autograd.backward(outs, grads)
+            def whole(outs: list[torch.Tensor] = outs, grads: list[torch.Tensor] = grads) -> None:
+                torch.autograd.backward(outs, grads, retain_graph=True)
 
-            record("sb", j, timer.once(backward), r)
+            def inputs_half(outs: list[torch.Tensor] = outs, grads: list[torch.Tensor] = grads,
+                            leaves: list[torch.Tensor] = leaves, params: list[Any] = params,
+                            work: list[WeightWork] = work) -> None:  # fmt: skip
+                work.append(input_gradients(outs, grads, leaves, params)[1])
+
+            def weights_half(work: list[WeightWork] = work) -> None:
+                weight_gradients(work.pop(), retain_graph=True)
+
+            # On one graph (kept): the whole backward and the split one's halves, in turn first.
+            halves: list[tuple[str, Callable[[], None]]] = [("si", inputs_half), ("sw", weights_half)]
+            for kind, run in [("sb", whole), *halves] if r % 2 else [*halves, ("sb", whole)]:
+                record(kind, j, timer.once(run), r)
         env = dict(zip(teacher[0].inputs, _on(teacher_inputs, device), strict=True))
         with torch.no_grad():
             for j, (stage, mod) in enumerate(zip(teacher, t_mods, strict=True)):
@@ -118,7 +147,9 @@ def time_stages(
     def medians(kind: str, n: int) -> tuple[float, ...]:
         return tuple(statistics.median(samples[(kind, j)]) for j in range(n))
 
-    return StageTimes(medians("sf", len(student)), medians("sb", len(student)), medians("tf", len(teacher)))
+    n = len(student)
+    return StageTimes(medians("sf", n), medians("sb", n), medians("tf", len(teacher)), medians("si", n),
+                      medians("sw", n))  # fmt: skip
 
 
 def at_batch(inputs: Sequence[Any], batch: int, size: int) -> list[Any]:

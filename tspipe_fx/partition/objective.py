@@ -7,6 +7,7 @@ schedule simulator is given).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -168,13 +169,16 @@ def schedule_costs(
 ) -> StageCosts:
     """:func:`stage_costs` as the schedule simulator and synthesizer take them."""
     per = stage_costs(problem, student_cuts, teacher_cuts)
-    return StageCosts.of(
+    costs = StageCosts.of(
         [c.student_fwd_ms for c in per],
         [c.student_bwd_ms for c in per],
         [c.teacher_fwd_ms for c in per],
         [c.student_send_ms for c in per],
         [c.teacher_send_ms for c in per],
     )
+    if len(problem.split_shares) != len(per):  # (timed for other stages, or not at all)
+        return costs
+    return dataclasses.replace(costs, split_shares=problem.split_shares)
 
 
 def fits(problem: Problem, part: Partition) -> bool:

@@ -111,6 +111,9 @@ class Problem:
     # the most student work (forward + backward, ms per micro-batch at the device's speed) one
     # device may hold: the student's synchronous cycle per batch grows with its largest stage
     student_cap_ms: float = math.inf
+    # per device, a split backward's (input, weight) halves over its backward, as timed for the
+    # stages of one partition (compile's refine); empty: the halves cost the backward, no more
+    split_shares: tuple[tuple[float, float], ...] = ()
 
     def replay_share(self, device: int) -> float:
         """The share of device ``device``'s student forwards its backward runs again."""

@@ -74,6 +74,11 @@ def input_gradients(
         return inside, met
 
     wanted = [x for x in inputs if x.requires_grad]
+    if not wanted:  # (a first stage: nothing to send back, and every weight is the second half's)
+        used = [p for p in params if _node(p) in seen]
+        return [None] * len(inputs), WeightWork(
+            [], used, list(outputs) if used else [], list(grads) if used else []
+        )
     input_path, _ = closure([n for n in map(_node, wanted) if n is not None], set())
     by_join: dict[frozenset[Node], list[torch.nn.Parameter]] = {}
     direct = []
@@ -108,8 +113,9 @@ def input_gradients(
     return dinputs, WeightWork(groups, direct, list(outputs) if direct else [], list(grads) if direct else [])
 
 
-def weight_gradients(work: WeightWork) -> None:
-    """Accumulate the weights' gradients into ``.grad``; the stage's graph is released after."""
+def weight_gradients(work: WeightWork, retain_graph: bool = False) -> None:
+    """Accumulate the weights' gradients into ``.grad``; the stage's graph is released after
+    (kept with ``retain_graph``)."""
     for i, (params, joins, arrived) in enumerate(work.groups):
         edges, seeds = [], []
         for n, g in zip(joins, arrived, strict=True):
@@ -126,7 +132,7 @@ def weight_gradients(work: WeightWork) -> None:
             else []
         )
         try:
-            keep = bool(work.direct) or i < len(work.groups) - 1
+            keep = retain_graph or bool(work.direct) or i < len(work.groups) - 1
             got = torch.autograd.grad(edges, [GradientEdge(_node(p), 0) for p in params], seeds,  # type: ignore[arg-type]
                                       retain_graph=keep, allow_unused=True)  # fmt: skip
         finally:
@@ -136,4 +142,4 @@ def weight_gradients(work: WeightWork) -> None:
             if dw is not None:
                 p.grad = dw if p.grad is None else p.grad + dw
     if work.direct:
-        torch.autograd.backward(work.outputs, work.grads, inputs=work.direct)
+        torch.autograd.backward(work.outputs, work.grads, inputs=work.direct, retain_graph=retain_graph)

@@ -10,7 +10,9 @@ A split backward (zero-bubble) prices its halves with ``weight_grad_share``: of 
 weights, the backward computes the input gradient and the weight gradient at about the same
 cost each (two matrix products of the forward's size), so ``sb`` takes ``1 - share`` of the
 stage's backward and ``sw`` the rest. Stage 0's inputs are the model's inputs, which need no
-gradient: its ``sb`` is free and its ``sw`` is the whole backward.
+gradient: its ``sb`` is free and its ``sw`` is the whole backward. Where the halves were timed
+(``split_shares``, from compile's ``refine``) they are priced as timed: on a CPU the two halves
+of a ResNet stage took ~1.2x its whole backward, which the share rule does not see.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class StageCosts:
     weight_grad_share: float = 0.5
     split_backward: bool = False  # price sb as the input-gradient half
     teacher_parts: int = 1  # a teacher forward is this share of a student micro-batch (linear)
+    # per stage, a split backward's halves (input, weight) as shares of its backward, as timed;
+    # their sum above 1 is what splitting costs (empty: weight_grad_share, at no cost)
+    split_shares: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.student_fwd_ms)
@@ -69,6 +74,13 @@ class StageCosts:
         if any(not v >= 0 for v in every):
             raise ScheduleError(
                 f"task times must be numbers >= 0, got {[v for v in every if not v >= 0][:3]}"
+            )
+        if self.split_shares and (
+            len(self.split_shares) != n or any(len(h) != 2 or not min(h) >= 0 for h in self.split_shares)
+        ):
+            raise ScheduleError(
+                f"StageCosts.split_shares needs a pair of shares >= 0 for each of {n} stages, got "
+                f"{self.split_shares!r}"
             )
         if not 0 <= self.weight_grad_share <= 1:
             raise ScheduleError(f"weight_grad_share must be in [0, 1], got {self.weight_grad_share}")
@@ -110,6 +122,9 @@ class StageCosts:
             whole = self.student_bwd_ms[j]
             if not self.split_backward:
                 return whole if t.kind == "sb" else 0.0
+            if self.split_shares:
+                inputs, weights = self.split_shares[j]
+                return whole * (weights if t.kind == "sw" else inputs)
             weights = whole if j == 0 else whole * self.weight_grad_share
             return weights if t.kind == "sw" else whole - weights
         return 0.0

@@ -32,7 +32,7 @@ from tspipe_fx.compiler.memory import ScheduleOf, fit_memory, predicted
 from tspipe_fx.compiler.micro_batches import Partitioned, candidates, fastest
 from tspipe_fx.compiler.partitioner import Partitioner
 from tspipe_fx.compiler.refine import refine as refine_step
-from tspipe_fx.compiler.saved_costs import keeps_saved_costs, saved_costs, saved_split
+from tspipe_fx.compiler.saved_costs import keeps_saved_costs, saved_costs
 from tspipe_fx.compiler.virtual import check_stages_per_device, interleave
 from tspipe_fx.cost.devices import DeviceSpec, device_spec
 from tspipe_fx.cost.model import CostModel
@@ -267,7 +267,7 @@ def compile(
             synthesize=schedule == "auto",
             teacher_parts=teacher_parts,
             activation_scale=scale,
-            split_shares=saved_split(plan) if keep and plan is not None else (),
+            split_shares=plan.student.timed_split() if keep and plan is not None else (),
         )
         s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch
         t_costs = t_cm.graph_costs(t_cap.graph_module, t_micro)

@@ -68,6 +68,12 @@ class ModelPlan:
     stages: tuple[StagePlan, ...]
     tie_groups: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]  # (tensor names, stages holding it)
 
+    def timed_split(self) -> tuple[tuple[float, float], ...]:
+        """Per stage, its split backward's (input, weight) halves as timed; empty unless every
+        stage's was."""
+        halves = [s.split_shares for s in self.stages]
+        return tuple((h[0], h[1]) for h in halves) if all(len(h) == 2 for h in halves) else ()
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -161,7 +167,6 @@ class Plan:
             return transfer_ms(nbytes * scale, *links[j]) if links and j < self.n_stages - 1 else 0.0
 
         replay = [replay_share(r, self.micro_batches) for r in self.recompute] or [0.0] * self.n_stages
-        timed = [s.split_shares for s, _ in pairs]  # (the split backward's halves, where refine timed them)
         return StageCosts(
             tuple(s.fwd_ms * scale for s, _ in pairs),
             tuple(
@@ -170,7 +175,7 @@ class Plan:
             tuple(t.fwd_ms * scale for _, t in pairs),
             tuple(send(j, s.cut_out_bytes) for j, (s, _) in enumerate(pairs)),
             tuple(send(j, t.cut_out_bytes) for j, (_, t) in enumerate(pairs)),
-            split_shares=tuple((h[0], h[1]) for h in timed) if all(len(h) == 2 for h in timed) else (),
+            split_shares=self.student.timed_split(),
         )
 
     def build_schedule(self, n_batches: int = 4, *, costs: StageCosts | None = None) -> Schedule:

@@ -18,9 +18,9 @@ from tspipe_fx.compiler.refine import ratios
 from tspipe_fx.cost.model import CostModel, NodeCost
 from tspipe_fx.cost.profile import Profile
 from tspipe_fx.passes.chain import GraphChain
-from tspipe_fx.plan import Plan
+from tspipe_fx.plan import Plan, StagePlan
 
-__all__ = ["keeps_saved_costs", "saved_costs", "saved_split"]
+__all__ = ["keeps_saved_costs", "saved_costs"]
 
 
 def keeps_saved_costs(
@@ -46,6 +46,7 @@ def saved_costs(
     """``costs`` (student, teacher node costs) scaled stage by stage to ``plan``'s recorded sums."""
     out = []
     for gc, at, node_costs, recorded in zip(chains, cuts, costs, (plan.student, plan.teacher), strict=True):
+        node_costs = _spread_where_unpriced(gc, at, node_costs, recorded.stages, activation_scale)
         sums = gc.to_partition_chain(node_costs, activation_scale=activation_scale).stage_sums(at)
         out.append(
             gc.rescaled(
@@ -59,7 +60,25 @@ def saved_costs(
     return out[0], out[1]
 
 
-def saved_split(plan: Plan) -> tuple[tuple[float, float], ...]:
-    """``plan``'s split backward as timed per student stage (empty where it was not)."""
-    halves = [s.split_shares for s in plan.student.stages]
-    return tuple((h[0], h[1]) for h in halves) if all(len(h) == 2 for h in halves) else ()
+def _spread_where_unpriced(
+    gc: GraphChain,
+    cuts: Sequence[int],
+    node_costs: Sequence[NodeCost],
+    recorded: Sequence[StagePlan],
+    activation_scale: float,
+) -> list[NodeCost]:
+    """``node_costs`` with a stage that the roofline prices at nothing in a field its record does
+    not (a teacher stage of glue nodes has no roofline backward, a measured one a little) given a
+    unit on each of its nodes, so that scaling reproduces the record there too."""
+    sums = gc.to_partition_chain(node_costs, activation_scale=activation_scale).stage_sums(cuts)
+    unpriced = [
+        (s.fwd_ms == 0 < r.fwd_ms, s.bwd_ms == 0 < r.bwd_ms, s.act_bytes == 0 < r.activation_bytes)
+        for s, r in zip(sums, recorded, strict=True)
+    ]
+    out = []
+    for k, c in zip(gc.stage_of_nodes(cuts), node_costs, strict=True):
+        fwd, bwd, mem = unpriced[k]
+        out.append(
+            NodeCost(1.0 if fwd else c.fwd_ms, 1.0 if bwd else c.bwd_ms, 1024 if mem else c.memory_bytes)
+        )
+    return out

@@ -99,12 +99,18 @@ class GraphChain:
     ) -> list[NodeCost]:
         """``node_costs`` with stage ``k``'s (the chain cut at ``cuts``) scaled by ``fwd[k]``,
         ``bwd[k]`` and (activation bytes) ``memory[k]``."""
+        return [
+            cost.scaled(fwd[k], bwd[k], memory[k] if memory is not None else 1.0)
+            for k, cost in zip(self.stage_of_nodes(cuts), node_costs, strict=True)
+        ]
+
+    def stage_of_nodes(self, cuts: Sequence[int]) -> list[int]:
+        """Per graph node, the stage (of the chain cut at ``cuts``) its cost counts in."""
         bounds = [0, *cuts, self.n]
         out = []
-        for node, cost in zip(self.gm.graph.nodes, node_costs, strict=True):
+        for node in self.gm.graph.nodes:
             p = self._position(node)
-            k = 0 if p is None else next(k for k in range(len(bounds) - 1) if p < bounds[k + 1])
-            out.append(cost.scaled(fwd[k], bwd[k], memory[k] if memory is not None else 1.0))
+            out.append(0 if p is None else next(k for k in range(len(bounds) - 1) if p < bounds[k + 1]))
         return out
 
     def _position(self, node: fx.Node) -> int | None:

@@ -392,15 +392,20 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
     env = {**_env(), "TSPIPE_BENCH_IMAGE": "32"}
     done = subprocess.run(
         [sys.executable, str(HERE.parent / "benchmarks" / "cpu_pipeline" / "run.py"), "--rounds", "1", "--steps", "1",
-         "--batch", "8", "--micro", "2", "--cost-model", "uniform", "--json", str(tmp_path / "figures.json")],
+         "--blocks", "2", "--batch", "8", "--micro", "2", "--cost-model", "uniform", "--json", str(tmp_path / "figures.json")],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| tspipe |" in done.stdout
     import json
 
-    figures = json.loads((tmp_path / "figures.json").read_text())
+    written = json.loads((tmp_path / "figures.json").read_text())
+    figures, beside = written["samples_per_s"], written["beside"]
     assert set(figures) == {"plain-1t", "plain-2t", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b",
                             "pippy-interleaved1f1b", "pippy-interleavedzb", "pippy-zbv"}  # fmt: skip
     assert all(figures[name][0] > 0 for name in figures), done.stdout[-3000:]
     assert figures["tspipe"][0] > 0, done.stdout[-3000:]  # a contender that failed says why in the table
+    # Every 2-rank contender's block has its plain 1-thread step beside it; the plain ones have none.
+    assert all(len(beside[name]) == 2 and min(beside[name]) > 0 for name in figures if "plain" not in name)
+    assert beside["plain-1t"] == beside["plain-2t"] == []
+    assert "| beside (median of blocks, min–max) |" in done.stdout

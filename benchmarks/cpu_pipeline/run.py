@@ -91,8 +91,9 @@ def compiled(args: argparse.Namespace, plan: Path | None = None, stages: int = 2
 # --- the contenders (each a worker process) ----------------------------------------------------
 
 
-def plain(args: argparse.Namespace) -> float:
-    torch.set_num_threads(args.threads)
+def plain_step(args: argparse.Namespace) -> Any:
+    """One step of plain training: teacher forward, then the student's forward, backward and SGD
+    step on the whole batch, in this process."""
     student, teacher = pair()
     opt = sgd(student.parameters())
     x, y = data(args.batch)
@@ -105,25 +106,30 @@ def plain(args: argparse.Namespace) -> float:
         loss.backward()
         opt.step()
 
-    return timed(step, args)
+    return step
 
 
-def tspipe(args: argparse.Namespace, schedule: str = "tspipe") -> float:
+def plain(args: argparse.Namespace) -> Timing:
+    torch.set_num_threads(args.threads)
+    return timed(plain_step(args), args)
+
+
+def tspipe(args: argparse.Namespace, schedule: str = "tspipe") -> Timing:
     """Ours: ``tspipe`` (one loss per batch), or ``auto`` (synthesized, one loss per micro-batch)."""
     pipe = compiled(args)
     loss = "micro" if schedule == "auto" else "batch"
     trainer = pipe.trainer(kd_loss, optimizer=sgd, runtime="dist", schedule=schedule, loss=loss)
     x, y = data(args.batch)
-    seconds = timed(lambda: trainer.step(x, target=y), args)
+    timing = timed(lambda: trainer.step(x, target=y), args)
     trainer.finish()
-    return seconds
+    return timing
 
 
 MULTI = {"pippy-interleaved1f1b": "ScheduleInterleaved1F1B", "pippy-interleavedzb": "ScheduleInterleavedZeroBubble",
          "pippy-zbv": "ScheduleZBVZeroBubble"}  # fmt: skip
 
 
-def pippy_multi(args: argparse.Namespace, kind: str) -> float:
+def pippy_multi(args: argparse.Namespace, kind: str) -> Timing:
     """Two stages per rank (4 stages, cut by our partitioner for 4 devices): interleaved
     (rank r holds stages r and r+2) or, for ZBV, V-shaped (rank 0 holds 0 and 3). The teacher runs
     its own forward-only pass through the same schedule first, as with the single-stage ones."""
@@ -201,12 +207,12 @@ def pippy_multi(args: argparse.Namespace, kind: str) -> float:
             schedule.step()
         opt.step()
 
-    seconds = timed(step, args)
+    timing = timed(step, args)
     dist.destroy_process_group()
-    return seconds
+    return timing
 
 
-def pippy(args: argparse.Namespace, kind: str) -> float:
+def pippy(args: argparse.Namespace, kind: str) -> Timing:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -270,27 +276,54 @@ def pippy(args: argparse.Namespace, kind: str) -> float:
             schedule.step(target_mbs=list(packed.chunk(args.micro)))
         opt.step()
 
-    seconds = timed(step, args)
+    timing = timed(step, args)
     dist.destroy_process_group()
-    return seconds
+    return timing
 
 
-def timed(step: Any, args: argparse.Namespace) -> float:
+Timing = dict[str, list[float]]
+
+
+def timed(step: Any, args: argparse.Namespace) -> Timing:
+    """Seconds of each block of ``--steps`` steps (``--blocks`` of them, after 2 warm-up steps).
+
+    In a 2-rank worker each block runs from a barrier to a barrier, and one step of plain 1-thread
+    training runs on rank 0 just before it, the peer parked at a barrier (it waits without using
+    the CPU): each block has a plain figure from seconds before it, which a machine whose speed
+    drifts over minutes moves alike (``"plain"``, seconds per step).
+    """
+    import torch.distributed as dist
+
+    beside = dist.is_initialized() and dist.get_world_size() > 1
+    plain_1t = plain_step(args) if beside and dist.get_rank() == 0 else None
+    sync = dist.barrier if beside else (lambda: None)
     for _ in range(2):
         step()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    return time.perf_counter() - t0
+    out: Timing = {"blocks": [], "plain": []}
+    for _ in range(args.blocks):
+        sync()
+        if plain_1t is not None:
+            t0 = time.perf_counter()
+            plain_1t()
+            out["plain"].append(time.perf_counter() - t0)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        out["blocks"].append(time.perf_counter() - t0)
+    return out
 
 
 # --- the launcher -------------------------------------------------------------------------------
 
 
-def launch(name: str, args: argparse.Namespace, out: Path) -> float:
-    """One contender in fresh processes; its samples/s."""
+def launch(name: str, args: argparse.Namespace, out: Path) -> tuple[float, list[float]]:
+    """One contender in fresh processes: its samples/s, and each block's ratio to the plain
+    1-thread step run beside it (none for the plain contenders)."""
     common = ["--plan", str(args.plan), "--plan4", str(args.plan4), "--batch", str(args.batch), "--micro",
-              str(args.micro), "--steps", str(args.steps), "--result", str(out)]  # fmt: skip
+              str(args.micro), "--steps", str(args.steps), "--blocks", str(args.blocks),
+              "--result", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if name.startswith("plain"):
         cmd = [sys.executable, str(HERE), "--worker", "plain", "--threads", name[-2], *common]
@@ -310,9 +343,11 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> float:
         raised = [ln for ln in raised if "Connection closed by peer" not in ln] or raised
         errors = ours or raised or [ln for ln in lines if "Error" in ln]
         FAILURES[name] = errors[0].split("]: ")[-1][:200] if errors else done.stderr[-300:]
-        return float("nan")
-    seconds = float(out.read_text())
-    return args.steps * args.batch / seconds
+        return float("nan"), []
+    timing = json.loads(out.read_text())
+    samples_per_s = args.blocks * args.steps * args.batch / sum(timing["blocks"])
+    beside = [p * args.steps / b for p, b in zip(timing["plain"], timing["blocks"], strict=False)]
+    return samples_per_s, beside
 
 
 def main() -> None:
@@ -320,7 +355,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
+    parser.add_argument("--blocks", type=int, default=3, help="timed blocks per run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--worker", choices=["plain", *CONTENDERS[2:]])
@@ -336,15 +372,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker is not None:
         if args.worker == "plain":
-            seconds = plain(args)
+            timing = plain(args)
         elif args.worker in ("tspipe", "auto"):
-            seconds = tspipe(args, args.worker)
+            timing = tspipe(args, args.worker)
         elif args.worker in MULTI:
-            seconds = pippy_multi(args, args.worker)
+            timing = pippy_multi(args, args.worker)
         else:
-            seconds = pippy(args, args.worker.split("-")[1])
+            timing = pippy(args, args.worker.split("-")[1])
         if int(os.environ.get("RANK", "0")) == 0:
-            args.result.write_text(str(seconds))
+            args.result.write_text(json.dumps(timing))
         return
 
     import tspipe_fx
@@ -384,20 +420,23 @@ def main() -> None:
         four.plan.save(args.plan4)
         FAILURES.clear()
         figures: dict[str, list[float]] = {name: [] for name in args.only or CONTENDERS}
+        beside: dict[str, list[float]] = {name: [] for name in figures}
         for r in range(args.rounds):
             for name in figures:
-                figures[name].append(launch(name, args, Path(tmp) / f"{name}.txt"))
+                samples_per_s, ratios = launch(name, args, Path(tmp) / f"{name}.txt")
+                figures[name].append(samples_per_s)
+                beside[name] += ratios
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in figures.items()), flush=True)
     base = statistics.median(figures["plain-1t"]) if "plain-1t" in figures else float("nan")
-    print(f"\n{args.rounds} rounds x {args.steps} steps, batch {args.batch} in {args.micro} micro-batches, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs\n")  # fmt: skip
+    print(f"\n{args.rounds} rounds x {args.blocks} blocks x {args.steps} steps, batch {args.batch} in {args.micro} "
+          f"micro-batches, torch {torch.__version__}, {os.cpu_count()} CPUs\n")  # fmt: skip
     print("| contender | samples/s (median) | min | max | vs plain 1 thread | same round (median, min–max) "
-          "| measured / simulated |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| beside (median of blocks, min–max) | measured / simulated |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     plain_1t = figures.get("plain-1t", [])
     for name, values in figures.items():
         if name in FAILURES:
-            print(f"| {name} | failed: {FAILURES[name]} | | | | | |")
+            print(f"| {name} | failed: {FAILURES[name]} | | | | | | |")
             continue
         med = statistics.median(values)
         sim = f"{med / simulated[name]:.2f}" if name in simulated else ""
@@ -405,9 +444,13 @@ def main() -> None:
         # over minutes moves both alike.
         paired = [v / p for v, p in zip(values, plain_1t, strict=False) if p > 0]
         same = f"{statistics.median(paired):.2f}x ({min(paired):.2f}–{max(paired):.2f})" if paired else ""
-        print(f"| {name} | {med:.1f} | {min(values):.1f} | {max(values):.1f} | {med / base:.2f}x | {same} | {sim} |")
+        # Each block's figure over the plain 1-thread step run just before it in the same processes.
+        near = beside[name]
+        by = f"{statistics.median(near):.2f}x ({min(near):.2f}–{max(near):.2f})" if near else ""
+        print(f"| {name} | {med:.1f} | {min(values):.1f} | {max(values):.1f} | {med / base:.2f}x | {same} | {by} "
+              f"| {sim} |")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
+        args.json.write_text(json.dumps({"samples_per_s": figures, "beside": beside}, indent=1))
 
 
 if __name__ == "__main__":

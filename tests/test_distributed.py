@@ -401,11 +401,13 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
 
     written = json.loads((tmp_path / "figures.json").read_text())
     figures, beside = written["samples_per_s"], written["beside"]
-    assert set(figures) == {"plain-1t", "plain-2t", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b",
+    assert set(figures) == {"plain-1t", "plain-2t", "plain-1t-micro", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b",
                             "pippy-interleaved1f1b", "pippy-interleavedzb", "pippy-zbv"}  # fmt: skip
     assert all(figures[name][0] > 0 for name in figures), done.stdout[-3000:]
     assert figures["tspipe"][0] > 0, done.stdout[-3000:]  # a contender that failed says why in the table
     # Every 2-rank contender's block has its plain 1-thread step beside it; the plain ones have none.
-    assert all(len(beside[name]) == 2 and min(beside[name]) > 0 for name in figures if "plain" not in name)
-    assert beside["plain-1t"] == beside["plain-2t"] == []
+    # (and the micro-batched plain step has the whole batch's beside it: the schedules' ceiling).
+    assert all(len(beside[name]) == 2 and min(beside[name]) > 0 for name in figures if not name.startswith("plain"))
+    assert len(beside["plain-1t-micro"]) == 2 and beside["plain-1t"] == beside["plain-2t"] == []
+    assert "ceiling of a 2-rank pipeline at 2 micro-batches:" in done.stdout
     assert "| beside (median of blocks, min–max) |" in done.stdout

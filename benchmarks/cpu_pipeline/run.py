@@ -4,12 +4,15 @@ torch.distributed.pipelining, on one KD pair, side by side.
     python benchmarks/cpu_pipeline/run.py                 # 5 rounds, prints the table
     python benchmarks/cpu_pipeline/run.py --rounds 1 --steps 2 --batch 8    # a quick check
 
-The pair: a ViT-S/16 teacher (6 blocks) and a ResNet-18 student at 64 x 64 images, batch 32 in
+The pair: a ViT-S/16 teacher (6 blocks) and a ResNet-18 student at 128 x 128 images
+(``TSPIPE_BENCH_IMAGE``), batch 32 in
 4 micro-batches, KD loss (cross-entropy + KL). One plan is compiled first (measured costs,
 2 stages) and every contender uses its split:
 
 - ``plain-1t`` / ``plain-2t``: one process, teacher forward then student forward, backward and
-  SGD step on the whole batch, with 1 and with 2 torch threads;
+  SGD step on the whole batch, with 1 and with 2 torch threads; ``plain-1t-micro``: the same in
+  the pipeline's micro-batches (gradients accumulated), one thread: its ratio to the whole-batch
+  step beside it, times 2, bounds every 2-rank schedule at this M (its "ceiling");
 - ``tspipe``: ``pipe.trainer(runtime="dist", schedule="tspipe")`` on 2 gloo ranks under torchrun,
   one torch thread each;
 - ``pippy-gpipe`` / ``pippy-1f1b``: torch.distributed.pipelining on the same 2 ranks and stage
@@ -18,9 +21,12 @@ The pair: a ViT-S/16 teacher (6 blocks) and a ResNet-18 student at 64 x 64 image
   on the last rank as per-micro-batch targets, as a user of that library would write KD.
 
 Each round runs every contender once (in turn, so machine noise spreads over all); a run times
-``--steps`` steps after 2 warm-up steps. The table gives each contender's median samples/s over
-the rounds, its ratio to ``plain-1t``'s median, and the median of its per-round ratios to
-``plain-1t`` of the same round.
+``--blocks`` blocks of ``--steps`` steps after 2 warm-up steps. The table gives each contender's
+median samples/s over the rounds, its ratio to ``plain-1t``'s median, the median of its per-round
+ratios to ``plain-1t`` of the same round, and (2-rank contenders) the median of its per-block
+ratios to one plain 1-thread step run just before each block on rank 0 of the same processes,
+the peer parked at a barrier: ratios seconds apart, which a machine whose speed drifts over
+minutes moves alike.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
-CONTENDERS = ["plain-1t", "plain-2t", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b", "pippy-interleaved1f1b",
+CONTENDERS = ["plain-1t", "plain-2t", "plain-1t-micro", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b", "pippy-interleaved1f1b",
               "pippy-interleavedzb", "pippy-zbv"]  # fmt: skip
 FAILURES: dict[str, str] = {}
 
@@ -91,27 +97,33 @@ def compiled(args: argparse.Namespace, plan: Path | None = None, stages: int = 2
 # --- the contenders (each a worker process) ----------------------------------------------------
 
 
-def plain_step(args: argparse.Namespace) -> Any:
-    """One step of plain training: teacher forward, then the student's forward, backward and SGD
-    step on the whole batch, in this process."""
+def plain_step(args: argparse.Namespace, micro: int = 1) -> Any:
+    """One step of plain training in this process: teacher forward, then the student's forward
+    and backward, on the whole batch or (``micro`` > 1) micro-batch by micro-batch, gradients
+    accumulated; then the SGD step."""
     student, teacher = pair()
     opt = sgd(student.parameters())
     x, y = data(args.batch)
 
     def step() -> None:
-        with torch.no_grad():
-            t = teacher(x)
-        loss = kd_loss(student(x), t, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            with torch.no_grad():
+                t = teacher(xs)
+            (kd_loss(student(xs), t, ys) / micro).backward()
         opt.step()
 
     return step
 
 
 def plain(args: argparse.Namespace) -> Timing:
+    """``plain-1t`` / ``plain-2t``; ``plain-1t-micro`` (the same work in the pipeline's
+    micro-batches, one thread) times a whole-batch step beside each block: what a micro-batch of
+    this size costs before any pipelining, the ceiling of every schedule at this M."""
     torch.set_num_threads(args.threads)
-    return timed(plain_step(args), args)
+    if not args.split:
+        return timed(plain_step(args), args)
+    return timed(plain_step(args, args.micro), args, plain_1t=plain_step(args))
 
 
 def tspipe(args: argparse.Namespace, schedule: str = "tspipe") -> Timing:
@@ -284,7 +296,7 @@ def pippy(args: argparse.Namespace, kind: str) -> Timing:
 Timing = dict[str, list[float]]
 
 
-def timed(step: Any, args: argparse.Namespace) -> Timing:
+def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
     """Seconds of each block of ``--steps`` steps (``--blocks`` of them, after 2 warm-up steps).
 
     In a 2-rank worker each block runs from a barrier to a barrier, and one step of plain 1-thread
@@ -295,7 +307,8 @@ def timed(step: Any, args: argparse.Namespace) -> Timing:
     import torch.distributed as dist
 
     beside = dist.is_initialized() and dist.get_world_size() > 1
-    plain_1t = plain_step(args) if beside and dist.get_rank() == 0 else None
+    if beside and dist.get_rank() == 0:
+        plain_1t = plain_step(args)
     sync = dist.barrier if beside else (lambda: None)
     for _ in range(2):
         step()
@@ -326,8 +339,10 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> tuple[float, list[
               "--result", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if name.startswith("plain"):
-        cmd = [sys.executable, str(HERE), "--worker", "plain", "--threads", name[-2], *common]
-        env["OMP_NUM_THREADS"] = name[-2]
+        threads = name.split("-")[1][0]
+        cmd = [sys.executable, str(HERE), "--worker", "plain", "--threads", threads, *common]
+        cmd += ["--split"] if name.endswith("micro") else []
+        env["OMP_NUM_THREADS"] = threads
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                str(HERE), "--worker", name, *common]  # fmt: skip
@@ -359,9 +374,10 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks per run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--micro", type=int, default=4)
-    parser.add_argument("--worker", choices=["plain", *CONTENDERS[2:]])
+    parser.add_argument("--worker", choices=["plain", *CONTENDERS[3:]])
     parser.add_argument("--plan4", type=Path)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--split", action="store_true", help="(plain worker) micro-batch by micro-batch")
     parser.add_argument("--plan", type=Path)
     parser.add_argument("--result", type=Path)
     parser.add_argument("--json", type=Path, help="write the figures here too")
@@ -449,6 +465,10 @@ def main() -> None:
         by = f"{statistics.median(near):.2f}x ({min(near):.2f}–{max(near):.2f})" if near else ""
         print(f"| {name} | {med:.1f} | {min(values):.1f} | {max(values):.1f} | {med / base:.2f}x | {same} | {by} "
               f"| {sim} |")  # fmt: skip
+    if beside.get("plain-1t-micro"):
+        share = statistics.median(beside["plain-1t-micro"])
+        print(f"\nceiling of a 2-rank pipeline at {args.micro} micro-batches: {2 * share:.2f}x plain 1 thread "
+              f"(2 x the micro-batched step's speed beside the whole batch's, {share:.3f})")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"samples_per_s": figures, "beside": beside}, indent=1))
 

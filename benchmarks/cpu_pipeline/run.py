@@ -26,7 +26,8 @@ median samples/s over the rounds, its ratio to ``plain-1t``'s median, the median
 ratios to ``plain-1t`` of the same round, and (2-rank contenders) the median of its per-block
 ratios to one plain 1-thread step run just before each block on rank 0 of the same processes,
 the peer parked at a barrier: ratios seconds apart, which a machine whose speed drifts over
-minutes moves alike.
+minutes moves alike. Every contender runs with glibc's malloc told to keep freed memory
+(``KEPT_MALLOC``; ``--malloc default`` leaves it as it is).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ ROOT = HERE.parents[2]
 CONTENDERS = ["plain-1t", "plain-2t", "plain-1t-micro", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b", "pippy-interleaved1f1b",
               "pippy-interleavedzb", "pippy-zbv"]  # fmt: skip
 FAILURES: dict[str, str] = {}
+# glibc's malloc, told to keep freed memory (every contender alike): by default it hands large
+# blocks back to the kernel and faults fresh zeroed pages in on the next step, and a pipeline
+# stage with several micro-batches in flight churns more memory than plain training.
+KEPT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+               "MALLOC_TOP_PAD_": str(256 << 20)}  # fmt: skip
 
 
 IMAGE = int(os.environ.get("TSPIPE_BENCH_IMAGE", "128"))
@@ -338,6 +344,8 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> tuple[float, list[
               str(args.micro), "--steps", str(args.steps), "--blocks", str(args.blocks),
               "--result", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if args.malloc == "kept":
+        env.update(KEPT_MALLOC)
     if name.startswith("plain"):
         threads = name.split("-")[1][0]
         cmd = [sys.executable, str(HERE), "--worker", "plain", "--threads", threads, *common]
@@ -377,6 +385,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=["plain", *CONTENDERS[3:]])
     parser.add_argument("--plan4", type=Path)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--malloc", choices=["kept", "default"], default="kept",
+                        help="glibc malloc keeps freed memory (KEPT_MALLOC) in every contender, or not")  # fmt: skip
     parser.add_argument("--split", action="store_true", help="(plain worker) micro-batch by micro-batch")
     parser.add_argument("--plan", type=Path)
     parser.add_argument("--result", type=Path)
@@ -445,7 +455,7 @@ def main() -> None:
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in figures.items()), flush=True)
     base = statistics.median(figures["plain-1t"]) if "plain-1t" in figures else float("nan")
     print(f"\n{args.rounds} rounds x {args.blocks} blocks x {args.steps} steps, batch {args.batch} in {args.micro} "
-          f"micro-batches, torch {torch.__version__}, {os.cpu_count()} CPUs\n")  # fmt: skip
+          f"micro-batches, malloc {args.malloc}, torch {torch.__version__}, {os.cpu_count()} CPUs\n")  # fmt: skip
     print("| contender | samples/s (median) | min | max | vs plain 1 thread | same round (median, min–max) "
           "| beside (median of blocks, min–max) | measured / simulated |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

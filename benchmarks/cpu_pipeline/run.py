@@ -24,8 +24,8 @@ Each round runs every contender once (in turn, so machine noise spreads over all
 ``--blocks`` blocks of ``--steps`` steps after 2 warm-up steps. The table gives each contender's
 median samples/s over the rounds, its ratio to ``plain-1t``'s median, the median of its per-round
 ratios to ``plain-1t`` of the same round, and (2-rank contenders) the median of its per-block
-ratios to one plain 1-thread step run just before each block on rank 0 of the same processes,
-the peer parked at a barrier: ratios seconds apart, which a machine whose speed drifts over
+ratios to one plain 1-thread step run just before each block in a process of its own, both
+ranks parked: ratios seconds apart, which a machine whose speed drifts over
 minutes moves alike. Every contender runs with glibc's malloc told to keep freed memory
 (``KEPT_MALLOC``; ``--malloc default`` leaves it as it is).
 """
@@ -33,6 +33,7 @@ minutes moves alike. Every contender runs with glibc's malloc told to keep freed
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import dataclasses
 import json
@@ -129,7 +130,7 @@ def plain(args: argparse.Namespace) -> Timing:
     torch.set_num_threads(args.threads)
     if not args.split:
         return timed(plain_step(args), args)
-    return timed(plain_step(args, args.micro), args, plain_1t=plain_step(args))
+    return timed(plain_step(args, args.micro), args, plain_1t=seconds_of(plain_step(args)))
 
 
 def tspipe(args: argparse.Namespace, schedule: str = "tspipe") -> Timing:
@@ -306,15 +307,16 @@ def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
     """Seconds of each block of ``--steps`` steps (``--blocks`` of them, after 2 warm-up steps).
 
     In a 2-rank worker each block runs from a barrier to a barrier, and one step of plain 1-thread
-    training runs on rank 0 just before it, the peer parked at a barrier (it waits without using
-    the CPU): each block has a plain figure from seconds before it, which a machine whose speed
-    drifts over minutes moves alike (``"plain"``, seconds per step).
+    training runs just before it in a process of its own (:func:`served`; rank 0 waits for it,
+    the peer parked at a barrier, neither using the CPU): each block has a plain figure from
+    seconds before it, which a machine whose speed drifts over minutes moves alike (``"plain"``,
+    seconds per step). ``plain_1t``: that step's seconds, given.
     """
     import torch.distributed as dist
 
     beside = dist.is_initialized() and dist.get_world_size() > 1
     if beside and dist.get_rank() == 0:
-        plain_1t = plain_step(args)
+        plain_1t = served(args)
     sync = dist.barrier if beside else (lambda: None)
     for _ in range(2):
         step()
@@ -322,9 +324,7 @@ def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
     for _ in range(args.blocks):
         sync()
         if plain_1t is not None:
-            t0 = time.perf_counter()
-            plain_1t()
-            out["plain"].append(time.perf_counter() - t0)
+            out["plain"].append(plain_1t())
         sync()
         t0 = time.perf_counter()
         for _ in range(args.steps):
@@ -332,6 +332,47 @@ def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
         sync()
         out["blocks"].append(time.perf_counter() - t0)
     return out
+
+
+def seconds_of(step: Any) -> Any:
+    def run() -> float:
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def served(args: argparse.Namespace) -> Any:
+    """Plain 1-thread training's step in a process of its own, started here (``--worker
+    plain-server``): a call runs one step there and returns its seconds. Not in the pipeline's
+    own process: there, after pipeline steps, the same plain step ran 8-15% slower (2.35-2.50 s
+    before the pipeline's first step, 2.53-2.83 s between its blocks, on a fresh heap and on one
+    the stages' micro-batches had churned)."""
+    cmd = [sys.executable, str(HERE), "--worker", "plain-server", "--batch", str(args.batch)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"the plain 1-thread server did not start (exit code {proc.wait()})")
+    atexit.register(proc.stdin.close)  # the server ends with its input
+
+    def run() -> float:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        return float(proc.stdout.readline())
+
+    return run
+
+
+def plain_server(args: argparse.Namespace) -> None:
+    """A step of plain 1-thread training per line read; its seconds written back (after one
+    warm-up step, "ready")."""
+    torch.set_num_threads(1)
+    step = seconds_of(plain_step(args))
+    step()
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        print(step(), flush=True)
 
 
 # --- the launcher -------------------------------------------------------------------------------
@@ -382,7 +423,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks per run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--micro", type=int, default=4)
-    parser.add_argument("--worker", choices=["plain", *CONTENDERS[3:]])
+    parser.add_argument("--worker", choices=["plain", "plain-server", *CONTENDERS[3:]])
     parser.add_argument("--plan4", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--malloc", choices=["kept", "default"], default="kept",
@@ -397,6 +438,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=CONTENDERS, help="run these contenders only")
     args = parser.parse_args()
     if args.worker is not None:
+        if args.worker == "plain-server":
+            return plain_server(args)
         if args.worker == "plain":
             timing = plain(args)
         elif args.worker in ("tspipe", "auto"):

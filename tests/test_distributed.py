@@ -405,8 +405,8 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
                             "pippy-interleaved1f1b", "pippy-interleavedzb", "pippy-zbv"}  # fmt: skip
     assert all(figures[name][0] > 0 for name in figures), done.stdout[-3000:]
     assert figures["tspipe"][0] > 0, done.stdout[-3000:]  # a contender that failed says why in the table
-    # Every 2-rank contender's block has its plain 1-thread step beside it; the plain ones have none.
-    # (and the micro-batched plain step has the whole batch's beside it: the schedules' ceiling).
+    # Every 2-rank contender's block has its plain 1-thread step beside it, and the micro-batched
+    # plain step the whole batch's (the schedules' ceiling); the other plain ones have none.
     assert all(len(beside[name]) == 2 and min(beside[name]) > 0 for name in figures if not name.startswith("plain"))
     assert len(beside["plain-1t-micro"]) == 2 and beside["plain-1t"] == beside["plain-2t"] == []
     assert "ceiling of a 2-rank pipeline at 2 micro-batches:" in done.stdout

@@ -513,7 +513,7 @@ def main() -> None:
         # over minutes moves both alike.
         paired = [v / p for v, p in zip(values, plain_1t, strict=False) if p > 0]
         same = f"{statistics.median(paired):.2f}x ({min(paired):.2f}–{max(paired):.2f})" if paired else ""
-        # Each block's figure over the plain 1-thread step run just before it in the same processes.
+        # Each block's figure over the plain 1-thread step run just before it, in a process of its own.
         near = beside[name]
         by = f"{statistics.median(near):.2f}x ({min(near):.2f}–{max(near):.2f})" if near else ""
         print(f"| {name} | {med:.1f} | {min(values):.1f} | {max(values):.1f} | {med / base:.2f}x | {same} | {by} "

@@ -1,29 +1,37 @@
-"""The GPU script (issue 7): profiles, cost-model fidelity and runtime equality on one GPU.
+"""The GPU script (issues 7, 14, 15): runtime equality, micro-batch scaling, training options,
+memory, profiles and cost-model fidelity on one GPU.
 
     python benchmarks/gpu/run.py --out "$OUT"            # on the GPU machine, under 8 minutes
     python benchmarks/gpu/run.py --out /tmp/x --smoke    # on a CPU: tiny sizes, checks the script
+    python benchmarks/gpu/run.py --out "$OUT" --steps equality scaling   # some steps only
 
-1. Profiles the paper's models (ViT-L/16, ResNet-152, ResNet-18, ViT-S/16, ViT-B/16,
-   BERT-large, DistilBERT-large) at batch 32 (BERT: 8 x 128 tokens) on the device; writes
-   ``profiles.tar.gz`` holding ``h100/NAME_bB.json`` (unpack into ``tspipe_fx/cost/profiles/``).
-2. Cost-model fidelity: a 4-stage plan of each KD pair from those profiles; each stage
-   GraphModule's measured forward and backward time against the plan's prediction.
-3. The local runtime with every stage on the one device equals the reference trainer there.
-4. Training options (issue 15): step time and peak memory of fp32, bf16, compiled stages and
-   recompute, a ResNet-18 student and a ViT-S/16 teacher, 2 stages on the device
-   (``benchmarks/training/run.py``'s contenders).
-5. Memory (issue 15): one stage's predicted peak (``plan.memory``, measured costs) against
-   ``max_memory_allocated`` while it trains, for fp32, recompute and bf16.
+Steps, in the order they run (``--steps`` names them):
 
-Writes ``results.json`` and ``results.md`` beside the archive after every step, so a run cut
-short still returns what it measured; a step that fails records its error and the rest go on.
-Steps start only while the time budget (``--budget`` seconds) lasts.
+- ``equality`` (issue 14): every schedule (tspipe, gpipe, 1f1b, auto with its loss per batch or
+  per micro-batch, split backward, finer teacher parts; momentum at staleness 0 and 1, two stages
+  per device, InfoNCE per query micro-batch) in the local runtime, its stages on the one device
+  on their own streams, against the reference trainer there (``schedules.py``).
+- ``scaling`` (issue 14): the flagship pair's models at micro-batches of 8, 16 and 32, measured
+  against the plan's costs from the H100 profiles and the roofline (``schedules.py``).
+- ``training`` (issue 15): step time and peak memory of fp32, bf16, compiled stages and
+  recompute, a ResNet-18 student and a ViT-S/16 teacher, 2 stages on the device
+  (``benchmarks/training/run.py``'s contenders).
+- ``memory`` (issue 15): one stage's predicted peak (``plan.memory``, measured costs) against
+  ``max_memory_allocated`` while it trains, for fp32, recompute and bf16.
+- ``profiles`` (issue 7): the paper's models (ViT-L/16, ResNet-152, ResNet-18, ViT-S/16, ViT-B/16,
+  BERT-large, DistilBERT-large) at batch 32 (BERT: 8 x 128 tokens) on the device; writes
+  ``profiles.tar.gz`` holding ``TAG/NAME_bB.json`` (unpack into ``tspipe_fx/cost/profiles/``).
+- ``fidelity`` (issue 7): a 4-stage plan of each KD pair from those profiles; each stage
+  GraphModule's measured forward and backward time against the plan's prediction.
+
+Writes ``results.json`` and ``results.md`` after every step, so a run cut short still returns
+what it measured; a step that fails records its error and the rest go on. Steps start only
+while the time budget (``--budget`` seconds) lasts.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import re
 import statistics
@@ -37,11 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import tspipe_fx
 from tspipe_fx.passes.timer import Timer
-from tspipe_fx.runtime.reference import ReferenceTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from schedules import micro_batch_scaling, schedule_equality
 
 
 def models(smoke: bool) -> dict[str, Any]:
@@ -195,51 +204,6 @@ def stage_fidelity(
         print(f"{teacher}->{student}", rows, flush=True)
 
 
-def runtime_equality(device: torch.device, results: dict[str, Any]) -> None:
-    """A small KD pair, 2 stages both on the device, 6 steps: losses and weights vs the reference."""
-    import timm
-
-    torch.manual_seed(0)
-    student = timm.create_model("resnet18", pretrained=False, num_classes=10).to(device)
-    teacher = timm.create_model("resnet34", pretrained=False, num_classes=10).to(device).eval()
-
-    def loss_fn(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
-
-    def sgd(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(ps, lr=0.01, momentum=0.9)
-
-    x = torch.randn(16, 3, 64, 64, device=device)
-    out: dict[str, Any] = {}
-    # Deterministic convolution kernels, so that differences are the runtime's and not cuDNN's.
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    for schedule in ("tspipe", "gpipe"):
-        pipe = tspipe_fx.compile(copy.deepcopy(student), copy.deepcopy(teacher), 2, example_inputs=(x,), cost_model="uniform",
-                                 devices=[device, device])  # fmt: skip
-        trainer = pipe.trainer(loss_fn, optimizer=sgd, schedule=schedule)
-        ref = ReferenceTrainer(
-            copy.deepcopy(student), copy.deepcopy(teacher), loss_fn, optimizer=sgd, micro_batches=trainer.m
-        )
-        data = [
-            (torch.randn(16, 3, 64, 64, device=device), torch.randint(0, 10, (16,), device=device))
-            for _ in range(6)
-        ]
-        got = [r.loss for r in (trainer.step(a, target=b) for a, b in data) if r is not None] + [
-            trainer.finish().loss
-        ]
-        want = [ref.step(a, target=b) for a, b in data]
-        trained = copy.deepcopy(student)
-        trainer.sync_to_modules(trained)
-        diff = max(float((a - b).abs().max()) for a, b in zip(trained.state_dict().values(), ref.student.state_dict().values(), strict=True)
-                   if a.is_floating_point())  # fmt: skip
-        out[schedule] = {
-            "loss_max_rel_diff": max(abs(g - w) / abs(w) for g, w in zip(got, want, strict=True)),
-            "param_max_abs_diff": diff,
-        }
-        print(schedule, out[schedule], flush=True)
-    results["runtime_equality"] = out
-
-
 def training_options(device: torch.device, smoke: bool, results: dict[str, Any]) -> None:
     """Issue 15 on the device: each training option's step time and peak memory, side by side."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -269,7 +233,11 @@ def memory(device: torch.device, smoke: bool, results: dict[str, Any]) -> None:
     y = torch.randint(0, 10, (batch,), device=device)
     cuda = device.type == "cuda"
     rows = results["memory"] = {}
-    for name, options in (("fp32", {}), ("recompute", {"recompute": "always"}), ("bf16", {"precision": "bf16"})):
+    for name, options in (
+        ("fp32", {}),
+        ("recompute", {"recompute": "always"}),
+        ("bf16", {"precision": "bf16"}),
+    ):
         pipe = tspipe_fx.compile(student, teacher, 1, example_inputs=(x[: batch // 4],), batch_size=batch,
                                  micro_batches=4, devices=[device], optimizer_factor=1.0,
                                  cost_model="roofline" if smoke else None, **options)  # fmt: skip
@@ -288,6 +256,9 @@ def memory(device: torch.device, smoke: bool, results: dict[str, Any]) -> None:
         print(f"memory {name}: {row}", flush=True)
 
 
+STEPS = ("equality", "scaling", "training", "memory", "profiles", "fidelity")  # in the order they run
+
+
 def write_results(out: Path, results: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     lines = [f"# GPU run on {results.get('device_name', results['device'])} (torch {results['torch']}), "
@@ -301,8 +272,28 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
         berrs = [abs(r["bwd_err"]) for r in rows if r["bwd_err"] is not None]
         lines.append(f"\n{pair}: median |error| per stage, forward {statistics.median(errs):.1%}, "
                      f"backward {statistics.median(berrs):.1%}" if errs and berrs else f"\n{pair}")  # fmt: skip
-    for schedule, eq in results.get("runtime_equality", {}).items():
-        lines.append(f"\nruntime {schedule} vs reference: {eq}")
+    if results.get("schedule_equality"):
+        lines += [
+            "",
+            "| schedule | stages | M | split backward | loss rel. diff | student param diff | teacher param diff |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['stages']} | {v['micro_batches']} | {v['split_backward']} | {v['loss_max_rel_diff']:.1e} | "
+            f"{v['param_max_abs_diff']:.1e} | {v['teacher_max_abs_diff']:.1e} |"
+            for k, v in results["schedule_equality"].items()
+        ]
+    if results.get("micro_batch_scaling"):
+        lines += [
+            "",
+            "| micro-batch | student fwd+bwd ms | profile | roofline | teacher fwd ms | profile | roofline |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['student_fwd_bwd_ms']:.2f} | {v['student_profile_ms']:.2f} | {v['student_roofline_ms']:.2f} | "
+            f"{v['teacher_fwd_ms']:.2f} | {v['teacher_profile_ms']:.2f} | {v['teacher_roofline_ms']:.2f} |"
+            for k, v in results["micro_batch_scaling"].items()
+        ]
     if results.get("training"):
         base = results["training"].get("fp32", {}).get("s_per_step")
         lines += ["", "| option | s / step | over fp32 | peak MiB |", "|---|---|---|---|"]
@@ -325,6 +316,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--budget", type=float, default=420.0, help="seconds; no step starts after")
     parser.add_argument("--smoke", action="store_true", help="tiny models on this machine's CPU")
+    parser.add_argument(
+        "--steps", nargs="+", choices=STEPS, default=list(STEPS), help="which steps (default: all)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda:0")
@@ -344,6 +338,11 @@ def main() -> None:
         return args.budget - (time.perf_counter() - t0)
 
     def step(name: str, fn: Callable[[], Any]) -> Any:
+        if name not in args.steps:
+            return None
+        if left() < 0:
+            results["skipped"].append(f"{name}: out of time")
+            return None
         try:
             return fn()
         except Exception:  # noqa: BLE001 - recorded in the results, the later steps go on
@@ -354,8 +353,9 @@ def main() -> None:
             results["seconds"] = round(time.perf_counter() - t0, 1)
             write_results(args.out, results)
 
-    step("runtime equality", lambda: runtime_equality(device, results))
-    step("training options", lambda: training_options(device, args.smoke, results))
+    step("equality", lambda: schedule_equality(device, args.smoke, results))
+    step("scaling", lambda: micro_batch_scaling(device, args.smoke, results))
+    step("training", lambda: training_options(device, args.smoke, results))
     step("memory", lambda: memory(device, args.smoke, results))
     kept = step(
         "profiles",
@@ -366,7 +366,7 @@ def main() -> None:
         if args.smoke
         else [("resnet152", "vit_l16"), ("distilbert_large", "bert_large")]
     )
-    step("stage fidelity", lambda: stage_fidelity(kept or {}, device, pairs, results, left))
+    step("fidelity", lambda: stage_fidelity(kept or {}, device, pairs, results, left))
     print((args.out / "results.md").read_text())
 
 

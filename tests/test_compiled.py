@@ -72,3 +72,69 @@ def test_compile_stages_takes_a_mode_or_a_flag() -> None:
     assert checked_compile("max-autotune") == "max-autotune"
     with pytest.raises(TspipeError, match=r"compile_stages must be True, False or a torch.compile mode .* got 'fast'"):
         checked_compile("fast")
+
+
+def test_the_compile_gate_runs_new_keys_alone_and_known_keys_side_by_side() -> None:
+    """A call that may compile (a new key: stage, direction, shapes) runs while no other call
+    does, since torch.compile's tracer patches nn.Module.__call__ for the whole process (on an
+    H200, torch 2.11: "FX to symbolically trace a dynamo-optimized function" from the other
+    device's thread); calls of known keys overlap; a failed call's key stays new."""
+    import threading
+    import time
+
+    from tspipe_fx.runtime.compiled import CompileGate, shapes
+
+    gate = CompileGate(enabled=True)
+    with gate.call("a"):
+        pass
+    both_in = threading.Barrier(2, timeout=5)
+
+    def known() -> None:
+        with gate.call("a"):
+            both_in.wait()  # breaks (BrokenBarrierError) unless both are inside at once
+
+    threads = [threading.Thread(target=known) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not both_in.broken
+
+    def order(first_new: str) -> list[str]:
+        """A known call inside; then a call of ``first_new``; then another known call: the log."""
+        log: list[str] = []
+        inside, release = threading.Event(), threading.Event()
+
+        def call(key: str, hold: bool = False) -> None:
+            with gate.call(key):
+                log.append(f"{key} in")
+                if hold:
+                    inside.set()
+                    release.wait(5)
+                time.sleep(0.02)
+                log.append(f"{key} out")
+
+        threads = [threading.Thread(target=call, args=("a", True))]
+        threads[0].start()
+        inside.wait(5)
+        for key in (first_new, "a"):  # the known call arriving while a new one waits goes after it
+            threads.append(threading.Thread(target=call, args=(key,)))
+            threads[-1].start()
+            time.sleep(0.1)
+        assert log == ["a in"]
+        release.set()
+        for th in threads:
+            th.join(5)
+        return log
+
+    assert order("b") == ["a in", "a out", "b in", "b out", "a in", "a out"]
+    with pytest.raises(ValueError), gate.call("c"):
+        raise ValueError("a compile that failed")
+    assert order("c") == ["a in", "a out", "c in", "c out", "a in", "a out"]  # still new: alone
+    assert shapes([torch.zeros(2, 3), 1.0, torch.ones(4, dtype=torch.int64)]) == (
+        ((2, 3), torch.float32),
+        ((4,), torch.int64),
+    )
+    off = CompileGate(enabled=False)
+    with off.call("x"), off.call("x"):  # nested: nothing waits
+        pass

@@ -13,11 +13,13 @@ are those of the eager stage).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.device import DeviceState
 from tspipe_fx.runtime.randomness import ModelDraws
 
-__all__ = ["MODES", "check_toolchain", "checked_compile", "compile_stages"]
+__all__ = ["MODES", "CompileGate", "check_toolchain", "checked_compile", "compile_stages", "shapes"]
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -84,3 +86,54 @@ def compile_stages(devices: Sequence[DeviceState], draws: dict[int, ModelDraws],
             "draws are seeded per operation, which compiled code would bypass)",
             stacklevel=3,
         )
+
+
+class CompileGate:
+    """Lets one device thread at a time run a call that may compile, while the others wait.
+
+    ``torch.compile`` traces a stage at its first call (and again for inputs of a new shape): its
+    tracer patches ``nn.Module.__call__`` for the whole process, and a compiled stage called from
+    another device's thread meanwhile fails ("FX to symbolically trace a dynamo-optimized
+    function"; seen on an H200, torch 2.11, two stages on one GPU). So a call whose key (stage,
+    direction, input shapes) is new runs alone; calls of keys seen before run side by side. No
+    gate is held while a task waits for a message, so no thread waits on one that waits for it.
+    Disabled (``enabled=False``: eager stages), it lets every call through.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._cond = threading.Condition()
+        self._running = 0  # calls inside now
+        self._alone = False  # a new key's call is inside
+        self._waiting = 0  # new keys' calls waiting: known ones let them in first
+        self._seen: set[Hashable] = set()
+
+    @contextlib.contextmanager
+    def call(self, key: Hashable) -> Iterator[None]:
+        """Run the body alone if ``key`` is new, else beside other known keys' calls."""
+        if not self.enabled:
+            yield
+            return
+        with self._cond:
+            new = key not in self._seen
+            self._waiting += new
+            self._cond.wait_for(
+                lambda: not self._alone and (self._running == 0 if new else not self._waiting)
+            )
+            self._waiting -= new
+            self._running += 1
+            self._alone = new
+        try:
+            yield
+            if new:
+                self._seen.add(key)
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._alone = self._alone and not new
+                self._cond.notify_all()
+
+
+def shapes(values: Iterable[Any]) -> tuple[Any, ...]:
+    """The shapes and dtypes of the tensors among ``values`` (a compiled call's guard keys)."""
+    return tuple((tuple(x.shape), x.dtype) for x in values if isinstance(x, torch.Tensor))

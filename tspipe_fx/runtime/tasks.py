@@ -28,7 +28,7 @@ from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.batches import Fed, batch_size, join_micro, to_device, tree_to_device
 from tspipe_fx.runtime.board import Board
 from tspipe_fx.runtime.channels import Channels
-from tspipe_fx.runtime.compiled import check_toolchain, checked_compile, compile_stages
+from tspipe_fx.runtime.compiled import CompileGate, check_toolchain, checked_compile, compile_stages, shapes
 from tspipe_fx.runtime.device import DeviceState, call_stage
 from tspipe_fx.runtime.loss_terms import gather_outputs, micro_term
 from tspipe_fx.runtime.optim import build_optimizer, clip_, optimizer_params, parameter_names
@@ -129,6 +129,7 @@ class StageTasks(Channels):
         policy = options.recompute or "never"  # per stage
         self.recompute = (policy,) * self.n_stages if isinstance(policy, str) else tuple(policy)
         self.compile_mode = checked_compile(options.compile_stages)
+        self.gate = CompileGate(self.compile_mode is not None)  # compiles run one at a time
         # A compiled stage is one autograd node: nothing to split (its sw tasks have no work).
         self.split_backward = self.split_backward and self.compile_mode is None
         if self.compile_mode is not None:
@@ -192,7 +193,8 @@ class StageTasks(Channels):
             if kept is not None:  # a one-step-late teacher across a drained pipeline
                 out = tuple(torch.func.functional_call(d.teacher, kept, tuple(args), strict=False))
             else:
-                out = call_stage(d.teacher, args, f"teacher stage {d.index}")
+                with self.gate.call(("tf", d.index, shapes(args))):
+                    out = call_stage(d.teacher, args, f"teacher stage {d.index}")
         if d.index == self.n_stages - 1:
             d.teacher_out[(t.batch, t.view, t.micro)] = out
         else:
@@ -248,6 +250,7 @@ class StageTasks(Channels):
             self.precision.autocast(d.device),
             frozen_buffers(d.student) if replay else contextlib.nullcontext(),
             contextlib.nullcontext() if saves else dropped_activations(),
+            self.gate.call(("sf", d.index, shapes(values.values()), replay)),
         ):
             out = call_stage(d.student, [values[n] for n in d.s_io.inputs], f"student stage {d.index}")
         return leaves, out
@@ -324,8 +327,9 @@ class StageTasks(Channels):
             d.weight_work[(t.batch, t.view, t.micro)] = work
             sent = dict(zip(names, dx, strict=True))
         else:
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            with self.gate.call(("sb", d.index, shapes(o for o, _ in pairs))):  # a compiled backward
+                if pairs:
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             sent = {n: leaves[n].grad for n in names}
         if d.index > 0:
             self.send(d, board, ("sb", d.index, t.batch, t.view, t.micro), sent)

@@ -74,6 +74,24 @@ def test_profile_counts_operations_and_the_launch_cost(resnet_profile: Profile) 
     assert count.count == 2  # randn and add
 
 
+def test_a_steps_host_time_is_divided_by_the_operations_it_dispatches() -> None:
+    """On a GPU, ``profile`` prices an operation at what the model's own step costs its host
+    (step_host_us): a step of 4 operations whose host spends 20 ms reads 5 ms an operation."""
+    import time
+
+    from tspipe_fx.cost.launch import step_host_us
+
+    x = torch.ones(4)
+
+    def step() -> None:
+        time.sleep(0.02)  # the host's share: Python, dispatch, autograd recording
+        (x + 1).mul_(2).sub_(1).neg()
+
+    step()
+    per_op = step_host_us(step, "cpu", repeats=3)
+    assert 5_000 <= per_op < 25_000  # microseconds; the sleep may overshoot on a loaded machine
+
+
 def test_a_node_costs_at_least_its_launches(resnet_profile: Profile) -> None:
     from tspipe_fx.cost.builtin import MeasuredCost
 

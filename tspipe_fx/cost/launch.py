@@ -1,21 +1,33 @@
-"""The host's cost of launching one operation on a device, measured once per device.
+"""The host's cost of launching one operation on a device.
 
-Eager PyTorch pays a host cost for every ATen operation (Python, dispatch, the kernel launch);
-on a GPU the host runs ahead of the device while kernels are longer than that cost, and the
-device waits for the host where they are shorter (small kernels: a ResNet at batch 32 on an
-H100). :func:`launch_us` times a loop of one-element operations on the device from the host's
-side; :class:`tspipe_fx.cost.builtin.MeasuredCost` takes the longer of a node's measured device
-time and its operations (``fwd_ops``, ``bwd_ops``) times this cost.
+Eager PyTorch pays a host cost for every ATen operation (Python, dispatch, autograd's
+recording, the kernel launch); on a GPU the host runs ahead of the device while kernels are
+longer than that cost, and the device waits for the host where they are shorter (small
+kernels: a ResNet-152 at micro-batches up to 32 on an H200). :class:`tspipe_fx.cost.builtin.
+MeasuredCost` takes the longer of a node's measured device time and its operations
+(``fwd_ops``, ``bwd_ops``) times this cost, so that smaller micro-batches do not look cheaper
+than the host lets them be.
+
+- :func:`launch_us` times a loop of one-element in-place adds from the host's side: the floor
+  of any operation (6 us on an H200's host).
+- :func:`step_host_us` divides the host's time for one training step of the model itself by the
+  operations it dispatches: what an operation of that model costs the host (28-40 us for a
+  ResNet-152's convolutions, batch norms and their backward on the same host). A profile on a
+  GPU keeps the larger of the two.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-__all__ = ["launch_us"]
+from tspipe_fx.passes.measure import OpCount
+
+__all__ = ["launch_us", "step_host_us"]
 
 
 def launch_us(device: torch.device | str, *, ops: int = 400, repeats: int = 5) -> float:
@@ -39,3 +51,32 @@ def launch_us(device: torch.device | str, *, ops: int = 400, repeats: int = 5) -
         times.append((time.perf_counter() - t0) / ops * 1e6)  # host side only: launched, not waited for
         sync()
     return statistics.median(times)
+
+
+def step_host_us(step: Callable[[], Any], device: torch.device | str, *, repeats: int = 5) -> float:
+    """Median host microseconds per ATen operation of ``step`` (one forward and backward of a
+    model): the time until the host returns, the device idle at the start and not waited for,
+    over the operations the step dispatches (counted once, before). ``step`` must have run once
+    already (the first run allocates). On a CPU this is the step's whole time per operation.
+
+    A device-bound step of more kernels than the launch queue holds makes the host wait for the
+    device: its figure reads high. :func:`tspipe_fx.profile` keeps it only where the host
+    returned well before the device finished.
+    """
+    dev = torch.device(device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    with OpCount() as counted:
+        step()
+    sync()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e6)
+    sync()
+    return statistics.median(times) / max(counted.count, 1)

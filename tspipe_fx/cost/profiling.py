@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from tspipe_fx.cost.launch import launch_us
+from tspipe_fx.cost.launch import launch_us, step_host_us
 from tspipe_fx.cost.profile import NodeProfile, Profile, input_specs
 from tspipe_fx.errors import ProfileError
 from tspipe_fx.passes import annotate_measured, annotate_structure, annotate_symbolic
@@ -92,9 +92,10 @@ def profile(
     dev = _resolve_device(device)
     devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
-        captured, gm, inputs, fwd_ms, fwd_bwd_ms = _profile(
+        captured, gm, inputs, fwd_ms, fwd_bwd_ms, host_us = _profile(
             model, example_inputs, example_kwargs, dev, repeats, warmup, progress
         )
+    nodes = tuple(NodeProfile(n.name, n.op, target_name(n.target), info(n)) for n in gm.graph.nodes)
     return Profile(
         model_name=captured.model_name,
         graph_hash=graph_fingerprint(captured.graph_module),
@@ -104,9 +105,21 @@ def profile(
         repeats=repeats,
         model_fwd_ms=fwd_ms,
         model_fwd_bwd_ms=fwd_bwd_ms,
-        nodes=tuple(NodeProfile(n.name, n.op, target_name(n.target), info(n)) for n in gm.graph.nodes),
-        launch_us=launch_us(dev),
+        nodes=nodes,
+        launch_us=_launch_us(dev, host_us, nodes, fwd_bwd_ms),
     )
+
+
+def _launch_us(dev: torch.device, host_us: float, nodes: tuple[NodeProfile, ...], fwd_bwd_ms: float) -> float:
+    """The host's cost per operation: on a GPU, the model's own step's (``host_us``) where its host
+    returned well before the device was done (else the host may have waited for a full launch
+    queue, which reads high), never below the one-element loop's; on a CPU, the loop's (a node's
+    measured time already holds its host's work there)."""
+    loop = launch_us(dev)
+    if dev.type != "cuda":
+        return loop
+    host_ms = host_us * sum(n.info.fwd_ops + n.info.bwd_ops for n in nodes) / 1e3
+    return max(loop, host_us) if host_ms < 0.9 * fwd_bwd_ms else loop
 
 
 def _profile(
@@ -117,7 +130,7 @@ def _profile(
     repeats: int,
     warmup: int,
     progress: bool | None,
-) -> tuple[CapturedModel, fx.GraphModule, list[torch.Tensor], float, float]:
+) -> tuple[CapturedModel, fx.GraphModule, list[torch.Tensor], float, float, float]:
     if isinstance(model, CapturedModel):
         captured = model
     elif isinstance(model, nn.Module):
@@ -130,18 +143,19 @@ def _profile(
         x.to(dev, copy=True) for x in flat
     ]  # runs of a model that writes its inputs leave the user's be
     show = sys.stderr.isatty() if progress is None else progress
-    fwd_ms, fwd_bwd_ms = _whole_model_ms(gm, inputs, captured.model_name, repeats, max(warmup, 1))
+    fwd_ms, fwd_bwd_ms, host_us = _whole_model_ms(gm, inputs, captured.model_name, repeats, max(warmup, 1))
     if gm.meta.get(SIZES_KEY) != input_sizes(inputs):  # compile ran both passes already: once a model
         annotate_structure(gm)
         annotate_symbolic(gm, inputs)
     annotate_measured(gm, inputs, repeats=repeats, warmup=warmup, progress=show)
-    return captured, gm, inputs, fwd_ms, fwd_bwd_ms
+    return captured, gm, inputs, fwd_ms, fwd_bwd_ms, host_us
 
 
 def _whole_model_ms(
     gm: fx.GraphModule, inputs: list[torch.Tensor], name: str, repeats: int, warmup: int
-) -> tuple[float, float]:
-    """Median forward and forward+backward time of the whole graph (the fidelity reference)."""
+) -> tuple[float, float, float]:
+    """Median forward and forward+backward time of the whole graph (the fidelity reference), and
+    on a GPU the host's microseconds per operation of that step (0.0 on a CPU)."""
     timer = Timer(inputs[0].device)
     try:
         with torch.enable_grad():
@@ -172,4 +186,7 @@ def _whole_model_ms(
     for _ in range(repeats):
         fwd.append(timer.median_ms(forward, repeats=1, warmup=0))
         fwd_bwd.append(timer.median_ms(forward_backward, repeats=1, warmup=0))
-    return statistics.median(fwd), statistics.median(fwd_bwd)
+    host_us = (
+        step_host_us(forward_backward, timer.device, repeats=repeats) if timer.device.type == "cuda" else 0.0
+    )
+    return statistics.median(fwd), statistics.median(fwd_bwd), host_us

@@ -102,12 +102,15 @@ def profile_all(
     smoke: bool,
     results: dict[str, Any],
     left: Callable[[], float],
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
     kept: dict[str, Any] = {}
     tag = "smoke" if smoke else device_tag(device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / tag
         for name, build in models(smoke).items():
+            if only and name not in only:
+                continue
             if left() < 60:
                 results["skipped"].append(f"profile {name}: out of time")
                 continue
@@ -210,7 +213,7 @@ def training_options(device: torch.device, smoke: bool, results: dict[str, Any])
     from training.run import CONTENDERS, pair, time_contenders
 
     image, batch = (64, 8) if smoke else (224, 64)
-    student, teacher = pair(image)
+    student, teacher = (m.to(device) for m in pair(image))
     x = torch.randn(batch, 3, image, image, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(x,), micro_batches=4, cost_model="uniform",
@@ -228,7 +231,7 @@ def memory(device: torch.device, smoke: bool, results: dict[str, Any]) -> None:
     from training.run import kd_loss, pair, sgd
 
     image, batch = (32, 8) if smoke else (224, 64)
-    student, teacher = pair(image)
+    student, teacher = (m.to(device) for m in pair(image))
     x = torch.randn(batch, 3, image, image, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     cuda = device.type == "cuda"
@@ -286,14 +289,17 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
     if results.get("micro_batch_scaling"):
         lines += [
             "",
-            "| micro-batch | student fwd+bwd ms | profile | roofline | teacher fwd ms | profile | roofline |",
-            "|---|---|---|---|---|---|---|",
+            "| micro-batch | student fwd+bwd ms | profile | profile, loop launch | roofline | teacher fwd ms | profile | profile, loop launch | roofline |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {k} | {v['student_fwd_bwd_ms']:.2f} | {v['student_profile_ms']:.2f} | {v['student_roofline_ms']:.2f} | "
-            f"{v['teacher_fwd_ms']:.2f} | {v['teacher_profile_ms']:.2f} | {v['teacher_roofline_ms']:.2f} |"
+            f"| {k} | {v['student_fwd_bwd_ms']:.2f} | {v['student_profile_ms']:.2f} | {v['student_loop_launch_ms']:.2f} | "
+            f"{v['student_roofline_ms']:.2f} | {v['teacher_fwd_ms']:.2f} | {v['teacher_profile_ms']:.2f} | "
+            f"{v['teacher_loop_launch_ms']:.2f} | {v['teacher_roofline_ms']:.2f} |"
             for k, v in results["micro_batch_scaling"].items()
         ]
+        if results.get("micro_batch_scaling_launch_us"):
+            lines.append(f"\nhost us per operation: {results['micro_batch_scaling_launch_us']}")
     if results.get("training"):
         base = results["training"].get("fp32", {}).get("s_per_step")
         lines += ["", "| option | s / step | over fp32 | peak MiB |", "|---|---|---|---|"]
@@ -319,6 +325,7 @@ def main() -> None:
     parser.add_argument(
         "--steps", nargs="+", choices=STEPS, default=list(STEPS), help="which steps (default: all)"
     )
+    parser.add_argument("--models", nargs="+", help="profile these models only (default: all of them)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda:0")
@@ -359,7 +366,9 @@ def main() -> None:
     step("memory", lambda: memory(device, args.smoke, results))
     kept = step(
         "profiles",
-        lambda: profile_all(args.out, device, 4 if args.smoke else args.batch, args.smoke, results, left),
+        lambda: profile_all(
+            args.out, device, 4 if args.smoke else args.batch, args.smoke, results, left, args.models
+        ),
     )
     pairs = (
         [("resnet18", "vit_s16")]

@@ -8,6 +8,7 @@ Both are called by ``benchmarks/gpu/run.py``; each writes into its ``results`` d
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import sys
 import time
@@ -23,6 +24,11 @@ from tspipe_fx.runtime.reference import ReferenceTrainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pairs import PAIRS, Online, Target, example, profiled
 
+# On a GPU cuDNN's convolutions round their inputs to TF32 (10-bit mantissa) by default: a last-bit
+# difference in a weight (gradients summed in another order) can move a convolution's output by
+# 1e-3, and training carries it on. This case runs with TF32 off, to tell that from a fault.
+NO_TF32 = "momentum auto, staleness 0, convolutions without TF32"
+
 # (name, mode, compile options, trainer options): KD with a ResNet-34 teacher and a ResNet-18
 # student, momentum with a ResNet-18 online network (BatchNorm in backbone and heads) as its own
 # EMA target; 2 devices' stages on the one GPU, each on its own stream.
@@ -34,6 +40,7 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("auto, loss per micro-batch", "kd", {"schedule": "auto", "loss": "micro"}, {}),
     ("auto, teacher_parts=2", "kd", {"schedule": "auto", "loss": "micro", "teacher_parts": 2}, {}),
     ("momentum auto, staleness 0", "momentum", {"schedule": "auto", "loss": "micro"}, {"staleness": 0}),
+    (NO_TF32, "momentum", {"schedule": "auto", "loss": "micro"}, {"staleness": 0}),
     ("momentum auto, staleness 1", "momentum", {"schedule": "auto", "loss": "micro"}, {"staleness": 1}),
     ("momentum auto, 2 stages per device", "momentum", {"schedule": "auto", "loss": "micro", "stages_per_device": 2},
      {"staleness": 1}),
@@ -81,10 +88,20 @@ def schedule_equality(device: torch.device, smoke: bool, results: dict[str, Any]
     teacher too in momentum mode) from the reference trainer on the same device."""
     import timm
 
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    cudnn = torch.backends.cudnn
+    flags = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        _equality(device, smoke, results, timm)
+    finally:  # the later steps time the default (fastest) kernels
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = flags
+
+
+def _equality(device: torch.device, smoke: bool, results: dict[str, Any], timm: Any) -> None:
     size, batch, steps = (32, 8, 3) if smoke else (64, 16, 6)
     rows = results["schedule_equality"] = {}
     for name, mode, compile_opts, train_opts in CASES:
+        torch.backends.cudnn.allow_tf32 = name != NO_TF32
         torch.manual_seed(0)
         if mode == "kd":
             student = timm.create_model("resnet18", pretrained=False, num_classes=10).to(device)
@@ -154,19 +171,35 @@ def micro_batch_scaling(device: torch.device, smoke: bool, results: dict[str, An
     """The flagship pair (ViT-L/16 teacher, ResNet-152 student) at the micro-batches compile
     weighs for a batch of 256 on 8 devices (M = 8, 16, 32: 32, 16 and 8 samples): the student's
     forward+backward and the teacher's forward measured on the device (wall time, launches
-    included; median of 5), against the plan's per-micro-batch stage costs from the shipped H100
-    profiles (scaled to the micro-batch) and from the H100 roofline. Smoke: the CPU profiles,
-    micro-batches of 2 and 4, one repeat."""
+    included; median of 5), against the plan's per-micro-batch stage costs from profiles taken
+    on the device now at batch 32 (scaled to the micro-batch, each node at least its operations
+    times the host's cost per operation) and from the H100 roofline. Smoke: the shipped CPU
+    profiles, micro-batches of 2 and 4, one repeat."""
     from tspipe_fx.cost.devices import device_spec
+    from tspipe_fx.cost.launch import launch_us
 
     pair = "kd_vitl_r152"
-    pp = profiled(pair, "cpu" if smoke else "h100")
+    pp = profiled(pair, "cpu")
     student, teacher, _ = PAIRS[pair]()
     student, teacher = student.to(device).train(), teacher.to(device).eval()
     rows = results["micro_batch_scaling"] = {}
+    if not smoke:
+        (x32,), _ = example(pair, 32)
+        x32 = x32.to(device)
+        profiles = tuple(
+            tspipe_fx.profile(cap, (x32,), device=device, repeats=5) for cap in (pp.student, pp.teacher)
+        )
+        loop = launch_us(device)  # what a profile kept before it timed the model's own step
+        before = dataclasses.replace(
+            pp, profiles=tuple(dataclasses.replace(p, launch_us=loop) for p in profiles)
+        )
+        pp = dataclasses.replace(pp, profiles=profiles)
+        results["micro_batch_scaling_launch_us"] = {"loop": loop, "student": profiles[0].launch_us,
+                                                    "teacher": profiles[1].launch_us}  # fmt: skip
     for micro in (2, 4) if smoke else (8, 16, 32):
         plans = {
             "profile": pp.compile(1, batch_size=micro, micro_batches=1, devices=[device]).plan,
+            "loop_launch": (before if not smoke else pp).compile(1, batch_size=micro, micro_batches=1, devices=[device]).plan,
             "roofline": pp.compile(1, batch_size=micro, micro_batches=1, devices=[device], cost_model="roofline",
                                    device_specs=[device_spec("h100")]).plan,
         }  # fmt: skip
@@ -174,6 +207,7 @@ def micro_batch_scaling(device: torch.device, smoke: bool, results: dict[str, An
         x = x.to(device)
 
         def student_step(x: torch.Tensor = x) -> None:
+            student.zero_grad(set_to_none=True)  # as the profile's step: no accumulation
             student(x).float().sum().backward()
 
         def teacher_fwd(x: torch.Tensor = x) -> None:

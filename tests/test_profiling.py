@@ -92,6 +92,43 @@ def test_a_steps_host_time_is_divided_by_the_operations_it_dispatches() -> None:
     assert 5_000 <= per_op < 25_000  # microseconds; the sleep may overshoot on a loaded machine
 
 
+@pytest.mark.parametrize("spin_over", [False, True])
+def test_a_gpu_steps_host_time_counts_only_where_the_host_never_waited(
+    monkeypatch: pytest.MonkeyPatch, spin_over: bool
+) -> None:
+    """On a GPU each timed step queues behind a spin kernel; if the spin was over when the host
+    returned, the host may have waited for the device (a full launch queue), and the figure
+    would be the device's: None. (CUDA faked: what is pinned is the rule, not the clock.)"""
+    import time
+
+    from tspipe_fx.cost.launch import step_host_us
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            pass
+
+        def record(self) -> None:
+            pass
+
+        def query(self) -> bool:
+            return spin_over
+
+        def elapsed_time(self, other: object) -> float:
+            return 10.0  # ms for the calibration's 10M cycles
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: None)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    x = torch.ones(4)
+
+    def step() -> None:
+        time.sleep(0.01)
+        (x + 1).mul_(2)
+
+    got = step_host_us(step, "cuda:0", repeats=2)
+    assert got is None if spin_over else 5_000 <= got < 25_000  # 10 ms over 2 operations
+
+
 def test_a_node_costs_at_least_its_launches(resnet_profile: Profile) -> None:
     from tspipe_fx.cost.builtin import MeasuredCost
 

@@ -11,9 +11,9 @@ than the host lets them be.
 - :func:`launch_us` times a loop of one-element in-place adds from the host's side: the floor
   of any operation (6 us on an H200's host).
 - :func:`step_host_us` divides the host's time for one training step of the model itself by the
-  operations it dispatches: what an operation of that model costs the host (28-40 us for a
-  ResNet-152's convolutions, batch norms and their backward on the same host). A profile on a
-  GPU keeps the larger of the two.
+  operations it dispatches, the device kept busy so that the host never waits for it: what an
+  operation of that model costs the host (32 us for a ResNet-152's convolutions, batch norms
+  and their backward on the same host). A profile on a GPU keeps the larger of the two.
 """
 
 from __future__ import annotations
@@ -53,30 +53,55 @@ def launch_us(device: torch.device | str, *, ops: int = 400, repeats: int = 5) -
     return statistics.median(times)
 
 
-def step_host_us(step: Callable[[], Any], device: torch.device | str, *, repeats: int = 5) -> float:
+def step_host_us(step: Callable[[], Any], device: torch.device | str, *, repeats: int = 5) -> float | None:
     """Median host microseconds per ATen operation of ``step`` (one forward and backward of a
-    model): the time until the host returns, the device idle at the start and not waited for,
-    over the operations the step dispatches (counted once, before). ``step`` must have run once
-    already (the first run allocates). On a CPU this is the step's whole time per operation.
+    model): the time until the host returns, over the operations the step dispatches (counted
+    once, before). ``step`` must have run once already (the first run allocates). On a CPU this
+    is the step's whole time per operation.
 
-    A device-bound step of more kernels than the launch queue holds makes the host wait for the
-    device: its figure reads high. :func:`tspipe_fx.profile` keeps it only where the host
-    returned well before the device finished.
+    On a GPU the host must not wait for the device while it is timed, or a step of small kernels
+    (host-bound) and one of more kernels than the launch queue holds (the host held back by the
+    device) would read alike. So each timed step queues behind a spin kernel three times the
+    host's time: the host returning while the spin still runs never waited for the device. None
+    where it did (the figure would read the device's time, not the host's).
     """
     dev = torch.device(device)
+    cuda = dev.type == "cuda"
 
     def sync() -> None:
-        if dev.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(dev)
 
     with OpCount() as counted:
         step()
     sync()
-    times = []
+    t0 = time.perf_counter()
+    step()
+    host_ms = (time.perf_counter() - t0) * 1e3
+    sync()
+    cycles = int(_cycles_per_ms(dev) * max(3 * host_ms, 1.0)) if cuda else 0
+    times, waited = [], False
     for _ in range(repeats):
         sync()
+        if cuda:
+            torch.cuda._sleep(cycles)  # type: ignore[no-untyped-call]
+            spun = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            spun.record()
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e6)
+        waited = waited or (cuda and spun.query())  # type: ignore[no-untyped-call]  # the spin was over
     sync()
-    return statistics.median(times) / max(counted.count, 1)
+    return None if waited else statistics.median(times) / max(counted.count, 1)
+
+
+def _cycles_per_ms(dev: torch.device) -> float:
+    """The spin kernel's clock cycles per millisecond on ``dev``."""
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    torch.cuda.synchronize(dev)
+    start.record()
+    torch.cuda._sleep(10_000_000)  # type: ignore[no-untyped-call]
+    end.record()
+    torch.cuda.synchronize(dev)
+    return 10_000_000 / max(float(start.elapsed_time(end)), 1e-3)

@@ -95,7 +95,6 @@ def profile(
         captured, gm, inputs, fwd_ms, fwd_bwd_ms, host_us = _profile(
             model, example_inputs, example_kwargs, dev, repeats, warmup, progress
         )
-    nodes = tuple(NodeProfile(n.name, n.op, target_name(n.target), info(n)) for n in gm.graph.nodes)
     return Profile(
         model_name=captured.model_name,
         graph_hash=graph_fingerprint(captured.graph_module),
@@ -105,21 +104,17 @@ def profile(
         repeats=repeats,
         model_fwd_ms=fwd_ms,
         model_fwd_bwd_ms=fwd_bwd_ms,
-        nodes=nodes,
-        launch_us=_launch_us(dev, host_us, nodes, fwd_bwd_ms),
+        nodes=tuple(NodeProfile(n.name, n.op, target_name(n.target), info(n)) for n in gm.graph.nodes),
+        launch_us=_launch_us(dev, host_us),
     )
 
 
-def _launch_us(dev: torch.device, host_us: float, nodes: tuple[NodeProfile, ...], fwd_bwd_ms: float) -> float:
-    """The host's cost per operation: on a GPU, the model's own step's (``host_us``) where its host
-    returned well before the device was done (else the host may have waited for a full launch
-    queue, which reads high), never below the one-element loop's; on a CPU, the loop's (a node's
-    measured time already holds its host's work there)."""
+def _launch_us(dev: torch.device, host_us: float | None) -> float:
+    """The host's cost per operation: on a GPU, the model's own step's (``host_us``; None where
+    the host had to wait for the device while timed), never below the one-element loop's; on a
+    CPU, the loop's (a node's measured time already holds its host's work there)."""
     loop = launch_us(dev)
-    if dev.type != "cuda":
-        return loop
-    host_ms = host_us * sum(n.info.fwd_ops + n.info.bwd_ops for n in nodes) / 1e3
-    return max(loop, host_us) if host_ms < 0.9 * fwd_bwd_ms else loop
+    return max(loop, host_us) if dev.type == "cuda" and host_us is not None else loop
 
 
 def _profile(
@@ -130,7 +125,7 @@ def _profile(
     repeats: int,
     warmup: int,
     progress: bool | None,
-) -> tuple[CapturedModel, fx.GraphModule, list[torch.Tensor], float, float, float]:
+) -> tuple[CapturedModel, fx.GraphModule, list[torch.Tensor], float, float, float | None]:
     if isinstance(model, CapturedModel):
         captured = model
     elif isinstance(model, nn.Module):
@@ -153,9 +148,10 @@ def _profile(
 
 def _whole_model_ms(
     gm: fx.GraphModule, inputs: list[torch.Tensor], name: str, repeats: int, warmup: int
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float | None]:
     """Median forward and forward+backward time of the whole graph (the fidelity reference), and
-    on a GPU the host's microseconds per operation of that step (0.0 on a CPU)."""
+    on a GPU the host's microseconds per operation of that step (see :func:`step_host_us`; 0.0
+    on a CPU)."""
     timer = Timer(inputs[0].device)
     try:
         with torch.enable_grad():

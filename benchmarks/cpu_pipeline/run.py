@@ -6,8 +6,10 @@ torch.distributed.pipelining, on one KD pair, side by side.
 
 The pair: a ViT-S/16 teacher (6 blocks) and a ResNet-18 student at 128 x 128 images
 (``TSPIPE_BENCH_IMAGE``), batch 32 in
-4 micro-batches, KD loss (cross-entropy + KL). One plan is compiled first (measured costs,
-2 stages) and every contender uses its split:
+4 micro-batches, KD loss (cross-entropy + KL). One plan is compiled first (calibrated costs,
+2 stages, its stages timed whole with plain training busy on the other core, as the pipeline's
+other rank keeps it: ``--no-refine-load`` times them on an idle machine) and every contender
+uses its split:
 
 - ``plain-1t`` / ``plain-2t``: one process, teacher forward then student forward, backward and
   SGD step on the whole batch, with 1 and with 2 torch threads; ``plain-1t-micro``: the same in
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import copy
 import dataclasses
 import json
@@ -375,6 +378,37 @@ def plain_server(args: argparse.Namespace) -> None:
         print(step(), flush=True)
 
 
+def plain_load(args: argparse.Namespace) -> None:
+    """Plain 1-thread training, step after step until killed ("ready" after the first step)."""
+    torch.set_num_threads(1)
+    step = plain_step(args)
+    step()
+    print("ready", flush=True)
+    while True:
+        step()
+
+
+@contextlib.contextmanager
+def loaded(args: argparse.Namespace) -> Any:
+    """The other core busy while the body runs: plain 1-thread training of the pair in a process
+    of its own (``--worker plain-load``), as the pipeline's other rank will keep it busy. Stages
+    timed on an idle machine ran 8-20% faster than beside a working rank, unevenly (the later
+    stages, with the larger weights, slowed more), so a plan refined there was balanced for a
+    machine the pipeline never sees."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.update(KEPT_MALLOC if args.malloc == "kept" else {})
+    cmd = [sys.executable, str(HERE), "--worker", "plain-load", "--batch", str(args.batch)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the plain 1-thread load did not start (exit code {proc.wait()})")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # --- the launcher -------------------------------------------------------------------------------
 
 
@@ -423,7 +457,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks per run")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--micro", type=int, default=4)
-    parser.add_argument("--worker", choices=["plain", "plain-server", *CONTENDERS[3:]])
+    parser.add_argument("--worker", choices=["plain", "plain-server", "plain-load", *CONTENDERS[3:]])
     parser.add_argument("--plan4", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--malloc", choices=["kept", "default"], default="kept",
@@ -435,11 +469,18 @@ def main() -> None:
     parser.add_argument("--cost-model", default="calibrated", help="how the shared plan is costed")
     parser.add_argument("--refine", type=int, default=3, help="rounds of stage timing for the shared plan")
     parser.add_argument("--save-plan", type=Path, help="keep the shared plan (rerun it with --plan)")
+    parser.add_argument("--refine-load", action=argparse.BooleanOptionalAction, default=True,
+                        help="refine the shared plan with plain training busy on the other core, as the pipeline runs")  # fmt: skip
     parser.add_argument("--only", nargs="+", choices=CONTENDERS, help="run these contenders only")
     args = parser.parse_args()
+    if args.worker is None and args.malloc == "kept" and any(os.environ.get(k) != v for k, v in KEPT_MALLOC.items()):
+        # The launcher times the shared plan's stages (refine): with the malloc its ranks run with.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEPT_MALLOC})
     if args.worker is not None:
         if args.worker == "plain-server":
             return plain_server(args)
+        if args.worker == "plain-load":
+            return plain_load(args)
         if args.worker == "plain":
             timing = plain(args)
         elif args.worker in ("tspipe", "auto"):
@@ -466,11 +507,13 @@ def main() -> None:
         pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
                                  micro_batches=args.micro, plan=Plan.load(args.plan))  # fmt: skip
     else:
-        pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
-                                 micro_batches=args.micro, cost_model=args.cost_model, refine=args.refine,
-                                 loss="micro")  # fmt: skip  (planned as auto trains: a loss per micro-batch)
+        with loaded(args) if args.refine_load and args.refine else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
+                                     micro_batches=args.micro, cost_model=args.cost_model, refine=args.refine,
+                                     loss="micro")  # fmt: skip  (planned as auto trains: a loss per micro-batch)
         print(f"compiled in {time.perf_counter() - t0:.1f} s ({args.cost_model} costs, {args.refine} rounds of "
-              "stage timing, 1 thread)\n")  # fmt: skip
+              f"stage timing, 1 thread{', the other core busy' if args.refine_load and args.refine else ''})\n")  # fmt: skip
     if args.save_plan is not None:
         pipe.plan.save(args.save_plan)
     print(pipe.report())

@@ -411,3 +411,4 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
     assert len(beside["plain-1t-micro"]) == 2 and beside["plain-1t"] == beside["plain-2t"] == []
     assert "ceiling of a 2-rank pipeline at 2 micro-batches:" in done.stdout
     assert "| beside (median of blocks, min–max) |" in done.stdout
+    assert "rounds of stage timing, 1 thread, the other core busy)" in done.stdout  # refined as it runs

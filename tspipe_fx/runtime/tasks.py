@@ -190,10 +190,10 @@ class StageTasks(Channels):
             self.teacher_precision.autocast(d.device),
         ):
             kept = self.versions.weights_for(d.index, t.batch)
-            if kept is not None:  # a one-step-late teacher across a drained pipeline
-                out = tuple(torch.func.functional_call(d.teacher, kept, tuple(args), strict=False))
-            else:
-                with self.gate.call(("tf", d.index, shapes(args))):
+            with self.gate.call(("tf", d.index, shapes(args), kept is not None)):
+                if kept is not None:  # a one-step-late teacher across a drained pipeline
+                    out = tuple(torch.func.functional_call(d.teacher, kept, tuple(args), strict=False))
+                else:
                     out = call_stage(d.teacher, args, f"teacher stage {d.index}")
         if d.index == self.n_stages - 1:
             d.teacher_out[(t.batch, t.view, t.micro)] = out

@@ -378,6 +378,12 @@ def plain_server(args: argparse.Namespace) -> None:
         print(step(), flush=True)
 
 
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """A worker process's environment: one thread, this tree importable, the malloc asked for."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return {**env, **KEPT_MALLOC} if args.malloc == "kept" else env
+
+
 def plain_load(args: argparse.Namespace) -> None:
     """Plain 1-thread training, step after step until killed ("ready" after the first step)."""
     torch.set_num_threads(1)
@@ -395,10 +401,8 @@ def loaded(args: argparse.Namespace) -> Any:
     timed on an idle machine ran 8-20% faster than beside a working rank, unevenly (the later
     stages, with the larger weights, slowed more), so a plan refined there was balanced for a
     machine the pipeline never sees."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.update(KEPT_MALLOC if args.malloc == "kept" else {})
     cmd = [sys.executable, str(HERE), "--worker", "plain-load", "--batch", str(args.batch)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=worker_env(args), stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
@@ -418,9 +422,7 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> tuple[float, list[
     common = ["--plan", str(args.plan), "--plan4", str(args.plan4), "--batch", str(args.batch), "--micro",
               str(args.micro), "--steps", str(args.steps), "--blocks", str(args.blocks),
               "--result", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if args.malloc == "kept":
-        env.update(KEPT_MALLOC)
+    env = worker_env(args)
     if name.startswith("plain"):
         threads = name.split("-")[1][0]
         cmd = [sys.executable, str(HERE), "--worker", "plain", "--threads", threads, *common]

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 import tspipe_fx
+from tspipe_fx.passes.timer import Timer
 from tspipe_fx.runtime.reference import ReferenceTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pairs import PAIRS, Online, Target, example, profiled
+from training.run import kd_loss, sgd
 
 # On a GPU cuDNN's convolutions round their inputs to TF32 (10-bit mantissa) by default: a last-bit
 # difference in a weight (gradients summed in another order) can move a convolution's output by
@@ -49,10 +49,6 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
 ]  # fmt: skip
 
 
-def kd_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s, -1), F.softmax(t, -1), reduction="batchmean")
-
-
 def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     def one(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return 2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1).mean()
@@ -73,10 +69,6 @@ def info_nce(
     return ctr(q1, k2) + ctr(q2, k1)
 
 
-def sgd(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(ps, lr=0.01, momentum=0.9)
-
-
 def _largest_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
                if x.is_floating_point())  # fmt: skip
@@ -86,18 +78,18 @@ def schedule_equality(device: torch.device, smoke: bool, results: dict[str, Any]
     """Each case of :data:`CASES`, 6 batches of 16 at 64 px (smoke: 3 batches of 8 at 32 px):
     the largest relative loss difference and the largest parameter difference (student; the EMA
     teacher too in momentum mode) from the reference trainer on the same device."""
-    import timm
-
     cudnn = torch.backends.cudnn
     flags = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32
     cudnn.deterministic, cudnn.benchmark = True, False
     try:
-        _equality(device, smoke, results, timm)
+        _equality(device, smoke, results)
     finally:  # the later steps time the default (fastest) kernels
         cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = flags
 
 
-def _equality(device: torch.device, smoke: bool, results: dict[str, Any], timm: Any) -> None:
+def _equality(device: torch.device, smoke: bool, results: dict[str, Any]) -> None:
+    import timm
+
     size, batch, steps = (32, 8, 3) if smoke else (64, 16, 6)
     rows = results["schedule_equality"] = {}
     for name, mode, compile_opts, train_opts in CASES:
@@ -150,23 +142,6 @@ def _equality(device: torch.device, smoke: bool, results: dict[str, Any], timm: 
         print(name, rows[name], flush=True)
 
 
-def _median_ms(fn: Any, device: torch.device, repeats: int, warmup: int) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def micro_batch_scaling(device: torch.device, smoke: bool, results: dict[str, Any]) -> None:
     """The flagship pair (ViT-L/16 teacher, ResNet-152 student) at the micro-batches compile
     weighs for a batch of 256 on 8 devices (M = 8, 16, 32: 32, 16 and 8 samples): the student's
@@ -183,6 +158,7 @@ def micro_batch_scaling(device: torch.device, smoke: bool, results: dict[str, An
     student, teacher, _ = PAIRS[pair]()
     student, teacher = student.to(device).train(), teacher.to(device).eval()
     rows = results["micro_batch_scaling"] = {}
+    timer = Timer(device)  # launches included: a host-bound model's time is its host's
     if not smoke:
         (x32,), _ = example(pair, 32)
         x32 = x32.to(device)
@@ -216,8 +192,8 @@ def micro_batch_scaling(device: torch.device, smoke: bool, results: dict[str, An
 
         repeats, warmup = (1, 1) if smoke else (5, 2)
         row = rows[str(micro)] = {
-            "student_fwd_bwd_ms": _median_ms(student_step, device, repeats, warmup),
-            "teacher_fwd_ms": _median_ms(teacher_fwd, device, repeats, warmup),
+            "student_fwd_bwd_ms": timer.median_ms(student_step, repeats=repeats, warmup=warmup),
+            "teacher_fwd_ms": timer.median_ms(teacher_fwd, repeats=repeats, warmup=warmup),
         }
         student.zero_grad(set_to_none=True)
         for how, plan in plans.items():

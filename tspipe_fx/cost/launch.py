@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from tspipe_fx.passes.measure import OpCount
+from tspipe_fx.passes.timer import spin_cycles_per_ms
 
 __all__ = ["launch_us", "step_host_us"]
 
@@ -35,21 +36,16 @@ def launch_us(device: torch.device | str, *, ops: int = 400, repeats: int = 5) -
     (the device's work is nothing; what is left is the launch), over ``repeats`` loops."""
     dev = torch.device(device)
     x = torch.zeros(1, device=dev)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     for _ in range(ops // 4):  # warm-up: allocator, kernel caches
         x.add_(1.0)
-    sync()
+    _sync(dev)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(ops):
             x.add_(1.0)
         times.append((time.perf_counter() - t0) / ops * 1e6)  # host side only: launched, not waited for
-        sync()
+        _sync(dev)
     return statistics.median(times)
 
 
@@ -67,22 +63,17 @@ def step_host_us(step: Callable[[], Any], device: torch.device | str, *, repeats
     """
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(dev)
-
     with OpCount() as counted:
         step()
-    sync()
+    _sync(dev)
     t0 = time.perf_counter()
     step()
     host_ms = (time.perf_counter() - t0) * 1e3
-    sync()
-    cycles = int(_cycles_per_ms(dev) * max(3 * host_ms, 1.0)) if cuda else 0
+    _sync(dev)
+    cycles = int(spin_cycles_per_ms(dev) * max(3 * host_ms, 1.0)) if cuda else 0
     times, waited = [], False
     for _ in range(repeats):
-        sync()
+        _sync(dev)
         if cuda:
             torch.cuda._sleep(cycles)  # type: ignore[no-untyped-call]
             spun = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -91,17 +82,11 @@ def step_host_us(step: Callable[[], Any], device: torch.device | str, *, repeats
         step()
         times.append((time.perf_counter() - t0) * 1e6)
         waited = waited or (cuda and spun.query())  # type: ignore[no-untyped-call]  # the spin was over
-    sync()
+    _sync(dev)
     return None if waited else statistics.median(times) / max(counted.count, 1)
 
 
-def _cycles_per_ms(dev: torch.device) -> float:
-    """The spin kernel's clock cycles per millisecond on ``dev``."""
-    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-    torch.cuda.synchronize(dev)
-    start.record()
-    torch.cuda._sleep(10_000_000)  # type: ignore[no-untyped-call]
-    end.record()
-    torch.cuda.synchronize(dev)
-    return 10_000_000 / max(float(start.elapsed_time(end)), 1e-3)
+def _sync(dev: torch.device) -> None:
+    """Wait for the device (a CPU's work is done when its call returns)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)

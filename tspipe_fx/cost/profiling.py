@@ -110,11 +110,11 @@ def profile(
 
 
 def _launch_us(dev: torch.device, host_us: float | None) -> float:
-    """The host's cost per operation: on a GPU, the model's own step's (``host_us``; None where
-    the host had to wait for the device while timed), never below the one-element loop's; on a
-    CPU, the loop's (a node's measured time already holds its host's work there)."""
+    """The host's cost per operation: the model's own step's (``host_us``: on a GPU, where the
+    host did not wait for the device while timed), never below the one-element loop's; else the
+    loop's (on a CPU a node's measured time already holds its host's work)."""
     loop = launch_us(dev)
-    return max(loop, host_us) if dev.type == "cuda" and host_us is not None else loop
+    return loop if host_us is None else max(loop, host_us)
 
 
 def _profile(
@@ -150,8 +150,8 @@ def _whole_model_ms(
     gm: fx.GraphModule, inputs: list[torch.Tensor], name: str, repeats: int, warmup: int
 ) -> tuple[float, float, float | None]:
     """Median forward and forward+backward time of the whole graph (the fidelity reference), and
-    on a GPU the host's microseconds per operation of that step (see :func:`step_host_us`; 0.0
-    on a CPU)."""
+    on a GPU the host's microseconds per operation of that step (see :func:`step_host_us`; None
+    on a CPU, or where the host waited for the device)."""
     timer = Timer(inputs[0].device)
     try:
         with torch.enable_grad():
@@ -183,6 +183,6 @@ def _whole_model_ms(
         fwd.append(timer.median_ms(forward, repeats=1, warmup=0))
         fwd_bwd.append(timer.median_ms(forward_backward, repeats=1, warmup=0))
     host_us = (
-        step_host_us(forward_backward, timer.device, repeats=repeats) if timer.device.type == "cuda" else 0.0
+        step_host_us(forward_backward, timer.device, repeats=repeats) if timer.device.type == "cuda" else None
     )
     return statistics.median(fwd), statistics.median(fwd_bwd), host_us

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timer"]
+__all__ = ["Timer", "spin_cycles_per_ms"]
 
 
 class Timer:
@@ -71,11 +71,17 @@ class Timer:
     def _spin_cycles(self) -> int:
         """Clock cycles of spin that outlast the host time of one call (twice it, 50 us at least)."""
         if not self._cycles_per_ms:
-            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-            start.record()
-            torch.cuda._sleep(10_000_000)  # type: ignore[no-untyped-call]
-            end.record()
-            torch.cuda.synchronize(self.device)
-            self._cycles_per_ms = 10_000_000 / max(float(start.elapsed_time(end)), 1e-3)
+            self._cycles_per_ms = spin_cycles_per_ms(self.device)
         return int(self._cycles_per_ms * max(2 * self._host_ms, 0.05))
+
+
+def spin_cycles_per_ms(device: torch.device) -> float:
+    """Clock cycles per millisecond of ``torch.cuda._sleep``, the spin kernel, on ``device``."""
+    start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+    torch.cuda.synchronize(device)
+    start.record()
+    torch.cuda._sleep(10_000_000)  # type: ignore[no-untyped-call]
+    end.record()
+    torch.cuda.synchronize(device)
+    return 10_000_000 / max(float(start.elapsed_time(end)), 1e-3)

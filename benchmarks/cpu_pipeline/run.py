@@ -56,9 +56,10 @@ from torch import nn
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
-CONTENDERS = ["plain-1t", "plain-2t", "plain-1t-micro", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b", "pippy-interleaved1f1b",
+CONTENDERS = ["plain-1t", "plain-2t", "plain-1t-micro", "free", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b", "pippy-interleaved1f1b",
               "pippy-interleavedzb", "pippy-zbv"]  # fmt: skip
 FAILURES: dict[str, str] = {}
+BALANCED: dict[str, list[float]] = {}  # per 2-rank contender, each block's ratio with the ranks' mean time
 # glibc's malloc, told to keep freed memory (every contender alike): by default it hands large
 # blocks back to the kernel and faults fresh zeroed pages in on the next step, and a pipeline
 # stage with several micro-batches in flight churns more memory than plain training.
@@ -303,6 +304,57 @@ def pippy(args: argparse.Namespace, kind: str) -> Timing:
     return timing
 
 
+def free(args: argparse.Namespace) -> Timing:
+    """``free``: each rank runs its own stages' work of a batch, the plan's split, with no message
+    and nothing to wait for (inputs of the right shapes made once on the rank): per micro-batch its
+    teacher stage's forward and its student stage's forward and whole backward (the loss on the
+    last rank), then its SGD step. The slower rank's block time bounds every 2-rank schedule of this
+    plan on this machine, whatever its order: what is left above a schedule is the schedule's (its
+    waits, messages and split backward), below it the machine's (two busy cores against one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    pipe = compiled(args)
+    x, y = data(args.batch)
+    xs, ys = x.chunk(args.micro), y.chunk(args.micro)
+
+    def inputs(ios: Any) -> tuple[Any, ...]:
+        """This rank's stage inputs for one micro-batch: the earlier stages run once, on copies."""
+        values: tuple[Any, ...] = (xs[0],)
+        with torch.no_grad():
+            for io in ios[:rank]:
+                values = tuple(copy.deepcopy(io.module)(*values))
+        return values
+
+    s_mod, t_mod = pipe.student_io[rank].module, pipe.teacher_io[rank].module.requires_grad_(False)
+    s_in, t_in = inputs(pipe.student_io), inputs(pipe.teacher_io)
+    last = rank == dist.get_world_size() - 1
+    opt = sgd(s_mod.parameters())
+
+    def leaf(v: Any) -> Any:
+        return v.detach().clone().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        for m in range(args.micro):
+            with torch.no_grad():
+                t = tuple(t_mod(*t_in))
+            # a later rank's inputs are leaves, cloned (a cut before an in-place op), as received
+            given = (xs[m],) if rank == 0 else tuple(map(leaf, s_in))
+            out = tuple(s_mod(*given))
+            if last:
+                (kd_loss(out[0], t[0], ys[m]) / args.micro).backward()
+            else:
+                outs = [o for o in out if isinstance(o, torch.Tensor) and o.requires_grad]
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        opt.step()
+
+    timing = timed(step, args)
+    dist.destroy_process_group()
+    return timing
+
+
 Timing = dict[str, list[float]]
 
 
@@ -313,7 +365,9 @@ def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
     training runs just before it in a process of its own (:func:`served`; rank 0 waits for it,
     the peer parked at a barrier, neither using the CPU): each block has a plain figure from
     seconds before it, which a machine whose speed drifts over minutes moves alike (``"plain"``,
-    seconds per step). ``plain_1t``: that step's seconds, given.
+    seconds per step), and the mean of the ranks' own times to their last step (``"ranks"``: for
+    ``free``, what a perfect balance of its work would take). ``plain_1t``: that step's seconds,
+    given.
     """
     import torch.distributed as dist
 
@@ -323,7 +377,7 @@ def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
     sync = dist.barrier if beside else (lambda: None)
     for _ in range(2):
         step()
-    out: Timing = {"blocks": [], "plain": []}
+    out: Timing = {"blocks": [], "plain": [], "ranks": []}
     for _ in range(args.blocks):
         sync()
         if plain_1t is not None:
@@ -332,8 +386,13 @@ def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
         t0 = time.perf_counter()
         for _ in range(args.steps):
             step()
+        own = time.perf_counter() - t0  # this rank's steps, before it waits for the others
         sync()
         out["blocks"].append(time.perf_counter() - t0)
+        if beside:
+            each: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(each, own)
+            out["ranks"].append(statistics.mean(each))
     return out
 
 
@@ -447,6 +506,8 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> tuple[float, list[
     timing = json.loads(out.read_text())
     samples_per_s = args.blocks * args.steps * args.batch / sum(timing["blocks"])
     beside = [p * args.steps / b for p, b in zip(timing["plain"], timing["blocks"], strict=False)]
+    even = [p * args.steps / b for p, b in zip(timing["plain"], timing["ranks"], strict=False)]
+    BALANCED.setdefault(name, []).extend(even)
     return samples_per_s, beside
 
 
@@ -485,6 +546,8 @@ def main() -> None:
             return plain_load(args)
         if args.worker == "plain":
             timing = plain(args)
+        elif args.worker == "free":
+            timing = free(args)
         elif args.worker in ("tspipe", "auto"):
             timing = tspipe(args, args.worker)
         elif args.worker in MULTI:
@@ -567,8 +630,16 @@ def main() -> None:
         share = statistics.median(beside["plain-1t-micro"])
         print(f"\nceiling of a 2-rank pipeline at {args.micro} micro-batches: {2 * share:.2f}x plain 1 thread "
               f"(2 x the micro-batched step's speed beside the whole batch's, {share:.3f})")  # fmt: skip
+    if beside.get("free") and BALANCED.get("free"):
+        bound, even = statistics.median(beside["free"]), statistics.median(BALANCED["free"])
+        print(f"\nbound of this plan on this machine (free, its ranks with nothing to wait for): {bound:.2f}x plain "
+              f"1 thread beside, the slower rank; {even:.2f}x with their work evenly spread")  # fmt: skip
+        for name in figures:
+            if beside.get(name) and name not in FAILURES and not name.startswith("plain") and name != "free":
+                print(f"  {name}: {statistics.median(beside[name]) / bound:.2f} of the bound")
     if args.json:
-        args.json.write_text(json.dumps({"samples_per_s": figures, "beside": beside}, indent=1))
+        written = {"samples_per_s": figures, "beside": beside, "balanced": BALANCED}
+        args.json.write_text(json.dumps(written, indent=1))
 
 
 if __name__ == "__main__":

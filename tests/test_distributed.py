@@ -385,7 +385,7 @@ def test_an_unknown_runtime_is_named() -> None:
 
 @pytest.mark.slow
 def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
-    """The benchmark's nine contenders on tiny sizes (its figures are benchmarks/README.md's),
+    """The benchmark's eleven contenders on tiny sizes (its figures are benchmarks/README.md's),
     on the uniform cost model's plan: one split every time. With freshly measured plans the
     tspipe contender failed 2 times in about 20 such runs, behind torchrun's ChildFailedError,
     not reproduced since (an open bug; TSPIPE_BENCH_LOGS=DIR keeps a failing contender's log)."""
@@ -401,8 +401,8 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
 
     written = json.loads((tmp_path / "figures.json").read_text())
     figures, beside = written["samples_per_s"], written["beside"]
-    assert set(figures) == {"plain-1t", "plain-2t", "plain-1t-micro", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b",
-                            "pippy-interleaved1f1b", "pippy-interleavedzb", "pippy-zbv"}  # fmt: skip
+    assert set(figures) == {"plain-1t", "plain-2t", "plain-1t-micro", "free", "tspipe", "auto", "pippy-gpipe",
+                            "pippy-1f1b", "pippy-interleaved1f1b", "pippy-interleavedzb", "pippy-zbv"}  # fmt: skip
     assert all(figures[name][0] > 0 for name in figures), done.stdout[-3000:]
     assert figures["tspipe"][0] > 0, done.stdout[-3000:]  # a contender that failed says why in the table
     # Every 2-rank contender's block has its plain 1-thread step beside it, and the micro-batched
@@ -412,3 +412,9 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
     assert "ceiling of a 2-rank pipeline at 2 micro-batches:" in done.stdout
     assert "| beside (median of blocks, min–max) |" in done.stdout
     assert "rounds of stage timing, 1 thread, the other core busy)" in done.stdout  # refined as it runs
+    # The plan's bound on this machine (free ranks): per block, the slower rank's figure and the
+    # ranks' mean, which is never the slower; every schedule's share of the bound is printed.
+    slower, even = beside["free"], written["balanced"]["free"]
+    assert len(even) == 2 and all(e >= s * (1 - 1e-9) for s, e in zip(slower, even, strict=True))
+    assert "bound of this plan on this machine (free, its ranks with nothing to wait for):" in done.stdout
+    assert re.search(r"  auto: \d+\.\d\d of the bound", done.stdout), done.stdout[-3000:]

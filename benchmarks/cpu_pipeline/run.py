@@ -15,6 +15,8 @@ uses its split:
   SGD step on the whole batch, with 1 and with 2 torch threads; ``plain-1t-micro``: the same in
   the pipeline's micro-batches (gradients accumulated), one thread: its ratio to the whole-batch
   step beside it, times 2, bounds every 2-rank schedule at this M (its "ceiling");
+- ``free``: each of the 2 ranks runs its own stages' work of every batch with no message and
+  nothing to wait for: the bound of every 2-rank schedule of the plan on this machine;
 - ``tspipe``: ``pipe.trainer(runtime="dist", schedule="tspipe")`` on 2 gloo ranks under torchrun,
   one torch thread each;
 - ``pippy-gpipe`` / ``pippy-1f1b``: torch.distributed.pipelining on the same 2 ranks and stage
@@ -332,15 +334,14 @@ def free(args: argparse.Namespace) -> Timing:
     last = rank == dist.get_world_size() - 1
     opt = sgd(s_mod.parameters())
 
-    def leaf(v: Any) -> Any:
-        return v.detach().clone().requires_grad_(v.is_floating_point()) if isinstance(v, torch.Tensor) else v
+    def leaf(v: Any) -> Any:  # a received input: a leaf, cloned for the stage (which may write it)
+        return v.detach().requires_grad_(v.is_floating_point()).clone() if isinstance(v, torch.Tensor) else v
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         for m in range(args.micro):
             with torch.no_grad():
                 t = tuple(t_mod(*t_in))
-            # a later rank's inputs are leaves, cloned (a cut before an in-place op), as received
             given = (xs[m],) if rank == 0 else tuple(map(leaf, s_in))
             out = tuple(s_mod(*given))
             if last:

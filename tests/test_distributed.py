@@ -417,4 +417,6 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
     slower, even = beside["free"], written["balanced"]["free"]
     assert len(even) == 2 and all(e >= s * (1 - 1e-9) for s, e in zip(slower, even, strict=True))
     assert "bound of this plan on this machine (free, its ranks with nothing to wait for):" in done.stdout
+    assert len(written["rank_ms"]["free"]) == 2 and all(len(r) == 2 and min(r) > 0 for r in written["rank_ms"]["free"])
+    assert re.search(r"its ranks' ms per step \(median of blocks\): rank 0 \d+, rank 1 \d+", done.stdout)
     assert re.search(r"  auto: \d+\.\d\d of the bound", done.stdout), done.stdout[-3000:]

@@ -62,6 +62,7 @@ CONTENDERS = ["plain-1t", "plain-2t", "plain-1t-micro", "free", "tspipe", "auto"
               "pippy-interleavedzb", "pippy-zbv"]  # fmt: skip
 FAILURES: dict[str, str] = {}
 BALANCED: dict[str, list[float]] = {}  # per 2-rank contender, each block's ratio with the ranks' mean time
+RANK_MS: dict[str, list[list[float]]] = {}  # per 2-rank contender, each block's ms per step of each rank
 # glibc's malloc, told to keep freed memory (every contender alike): by default it hands large
 # blocks back to the kernel and faults fresh zeroed pages in on the next step, and a pipeline
 # stage with several micro-batches in flight churns more memory than plain training.
@@ -394,6 +395,7 @@ def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
             each: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(each, own)
             out["ranks"].append(statistics.mean(each))
+            out.setdefault("per_rank", []).append(each)
     return out
 
 
@@ -509,6 +511,7 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> tuple[float, list[
     beside = [p * args.steps / b for p, b in zip(timing["plain"], timing["blocks"], strict=False)]
     even = [p * args.steps / b for p, b in zip(timing["plain"], timing["ranks"], strict=False)]
     BALANCED.setdefault(name, []).extend(even)
+    RANK_MS.setdefault(name, []).extend([t * 1e3 / args.steps for t in each] for each in timing.get("per_rank", []))
     return samples_per_s, beside
 
 
@@ -635,11 +638,13 @@ def main() -> None:
         bound, even = statistics.median(beside["free"]), statistics.median(BALANCED["free"])
         print(f"\nbound of this plan on this machine (free, its ranks with nothing to wait for): {bound:.2f}x plain "
               f"1 thread beside, the slower rank; {even:.2f}x with their work evenly spread")  # fmt: skip
+        ranks = [statistics.median(r) for r in zip(*RANK_MS["free"], strict=True)]
+        print("  its ranks' ms per step (median of blocks): " + ", ".join(f"rank {i} {t:.0f}" for i, t in enumerate(ranks)))
         for name in figures:
             if beside.get(name) and name not in FAILURES and not name.startswith("plain") and name != "free":
                 print(f"  {name}: {statistics.median(beside[name]) / bound:.2f} of the bound")
     if args.json:
-        written = {"samples_per_s": figures, "beside": beside, "balanced": BALANCED}
+        written = {"samples_per_s": figures, "beside": beside, "balanced": BALANCED, "rank_ms": RANK_MS}
         args.json.write_text(json.dumps(written, indent=1))
 
 

@@ -108,6 +108,16 @@ def compiled(args: argparse.Namespace, plan: Path | None = None, stages: int = 2
                              plan=Plan.load(plan or args.plan))  # fmt: skip
 
 
+def cut_values(ios: Any, x: torch.Tensor) -> list[tuple[Any, ...]]:
+    """Each stage's inputs (stage 0's: ``x``) and the last stage's outputs, from one micro-batch run
+    through copies of the stages (the stages' BatchNorm statistics stay as they are)."""
+    values: list[tuple[Any, ...]] = [(x,)]
+    with torch.no_grad():
+        for io in ios:
+            values.append(tuple(copy.deepcopy(io.module)(*values[-1])))
+    return values
+
+
 # --- the contenders (each a worker process) ----------------------------------------------------
 
 
@@ -186,12 +196,7 @@ def pippy_multi(args: argparse.Namespace, kind: str) -> Timing:
             return out[0] if self.last or len(out) == 1 else out
 
     def stages(ios: Any, frozen: bool, mine: list[int]) -> list[PipelineStage]:
-        with torch.no_grad():  # every cut's non-tensor values, from one micro-batch run on copies
-            values: tuple[Any, ...] = (micro_x,)
-            given: list[dict[int, Any]] = [{}]
-            for io in ios:
-                values = tuple(copy.deepcopy(io.module)(*values))
-                given.append({i: v for i, v in enumerate(values) if not isinstance(v, torch.Tensor)})
+        given = [{i: v for i, v in enumerate(vs) if not isinstance(v, torch.Tensor)} for vs in cut_values(ios, micro_x)]
         out = []
         for j in mine:  # (the caller's stage indices)
             mod = Stage(ios[j].module, given[j] if j else {}, set(given[j + 1]) if j < 3 else set(), j == 3)
@@ -269,15 +274,14 @@ def pippy(args: argparse.Namespace, kind: str) -> Timing:
             out = tuple(o for i, o in enumerate(out) if self.last or i not in self.constants)
             return out[0] if self.last or len(out) == 1 else out
 
-    def constants(gm: nn.Module, x: torch.Tensor) -> dict[int, Any]:
-        with torch.no_grad():  # on a copy: the stage's BatchNorm statistics stay as they are
-            return {i: o for i, o in enumerate(copy.deepcopy(gm)(x)) if not isinstance(o, torch.Tensor)}
+    def constants(ios: Any, x: torch.Tensor) -> dict[int, Any]:  # the cut's non-tensor values
+        return {i: o for i, o in enumerate(cut_values(ios[:1], x)[1]) if not isinstance(o, torch.Tensor)}
 
     last = rank == 1
     x, y = data(args.batch)
     micro_x = x[: args.batch // args.micro]
-    s_const = constants(pipe.student_io[0].module, micro_x)
-    t_const = constants(pipe.teacher_io[0].module, micro_x)
+    s_const = constants(pipe.student_io, micro_x)
+    t_const = constants(pipe.teacher_io, micro_x)
     s_mod = Stage(pipe.student_io[rank].module, last, s_const)
     t_mod = Stage(pipe.teacher_io[rank].module, last, t_const).requires_grad_(False)  # a frozen teacher
     s_stage = PipelineStage(s_mod, rank, 2, torch.device("cpu"))
@@ -322,16 +326,8 @@ def free(args: argparse.Namespace) -> Timing:
     x, y = data(args.batch)
     xs, ys = x.chunk(args.micro), y.chunk(args.micro)
 
-    def inputs(ios: Any) -> tuple[Any, ...]:
-        """This rank's stage inputs for one micro-batch: the earlier stages run once, on copies."""
-        values: tuple[Any, ...] = (xs[0],)
-        with torch.no_grad():
-            for io in ios[:rank]:
-                values = tuple(copy.deepcopy(io.module)(*values))
-        return values
-
     s_mod, t_mod = pipe.student_io[rank].module, pipe.teacher_io[rank].module.requires_grad_(False)
-    s_in, t_in = inputs(pipe.student_io), inputs(pipe.teacher_io)
+    s_in, t_in = (cut_values(ios[:rank], xs[0])[rank] for ios in (pipe.student_io, pipe.teacher_io))
     last = rank == dist.get_world_size() - 1
     opt = sgd(s_mod.parameters())
 
@@ -357,7 +353,7 @@ def free(args: argparse.Namespace) -> Timing:
     return timing
 
 
-Timing = dict[str, list[float]]
+Timing = dict[str, list[Any]]  # per block: seconds, plain seconds, each rank's seconds
 
 
 def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
@@ -367,9 +363,9 @@ def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
     training runs just before it in a process of its own (:func:`served`; rank 0 waits for it,
     the peer parked at a barrier, neither using the CPU): each block has a plain figure from
     seconds before it, which a machine whose speed drifts over minutes moves alike (``"plain"``,
-    seconds per step), and the mean of the ranks' own times to their last step (``"ranks"``: for
-    ``free``, what a perfect balance of its work would take). ``plain_1t``: that step's seconds,
-    given.
+    seconds per step), and each rank's own time to its last step (``"ranks"``, per block: their
+    mean is, for ``free``, what a perfect balance of its work would take). ``plain_1t``: that
+    step's seconds, given.
     """
     import torch.distributed as dist
 
@@ -394,8 +390,7 @@ def timed(step: Any, args: argparse.Namespace, plain_1t: Any = None) -> Timing:
         if beside:
             each: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(each, own)
-            out["ranks"].append(statistics.mean(each))
-            out.setdefault("per_rank", []).append(each)
+            out["ranks"].append(each)
     return out
 
 
@@ -509,9 +504,9 @@ def launch(name: str, args: argparse.Namespace, out: Path) -> tuple[float, list[
     timing = json.loads(out.read_text())
     samples_per_s = args.blocks * args.steps * args.batch / sum(timing["blocks"])
     beside = [p * args.steps / b for p, b in zip(timing["plain"], timing["blocks"], strict=False)]
-    even = [p * args.steps / b for p, b in zip(timing["plain"], timing["ranks"], strict=False)]
+    even = [p * args.steps / statistics.mean(r) for p, r in zip(timing["plain"], timing["ranks"], strict=False)]
     BALANCED.setdefault(name, []).extend(even)
-    RANK_MS.setdefault(name, []).extend([t * 1e3 / args.steps for t in each] for each in timing.get("per_rank", []))
+    RANK_MS.setdefault(name, []).extend([t * 1e3 / args.steps for t in each] for each in timing["ranks"])
     return samples_per_s, beside
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tspipe_fx.runtime.split_backward import input_gradients, weight_gradients
 
@@ -43,7 +44,13 @@ def test_two_halves_equal_one_backward(inputs_need_grad: bool) -> None:
     out = block(x)
     params = list(block.parameters())
     dx, work = input_gradients(out, grads, [x], params)
-    assert all(p.grad is None for p in params)  # nothing of the weights yet
+    early = {n for n, p in block.named_parameters() if p.grad is not None}
+    if inputs_need_grad:  # the vectors on the input path (norms' and linears' vectors, pos) now
+        assert early == {"norm.weight", "norm.bias", "bn.weight", "bn.bias", "a.bias", "b.bias", "pos"}
+        for n in early:
+            torch.testing.assert_close(block.get_parameter(n).grad, want[n], msg=n)
+    else:
+        assert not early
     if inputs_need_grad:
         torch.testing.assert_close(dx[0], want_x)
     else:
@@ -70,3 +77,33 @@ def test_the_halves_compute_each_gradient_once() -> None:
     weight_gradients(work)
     assert calls == ["x", "a.weight"]
     h.remove()
+
+
+def test_a_norm_runs_its_backward_once() -> None:
+    """BatchNorm's weights take their gradient with the input gradient: its backward, the sums
+    both need, runs once in the two halves as in one backward (twice before)."""
+
+    class Counted(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.calls.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    out = block(x)
+    with Counted() as whole:
+        torch.autograd.backward([out], [torch.ones_like(out)], retain_graph=True)
+    want = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad(set_to_none=True)
+    with Counted() as split:
+        _, work = input_gradients([out], [torch.ones_like(out)], [x], list(block.parameters()))
+        weight_gradients(work)
+    norm = "aten.native_batch_norm_backward"
+    assert whole.calls.count(norm) == 1 and split.calls.count(norm) == 1
+    for p, w in zip(block.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w)

@@ -29,7 +29,7 @@ from tspipe_fx.compiler.costs import cost_models
 from tspipe_fx.compiler.cuts import check_momentum_names, cut_space
 from tspipe_fx.compiler.hardware import hardware, resolve_devices, spec_for
 from tspipe_fx.compiler.memory import ScheduleOf, fit_memory, predicted
-from tspipe_fx.compiler.micro_batches import Partitioned, candidates, fastest
+from tspipe_fx.compiler.micro_batches import Partitioned, candidates, fastest, measured_at, scaled
 from tspipe_fx.compiler.partitioner import Partitioner
 from tspipe_fx.compiler.refine import refine as refine_step
 from tspipe_fx.compiler.saved_costs import keeps_saved_costs, saved_costs
@@ -269,8 +269,10 @@ def compile(
             activation_scale=scale,
             split_shares=plan.student.timed_split() if keep and plan is not None else (),
         )
-        s_costs = s_cm.graph_costs(s_cap.graph_module, micro)  # every cost is for one micro-batch
-        t_costs = t_cm.graph_costs(t_cap.graph_module, t_micro)
+        s_costs, t_costs = scaled(  # every cost is for one micro-batch
+            (s_cm.graph_costs(s_cap.graph_module, micro), t_cm.graph_costs(t_cap.graph_module, t_micro)),
+            measured.get(k),
+        )
         if keep:
             assert plan is not None and fixed is not None
             s_costs, t_costs = saved_costs(plan, (s_gc, t_gc), fixed, (s_costs, t_costs), scale)
@@ -292,6 +294,9 @@ def compile(
         return build
 
     choose = schedule == "auto" and micro_batches is None and plan is None and balance is None and n > 1
+    measured: dict[int, Any] = {}  # refine, on profiles: each candidate M's micro-batch as measured
+    if choose and refine and cm_name in ("measured", "calibrated"):
+        measured = measured_at((s_cap, t_cap), (s_flat, t_flat), batch, candidates(n, batch), run_on[0])
     if choose:  # M with the partition, by the synthesized schedule's simulated period
         chosen, _ = fastest(partition_at, candidates(n, batch), views=views, mode=mode, staleness=staleness,
                             loss=loss)  # fmt: skip

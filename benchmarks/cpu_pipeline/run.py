@@ -518,7 +518,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks per run")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--micro", type=lambda v: v if v == "auto" else int(v), default=4,
+                        help="micro-batches, or 'auto': compile chooses them (on the costs measured at each, with refine)")  # fmt: skip
     parser.add_argument("--worker", choices=["plain", "plain-server", "plain-load", *CONTENDERS[3:]])
     parser.add_argument("--plan4", type=Path)
     parser.add_argument("--threads", type=int, default=1)
@@ -563,19 +564,22 @@ def main() -> None:
     student, teacher = pair()
     x, _ = data(args.batch)
     t0 = time.perf_counter()
-    # Profiled at the micro-batch size the stages will run at, planned for the whole batch.
-    micro_x = x[: args.batch // args.micro]
+    # Profiled at the micro-batch size the stages will run at (auto: at 4), planned for the whole batch.
+    chosen = None if args.micro == "auto" else args.micro
+    micro_x = x[: args.batch // (chosen or 4)]
     if args.plan is not None:  # a saved plan (--save-plan of an earlier run): the same split again
         from tspipe_fx.plan import Plan
 
+        saved = Plan.load(args.plan)
         pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
-                                 micro_batches=args.micro, plan=Plan.load(args.plan))  # fmt: skip
+                                 micro_batches=chosen or saved.micro_batches, plan=saved)  # fmt: skip
     else:
         with loaded(args) if args.refine_load and args.refine else contextlib.nullcontext():
             t0 = time.perf_counter()
             pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
-                                     micro_batches=args.micro, cost_model=args.cost_model, refine=args.refine,
+                                     micro_batches=chosen, cost_model=args.cost_model, refine=args.refine,
                                      loss="micro")  # fmt: skip  (planned as auto trains: a loss per micro-batch)
+    args.micro = pipe.plan.micro_batches
         print(f"compiled in {time.perf_counter() - t0:.1f} s ({args.cost_model} costs, {args.refine} rounds of "
               f"stage timing, 1 thread{', the other core busy' if args.refine_load and args.refine else ''})\n")  # fmt: skip
     if args.save_plan is not None:

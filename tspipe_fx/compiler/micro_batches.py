@@ -5,23 +5,33 @@ smaller tasks run less efficiently (the cost models' per-op launch term, measure
 M is a trade the simulator decides: for each candidate M the graphs are costed at that
 micro-batch, partitioned, and the synthesized (``auto``) schedule simulated on the stage costs;
 the shortest period wins. A candidate whose partition does not fit in memory is skipped.
+Under ``refine`` the profiles' linear costs are first carried to each candidate's micro-batch
+as measured (:func:`scaled`, :mod:`tspipe_fx.cost.micro_scaling`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from tspipe_fx.compiler.partitioner import Partitioner
+from tspipe_fx.cost.micro_scaling import Scaling, measured_scaling
+from tspipe_fx.cost.model import NodeCost
+from tspipe_fx.cost.stage_times import at_batch
 from tspipe_fx.partition.objective import schedule_costs
 from tspipe_fx.partition.problem import Partition, PartitionError
 from tspipe_fx.passes.chain import GraphChain
+from tspipe_fx.passes.symbolic import input_sizes
 from tspipe_fx.schedule.costs import StageCosts
 from tspipe_fx.schedule.generators import make_schedule
 from tspipe_fx.schedule.simulator import simulate_costs
+from tspipe_fx.tracing import CapturedModel
 
-__all__ = ["Partitioned", "candidates", "fastest"]
+__all__ = ["Partitioned", "candidates", "fastest", "measured_at", "scaled"]
 
 
 @dataclass
@@ -81,3 +91,40 @@ def fastest(
         assert error is not None
         raise error
     return best[1], best[0]
+
+
+def measured_at(
+    captured: tuple[CapturedModel, CapturedModel],
+    flat: tuple[Sequence[Any], Sequence[Any]],
+    batch: int,
+    ms: Sequence[int],
+    device: torch.device,
+) -> dict[int, Scaling]:
+    """Per candidate M, the measured scaling of its micro-batch against the example batch (none
+    where a model was captured for its example batch only)."""
+    if not all(c.dynamic_batch for c in captured):
+        return {}
+    example = input_sizes(flat[0]).get("B", 1)
+    sizes = {m: math.ceil(batch / m) for m in ms}
+    by_size = measured_scaling(
+        captured[0].graph_module,
+        captured[1].graph_module,
+        lambda b: (at_batch(flat[0], example, b), at_batch(flat[1], example, b)),
+        example,
+        sorted(set(sizes.values())),
+        device,
+    )
+    return {m: by_size[b] for m, b in sizes.items()}
+
+
+def scaled(
+    costs: tuple[list[NodeCost], list[NodeCost]], scaling: Scaling | None
+) -> tuple[list[NodeCost], list[NodeCost]]:
+    """Both graphs' node costs carried by ``scaling`` (as they are without one)."""
+    if scaling is None:
+        return costs
+    f = scaling
+    return (
+        [c.scaled(f.student_fwd, f.student_bwd) for c in costs[0]],
+        [c.scaled(f.teacher_fwd, f.teacher_fwd) for c in costs[1]],
+    )

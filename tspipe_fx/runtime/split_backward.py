@@ -110,7 +110,9 @@ def input_gradients(
                 captured[n] = ()
                 handles.append(n.register_prehook(lambda g, n=n: captured.__setitem__(n, tuple(g))))
     try:
-        got = torch.autograd.grad(list(outputs), wanted + now, list(grads), retain_graph=True, allow_unused=True)
+        got = torch.autograd.grad(
+            list(outputs), [*wanted, *now], list(grads), retain_graph=True, allow_unused=True
+        )
     finally:
         for h in handles:
             h.remove()

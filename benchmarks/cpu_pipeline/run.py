@@ -579,9 +579,9 @@ def main() -> None:
             pipe = tspipe_fx.compile(student, teacher, 2, example_inputs=(micro_x,), batch_size=args.batch,
                                      micro_batches=chosen, cost_model=args.cost_model, refine=args.refine,
                                      loss="micro")  # fmt: skip  (planned as auto trains: a loss per micro-batch)
-    args.micro = pipe.plan.micro_batches
         print(f"compiled in {time.perf_counter() - t0:.1f} s ({args.cost_model} costs, {args.refine} rounds of "
               f"stage timing, 1 thread{', the other core busy' if args.refine_load and args.refine else ''})\n")  # fmt: skip
+    args.micro = pipe.plan.micro_batches
     if args.save_plan is not None:
         pipe.plan.save(args.save_plan)
     print(pipe.report())

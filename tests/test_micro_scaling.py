@@ -41,7 +41,7 @@ def test_measured_scaling_charges_small_micro_batches_what_they_cost() -> None:
 
 
 def test_measured_scaling_rejects_bad_sizes() -> None:
-    with pytest.raises(TspipeError, match=r"sizes >= 1, got 3, 8, \[0\]"):
+    with pytest.raises(TspipeError, match=r"sizes >= 1, got 5, 8, \[0\]"):
         measured_scaling(PerCall(), PerCall(), lambda b: ([], []), 8, [0], "cpu")
 
 

@@ -7,8 +7,9 @@ took at 16 (forward and backward), its ViT-S teacher's forward 1.03x. Choosing t
 micro-batches on linear costs then favours many small ones, whose fill and drain are shorter.
 :func:`measured_scaling` runs each whole model at every candidate micro-batch, the sizes in
 turn round after round (a machine whose speed drifts over minutes moves them alike), and gives
-per size the factors that carry the linear costs to what was measured; compile's ``refine``
-applies them before it chooses M.
+per size the factors that carry the linear costs to what was measured (each the median over
+rounds of a ratio within one round, seconds apart); compile's ``refine`` applies them before it
+chooses M.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def measured_scaling(
     sizes: Sequence[int],
     device: torch.device | str,
     *,
-    repeats: int = 3,
+    repeats: int = 5,
 ) -> dict[int, Scaling]:
     """Time both models (copies: the originals' buffers stay as they are) at ``base`` and every
     size, and return each size's :class:`Scaling` against ``base``.
@@ -55,7 +56,7 @@ def measured_scaling(
         inputs_at: a size's flat (student, teacher) inputs.
         base: the batch the costs are linear from (the profiles' example batch).
         sizes: micro-batch sizes to measure.
-        repeats: timed rounds after one warm-up round; the medians are kept.
+        repeats: timed rounds after one warm-up round; per size, the median of its rounds' ratios.
     """
     if repeats < 1 or base < 1 or any(s < 1 for s in sizes):
         raise TspipeError(
@@ -66,26 +67,26 @@ def measured_scaling(
     s_mod, t_mod = copy.deepcopy(student).to(device), copy.deepcopy(teacher).to(device)
     order = sorted({base, *sizes})
     data = {b: tuple([_on(x, device) for x in xs] for xs in inputs_at(b)) for b in order}
-    samples: dict[tuple[str, int], list[float]] = {}
+    ratios: dict[tuple[str, int], list[float]] = {}
     for r in range(1 + repeats):
+        per_sample: dict[tuple[str, int], float] = {}
         for b in order if r % 2 else order[::-1]:
             s_in, t_in = data[b]
             fwd = timer.once(partial(s_mod, *s_in))
             both = timer.once(partial(_forward_backward, s_mod, s_in))
             with torch.no_grad():
                 teach = timer.once(partial(t_mod, *t_in))
-            if r:
-                for kind, ms in (("sf", fwd), ("sb", max(both - fwd, 0.0)), ("tf", teach)):
-                    samples.setdefault((kind, b), []).append(ms / b)
+            for kind, ms in (("sf", fwd), ("sb", max(both - fwd, 0.0)), ("tf", teach)):
+                per_sample[(kind, b)] = ms / b
+        for (kind, b), ms in per_sample.items():  # within a round: ratios seconds apart
+            if r and b in sizes:
+                at_base = per_sample[(kind, base)]
+                ratios.setdefault((kind, b), []).append(ms / at_base if at_base > 0 else 1.0)
 
-    def per_sample(kind: str, b: int) -> float:
-        return statistics.median(samples[(kind, b)])
+    def median(kind: str, b: int) -> float:
+        return statistics.median(ratios[(kind, b)])
 
-    def ratio(kind: str, b: int) -> float:
-        at_base = per_sample(kind, base)
-        return per_sample(kind, b) / at_base if at_base > 0 else 1.0
-
-    return {b: Scaling(ratio("sf", b), ratio("sb", b), ratio("tf", b)) for b in sizes}
+    return {b: Scaling(median("sf", b), median("sb", b), median("tf", b)) for b in sizes}
 
 
 def _forward_backward(module: torch.nn.Module, inputs: Sequence[Any]) -> None:

@@ -118,13 +118,21 @@ def test_time_stages_runs_every_stage_and_leaves_the_models_alone() -> None:
     assert len(times.student_input_grad_ms) == len(times.student_weight_grad_ms) == 2
     assert all(v > 0 for v in (times.student_input_grad_ms[1], *times.student_weight_grad_ms))
     shares = times.split_shares()
-    assert shares[1] == (times.student_input_grad_ms[1] / times.student_bwd_ms[1],
-                         times.student_weight_grad_ms[1] / times.student_bwd_ms[1])  # fmt: skip
-    assert all(i >= 0 and w > 0 for i, w in shares)
+    i, w, b = times.student_input_grad_ms[1], times.student_weight_grad_ms[1], times.student_bwd_ms[1]
+    assert shares[1] == pytest.approx((i / b, w / b) if i + w >= b else (i / (i + w), w / (i + w)))
+    assert all(i >= 0 and w > 0 and i + w >= 1 - 1e-12 for i, w in shares)
     after = pipe.student.graph_module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics untouched
     with pytest.raises(TspipeError, match="repeats >= 1"):
         time_stages(pipe.student_io, pipe.teacher_io, x, x, "cpu", repeats=0)
+
+
+def test_split_shares_never_price_the_split_below_the_whole_backward() -> None:
+    """Halves timed at 0.9x the whole (noise: the same gradients in two calls) are raised to add
+    up to it, in proportion; halves above it are kept: what splitting costs."""
+    times = StageTimes((1.0, 1.0), (10.0, 10.0), (1.0, 1.0), (3.0, 4.0), (6.0, 8.0))
+    assert _flat(times.split_shares()) == pytest.approx([1 / 3, 2 / 3, 0.4, 0.8])
+    assert StageTimes((1.0,), (0.0,), (1.0,), (0.0,), (0.0,)).split_shares() == ((0.0, 1.0),)
 
 
 def test_at_batch_cuts_and_repeats_the_batch_dimension() -> None:

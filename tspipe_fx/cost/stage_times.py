@@ -43,11 +43,20 @@ class StageTimes:
 
     def split_shares(self) -> tuple[tuple[float, float], ...]:
         """Per student stage, its split backward's halves as shares of its whole backward (their
-        sum above 1 is what splitting costs); empty where the split was not timed."""
-        pairs = zip(
+        sum above 1 is what splitting costs); empty where the split was not timed. The same
+        gradients in two calls cannot cost less than in one: halves timed below the whole are
+        timing noise, and are raised in proportion to add up to it (a period priced on them came
+        out shorter than the busiest device's compute)."""
+        shares = []
+        for i, w, b in zip(
             self.student_input_grad_ms, self.student_weight_grad_ms, self.student_bwd_ms, strict=False
-        )
-        return tuple((i / b, w / b) if b > 0 else (0.0, 1.0) for i, w, b in pairs)
+        ):
+            if b <= 0 or i + w <= 0:
+                shares.append((0.0, 1.0))
+                continue
+            k = max(1.0, (i + w) / b) / (i + w)
+            shares.append((i * k, w * k))
+        return tuple(shares)
 
     def loads_ms(self, micro_batches: int) -> list[float]:
         """Each device's compute per batch (no transfers)."""

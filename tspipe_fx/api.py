@@ -129,7 +129,9 @@ def compile(
             (:func:`tspipe_fx.cost.stage_times.time_stages`): each round times the chosen stages,
             scales each stage's node costs to its measured times and partitions again, until the
             cuts repeat; the partition whose measured loads are the most even is kept. With fixed
-            cuts (``plan``, ``balance``) one round corrects the reported costs. 0: off.
+            cuts (``plan``, ``balance``) one round corrects the reported costs. Where compile
+            chooses M on profiles, both whole models are first timed at every candidate's
+            micro-batch (:mod:`tspipe_fx.cost.micro_scaling`). 0: off.
         schedule: the schedule the plan is for and trains with: ``"auto"`` (default: synthesized
             for the plan's costs, :mod:`tspipe_fx.schedule.synthesis`), ``"tspipe"``, ``"gpipe"``
             or ``"1f1b"``. The min-max partition and those with the student's stages capped

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from tspipe_fx.cost.stage_times import copied_to
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.passes.timer import Timer
 
@@ -66,7 +67,7 @@ def measured_scaling(
     timer = Timer(device)
     s_mod, t_mod = copy.deepcopy(student).to(device), copy.deepcopy(teacher).to(device)
     order = sorted({base, *sizes})
-    data = {b: tuple([_on(x, device) for x in xs] for xs in inputs_at(b)) for b in order}
+    data = {b: tuple(copied_to(xs, device) for xs in inputs_at(b)) for b in order}
     ratios: dict[tuple[str, int], list[float]] = {}
     for r in range(1 + repeats):
         per_sample: dict[tuple[str, int], float] = {}
@@ -95,7 +96,3 @@ def _forward_backward(module: torch.nn.Module, inputs: Sequence[Any]) -> None:
         torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
     for p in module.parameters():
         p.grad = None
-
-
-def _on(value: Any, device: torch.device) -> Any:
-    return value.to(device, copy=True) if isinstance(value, torch.Tensor) else value

@@ -27,7 +27,7 @@ from tspipe_fx.passes.timer import Timer
 from tspipe_fx.runtime.split_backward import WeightWork, input_gradients, weight_gradients
 from tspipe_fx.stage import Stage
 
-__all__ = ["StageTimes", "at_batch", "time_stages"]
+__all__ = ["StageTimes", "at_batch", "copied_to", "time_stages"]
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def time_stages(
             samples.setdefault((kind, j), []).append(ms)
 
     for r in range(warmup + repeats):
-        env: dict[str, Any] = dict(zip(student[0].inputs, _on(student_inputs, device), strict=True))
+        env: dict[str, Any] = dict(zip(student[0].inputs, copied_to(student_inputs, device), strict=True))
         roots: list[tuple[int, list[torch.Tensor], list[torch.Tensor]]] = []
         for j, (stage, mod) in enumerate(zip(student, s_mods, strict=True)):
             # A stage's inputs are leaves, as received; those an in-place op writes are cloned
@@ -140,7 +140,7 @@ def time_stages(
             halves: list[tuple[str, Callable[[], None]]] = [("si", inputs_half), ("sw", weights_half)]
             for kind, run in [("sb", whole), *halves] if r % 2 else [*halves, ("sb", whole)]:
                 record(kind, j, timer.once(run), r)
-        env = dict(zip(teacher[0].inputs, _on(teacher_inputs, device), strict=True))
+        env = dict(zip(teacher[0].inputs, copied_to(teacher_inputs, device), strict=True))
         with torch.no_grad():
             for j, (stage, mod) in enumerate(zip(teacher, t_mods, strict=True)):
                 args = [env[n] for n in stage.inputs]
@@ -172,7 +172,8 @@ def at_batch(inputs: Sequence[Any], batch: int, size: int) -> list[Any]:
     return out
 
 
-def _on(values: Sequence[Any], device: torch.device) -> list[Any]:
+def copied_to(values: Sequence[Any], device: torch.device) -> list[Any]:
+    """Copies of the tensors among ``values`` on ``device`` (the rest as they are)."""
     return [
         v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for v in values
     ]  # the user's stay as they are

@@ -298,6 +298,14 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
             f"{v['teacher_loop_launch_ms']:.2f} | {v['teacher_roofline_ms']:.2f} |"
             for k, v in results["micro_batch_scaling"].items()
         ]
+        lines += ["", "| micro-batch | student ops | host us/op, whole step | in two parts | plain step: host ms | wall ms |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        def us(v: list[float] | None) -> str:
+            return "waited" if v is None else " / ".join(f"{x:.1f}" for x in v)
+
+        lines += [f"| {k} | {v.get('ops')} | {us(v.get('host_us_whole'))} | {us(v.get('host_us_parts'))} | "
+                  f"{v.get('plain_host_ms', float('nan')):.1f} | {v.get('plain_wall_ms', float('nan')):.1f} |"
+                  for k, v in results["micro_batch_scaling"].items()]  # fmt: skip
         if results.get("micro_batch_scaling_launch_us"):
             lines.append(f"\nhost us per operation: {results['micro_batch_scaling_launch_us']}")
     if results.get("training"):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,67 @@ def _equality(device: torch.device, smoke: bool, results: dict[str, Any]) -> Non
         print(name, rows[name], flush=True)
 
 
+def launch_queue_depth(device: torch.device, most: int = 4096) -> int | None:
+    """Kernels the host can launch behind a long-running one before a launch blocks (the
+    launch queue's depth): the first launch that takes over a millisecond, behind a 0.5 s spin."""
+    if device.type != "cuda":
+        return None
+    from tspipe_fx.passes.timer import spin_cycles_per_ms
+
+    x = torch.zeros(1, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(int(spin_cycles_per_ms(device) * 500))
+    depth = None
+    for i in range(most):
+        t0 = time.perf_counter()
+        x.add_(1.0)
+        if time.perf_counter() - t0 > 1e-3:
+            depth = i
+            break
+    torch.cuda.synchronize(device)
+    return depth
+
+
+def host_rules(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """The host's microseconds per operation of ``model``'s training step at ``x``, timed behind a
+    spin as one step (None: the spin was over, the host may have waited) and in two parts (what
+    a profile now does); with the host's return time and the wall time of a plain step."""
+    from tspipe_fx.cost.launch import step_host_us
+    from tspipe_fx.passes.measure import OpCount
+
+    held: list[torch.Tensor] = []
+
+    def forward() -> None:
+        held[:] = [model(x).float().sum()]
+
+    def backward() -> None:
+        held.pop().backward()
+        model.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        forward()
+        backward()
+
+    step()
+    with OpCount() as counted:
+        step()
+    host, wall = [], []
+    for _ in range(5):
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        wall.append(time.perf_counter() - t0)
+    return {
+        "host_us_whole": step_host_us(step, device),
+        "host_us_parts": step_host_us((forward, backward), device),
+        "ops": counted.count,
+        "plain_host_ms": statistics.median(host) * 1e3,
+        "plain_wall_ms": statistics.median(wall) * 1e3,
+    }
+
+
 def micro_batch_scaling(device: torch.device, smoke: bool, results: dict[str, Any]) -> None:
     """The flagship pair (ViT-L/16 teacher, ResNet-152 student) at the micro-batches compile
     weighs for a batch of 256 on 8 devices (M = 8, 16, 32: 32, 16 and 8 samples): the student's
@@ -167,11 +230,13 @@ def micro_batch_scaling(device: torch.device, smoke: bool, results: dict[str, An
         )
         loop = launch_us(device)  # what a profile kept before it timed the model's own step
         before = dataclasses.replace(
-            pp, profiles=tuple(dataclasses.replace(p, launch_us=loop) for p in profiles)
+            pp, profiles=tuple(dataclasses.replace(p, launch_us=loop, launch_bwd_us=loop) for p in profiles)
         )
         pp = dataclasses.replace(pp, profiles=profiles)
-        results["micro_batch_scaling_launch_us"] = {"loop": loop, "student": profiles[0].launch_us,
-                                                    "teacher": profiles[1].launch_us}  # fmt: skip
+        results["micro_batch_scaling_launch_us"] = {"loop": loop,
+                                                    "student": (profiles[0].launch_us, profiles[0].launch_bwd_us),
+                                                    "teacher": (profiles[1].launch_us, profiles[1].launch_bwd_us),
+                                                    "queue_depth": launch_queue_depth(device)}  # fmt: skip
     for micro in (2, 4) if smoke else (8, 16, 32):
         plans = {
             "profile": pp.compile(1, batch_size=micro, micro_batches=1, devices=[device]).plan,
@@ -195,6 +260,7 @@ def micro_batch_scaling(device: torch.device, smoke: bool, results: dict[str, An
             "student_fwd_bwd_ms": timer.median_ms(student_step, repeats=repeats, warmup=warmup),
             "teacher_fwd_ms": timer.median_ms(teacher_fwd, repeats=repeats, warmup=warmup),
         }
+        row.update(host_rules(student, x, device))
         student.zero_grad(set_to_none=True)
         for how, plan in plans.items():
             s, t = plan.student.stages[0], plan.teacher.stages[0]

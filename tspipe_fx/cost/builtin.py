@@ -106,9 +106,10 @@ class MeasuredCost(CostModel):
         r = self.scaling.node(i)
         mem = self.scaling.ratio(i.output_bytes_expr) or 1.0
         launch_ms = self.profile.launch_us / 1e3  # the host's launches floor a node's time
+        launch_bwd_ms = (self.profile.launch_bwd_us or self.profile.launch_us) / 1e3
         return NodeCost(
             max((i.fwd_ms or 0.0) * r * self.fwd_scale, i.fwd_ops * launch_ms),
-            max((i.bwd_ms or 0.0) * r * self.bwd_scale, i.bwd_ops * launch_ms),
+            max((i.bwd_ms or 0.0) * r * self.bwd_scale, i.bwd_ops * launch_bwd_ms),
             round(i.saved_bytes * mem),
         )
 

@@ -70,6 +70,7 @@ class Profile:
     model_fwd_bwd_ms: float  # whole model forward + backward, median
     nodes: tuple[NodeProfile, ...]
     launch_us: float = 0.0  # the host's cost per operation on this device (0: not measured)
+    launch_bwd_us: float = 0.0  # the host's cost per backward operation (0: launch_us's)
 
     # --- derived figures -------------------------------------------------------------------
 

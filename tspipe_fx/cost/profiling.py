@@ -95,6 +95,7 @@ def profile(
         captured, gm, inputs, fwd_ms, fwd_bwd_ms, host_us = _profile(
             model, example_inputs, example_kwargs, dev, repeats, warmup, progress
         )
+    launch = _launch_us(dev, host_us)
     return Profile(
         model_name=captured.model_name,
         graph_hash=graph_fingerprint(captured.graph_module),
@@ -105,16 +106,21 @@ def profile(
         model_fwd_ms=fwd_ms,
         model_fwd_bwd_ms=fwd_bwd_ms,
         nodes=tuple(NodeProfile(n.name, n.op, target_name(n.target), info(n)) for n in gm.graph.nodes),
-        launch_us=_launch_us(dev, host_us),
+        launch_us=launch[0],
+        launch_bwd_us=launch[1],
     )
 
 
-def _launch_us(dev: torch.device, host_us: float | None) -> float:
-    """The host's cost per operation: the model's own step's (``host_us``: on a GPU, where the
-    host did not wait for the device while timed), never below the one-element loop's; else the
-    loop's (on a CPU a node's measured time already holds its host's work)."""
+def _launch_us(dev: torch.device, host_us: tuple[float, ...] | None) -> tuple[float, float]:
+    """The host's cost per forward and per backward operation: the model's own step's
+    (``host_us``: on a GPU, where the host did not wait for the device while timed), never below
+    the one-element loop's; else the loop's for both (on a CPU a node's measured time already
+    holds its host's work)."""
     loop = launch_us(dev)
-    return loop if host_us is None else max(loop, host_us)
+    if host_us is None:
+        return loop, loop
+    fwd, bwd = host_us
+    return max(loop, fwd), max(loop, bwd)
 
 
 def _profile(
@@ -125,7 +131,7 @@ def _profile(
     repeats: int,
     warmup: int,
     progress: bool | None,
-) -> tuple[CapturedModel, fx.GraphModule, list[torch.Tensor], float, float, float | None]:
+) -> tuple[CapturedModel, fx.GraphModule, list[torch.Tensor], float, float, tuple[float, ...] | None]:
     if isinstance(model, CapturedModel):
         captured = model
     elif isinstance(model, nn.Module):
@@ -138,20 +144,44 @@ def _profile(
         x.to(dev, copy=True) for x in flat
     ]  # runs of a model that writes its inputs leave the user's be
     show = sys.stderr.isatty() if progress is None else progress
-    fwd_ms, fwd_bwd_ms, host_us = _whole_model_ms(gm, inputs, captured.model_name, repeats, max(warmup, 1))
+    fwd_ms, fwd_bwd_ms = _whole_model_ms(gm, inputs, captured.model_name, repeats, max(warmup, 1))
     if gm.meta.get(SIZES_KEY) != input_sizes(inputs):  # compile ran both passes already: once a model
         annotate_structure(gm)
         annotate_symbolic(gm, inputs)
     annotate_measured(gm, inputs, repeats=repeats, warmup=warmup, progress=show)
+    device_ms = sum((info(n).fwd_ms or 0.0) + (info(n).bwd_ms or 0.0) for n in gm.graph.nodes)
+    host_us = _host_us(gm, inputs, repeats, device_ms) if dev.type == "cuda" else None
     return captured, gm, inputs, fwd_ms, fwd_bwd_ms, host_us
+
+
+def _host_us(
+    gm: fx.GraphModule, inputs: list[torch.Tensor], repeats: int, device_ms: float
+) -> tuple[float, ...] | None:
+    """The host's microseconds per operation of the whole graph's forward and of its backward
+    (each timed on its own: fewer kernels than the launch queue holds, where they can be); see
+    :func:`step_host_us`. ``device_ms``: the nodes' measured times, summed."""
+    held: list[torch.Tensor] = []
+
+    def forward() -> None:
+        with torch.enable_grad():
+            held[:] = [t for t in gm(*inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def backward() -> None:
+        if held:
+            torch.autograd.backward(held, [torch.ones_like(t) for t in held])
+        held.clear()
+        for p in gm.parameters():
+            p.grad = None
+
+    forward()
+    backward()
+    return step_host_us((forward, backward), inputs[0].device, repeats=repeats, device_ms=device_ms)
 
 
 def _whole_model_ms(
     gm: fx.GraphModule, inputs: list[torch.Tensor], name: str, repeats: int, warmup: int
-) -> tuple[float, float, float | None]:
-    """Median forward and forward+backward time of the whole graph (the fidelity reference), and
-    on a GPU the host's microseconds per operation of that step (see :func:`step_host_us`; None
-    on a CPU, or where the host waited for the device)."""
+) -> tuple[float, float]:
+    """Median forward and forward+backward time of the whole graph (the fidelity reference)."""
     timer = Timer(inputs[0].device)
     try:
         with torch.enable_grad():
@@ -182,7 +212,4 @@ def _whole_model_ms(
     for _ in range(repeats):
         fwd.append(timer.median_ms(forward, repeats=1, warmup=0))
         fwd_bwd.append(timer.median_ms(forward_backward, repeats=1, warmup=0))
-    host_us = (
-        step_host_us(forward_backward, timer.device, repeats=repeats) if timer.device.type == "cuda" else None
-    )
-    return statistics.median(fwd), statistics.median(fwd_bwd), host_us
+    return statistics.median(fwd), statistics.median(fwd_bwd)

@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--other-plan", action="store_true", help="ranks > 0 compile another partition")
     parser.add_argument("--fail", default=None, help="RANK:STEP:raise|loss|kill|stop")
     parser.add_argument("--short-last", action="store_true", help="the last batch has 6 rows, not 8")
+    parser.add_argument("--slow", default=None, help="RANK:KIND:SECONDS: that rank sleeps before each such task")
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     pipelines, pipeline = world // args.stages, rank // args.stages
@@ -108,6 +109,17 @@ def main() -> None:
     trainer = pipe.trainer(loss_fn, optimizer=sgd, runtime="dist", schedule=args.schedule, views=views,
                            momentum=0.9, clip_grad_norm=args.clip, timeout_s=30, loss=args.loss,
                            precision=args.precision, recompute=args.recompute)  # fmt: skip
+    if args.slow is not None:  # a neighbour late against the plan: the others look ahead
+        slow_rank, slow_kind, seconds = args.slow.split(":")
+        if rank == int(slow_rank):
+            run_task = type(trainer.runtime).run_task
+
+            def slow(self: Any, d: Any, task: Any, data: Any, board: Any) -> None:
+                if task.kind == slow_kind:
+                    time.sleep(float(seconds))
+                run_task(self, d, task, data, board)
+
+            type(trainer.runtime).run_task = slow  # type: ignore[method-assign]
     start = 0
     if args.resume is not None:
         load_checkpoint(trainer, args.resume)
@@ -142,6 +154,7 @@ def main() -> None:
             "split_backward": trainer.schedules[3].split_backward,
             "micro_batches": trainer.m,
             "stages_per_device": trainer.plan.stages_per_device,
+            "early": getattr(trainer.runtime, "early", 0),
             "time": time.time(),
         },
         args.out / f"rank-{rank}.pt",

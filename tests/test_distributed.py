@@ -170,6 +170,21 @@ def test_auto_with_a_loss_per_micro_batch_equals_the_reference(tmp_path: Path, r
     assert_matches(got[0], want, ref, rtol=1e-4, atol=1e-5)  # per-micro-batch terms: fp32 rounding
 
 
+def test_a_late_neighbour_is_waited_for_with_later_work_that_may_go_first(tmp_path: Path) -> None:
+    """The first rank sleeps before each teacher forward: the last rank, waiting for the next
+    batch's teacher activation, runs its weight-gradient halves meanwhile (schedule.lookahead),
+    and the result is the reference's all the same. (The momentum toy's synthesized lists leave
+    nothing that may go first: no split backward there.)"""
+    mode = "kd"
+    run(2, tmp_path, "--stages", "2", "--mode", mode, "--steps", "4", "--schedule", "auto", "--loss", "micro",
+        "--slow", "0:tf:0.2")  # fmt: skip
+    got = results(tmp_path)
+    assert_replicas_equal(got)
+    assert got[0]["early"] == 0 and got[1]["early"] > 0  # the last rank went ahead
+    want, ref = reference(mode, 4, 2, loss="micro")
+    assert_matches(got[0], want, ref, rtol=1e-4, atol=1e-5)  # per-micro-batch terms: fp32 rounding
+
+
 @pytest.mark.slow  # the default run keeps under 15 minutes; CI runs these too
 @pytest.mark.parametrize(("ranks", "mode", "recompute"), [(2, "momentum", "never"), (3, "kd", "always")])
 def test_dropout_and_drop_path_across_ranks_equal_the_reference(tmp_path: Path, ranks: int, mode: str,

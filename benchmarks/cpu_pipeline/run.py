@@ -18,7 +18,9 @@ uses its split:
 - ``free``: each of the 2 ranks runs its own stages' work of every batch with no message and
   nothing to wait for: the bound of every 2-rank schedule of the plan on this machine;
 - ``tspipe``: ``pipe.trainer(runtime="dist", schedule="tspipe")`` on 2 gloo ranks under torchrun,
-  one torch thread each;
+  one torch thread each; ``auto``: the plan's synthesized schedule, one loss per micro-batch;
+  ``auto-inorder``: the same with each rank's list run strictly in order (no task goes first
+  while the next one waits: ``DistRuntime.horizon = 0``);
 - ``pippy-gpipe`` / ``pippy-1f1b``: torch.distributed.pipelining on the same 2 ranks and stage
   modules: the teacher as its own forward-only pipeline (``ScheduleGPipe.eval``) before the
   student's ``ScheduleGPipe`` or ``Schedule1F1B`` step, its outputs handed to the student's loss
@@ -58,7 +60,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
-CONTENDERS = ["plain-1t", "plain-2t", "plain-1t-micro", "free", "tspipe", "auto", "pippy-gpipe", "pippy-1f1b", "pippy-interleaved1f1b",
+CONTENDERS = ["plain-1t", "plain-2t", "plain-1t-micro", "free", "tspipe", "auto", "auto-inorder", "pippy-gpipe", "pippy-1f1b", "pippy-interleaved1f1b",
               "pippy-interleavedzb", "pippy-zbv"]  # fmt: skip
 FAILURES: dict[str, str] = {}
 BALANCED: dict[str, list[float]] = {}  # per 2-rank contender, each block's ratio with the ranks' mean time
@@ -150,8 +152,13 @@ def plain(args: argparse.Namespace) -> Timing:
     return timed(plain_step(args, args.micro), args, plain_1t=seconds_of(plain_step(args)))
 
 
-def tspipe(args: argparse.Namespace, schedule: str = "tspipe") -> Timing:
-    """Ours: ``tspipe`` (one loss per batch), or ``auto`` (synthesized, one loss per micro-batch)."""
+def tspipe(args: argparse.Namespace, schedule: str = "tspipe", lookahead: bool = True) -> Timing:
+    """Ours: ``tspipe`` (one loss per batch), or ``auto`` (synthesized, one loss per micro-batch);
+    without ``lookahead`` each rank runs its list strictly in order."""
+    from tspipe_fx.runtime.dist.runtime import DistRuntime
+
+    if not lookahead:
+        DistRuntime.horizon = 0
     pipe = compiled(args)
     loss = "micro" if schedule == "auto" else "batch"
     trainer = pipe.trainer(kd_loss, optimizer=sgd, runtime="dist", schedule=schedule, loss=loss)
@@ -550,6 +557,8 @@ def main() -> None:
             timing = free(args)
         elif args.worker in ("tspipe", "auto"):
             timing = tspipe(args, args.worker)
+        elif args.worker == "auto-inorder":
+            timing = tspipe(args, "auto", lookahead=False)
         elif args.worker in MULTI:
             timing = pippy_multi(args, args.worker)
         else:
@@ -594,6 +603,7 @@ def main() -> None:
         name: args.batch / simulate_plan(dataclasses.replace(pipe.plan, loss=loss), name).period * 1e3
         for name, loss in (("tspipe", "batch"), ("auto", "micro"))
     }
+    simulated["auto-inorder"] = simulated["auto"]
     with tempfile.TemporaryDirectory() as tmp:
         args.plan, args.plan4 = Path(tmp) / "plan.json", Path(tmp) / "plan4.json"
         pipe.plan.save(args.plan)

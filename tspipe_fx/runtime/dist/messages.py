@@ -118,9 +118,21 @@ class Messages:
 
     def receive(self, d: DeviceState, key: Any) -> Any:
         """Wait for message ``key``, posting this channel's receives in the sender's order."""
+        self._post_through(d, key)
+        works, payload = self._posted.pop(key)
+        for w in works:
+            self.wait(w, f"receiving {key}", self.layout.rank_of(key[1]))
+        return payload
+
+    def arrived(self, d: DeviceState, key: Any) -> bool:
+        """Whether message ``key`` is in (its receives posted now, if they were not yet)."""
+        self._post_through(d, key)
+        return all(w.is_completed() for w in self._posted[key][0])
+
+    def _post_through(self, d: DeviceState, key: Any) -> None:
+        """Post the receives of ``key``'s channel in the sender's order, up to and including it."""
         kind, j = key[0], key[1]
         channel = "fwd" if kind in _FWD else "bwd"
-        # Post this channel's receives in the sender's order, up to and including ``key``.
         kinds = _FWD if channel == "fwd" else ("sb",)
         sender = self._lists[self.layout.device_of(j)]  # (its device's list: stage j's tasks in it)
         order = [(t.kind, j, t.batch, t.view, t.micro) for t in sender if t.kind in kinds and t.stage == j]
@@ -131,10 +143,6 @@ class Messages:
             self._post(d, order[at])
             at += 1
         self._cursor[(j, channel)] = at
-        works, payload = self._posted.pop(key)
-        for w in works:
-            self.wait(w, f"receiving {key}", self.layout.rank_of(j))
-        return payload
 
     def wait(self, work: Any, what: str, peer: int) -> None:
         """Wait for a point-to-point message; a lost peer is named, not left as a socket error."""

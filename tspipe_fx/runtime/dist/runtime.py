@@ -18,6 +18,9 @@ stage's state; only the messages, collectives and failures differ:
   gradient has the shape of the output it belongs to. On a channel the receiver posts its
   receives in the sender's task order (every rank knows every stage's task list), so messages
   match on NCCL, which pairs them by order alone, as on gloo.
+- A rank runs its list in order, but where the next task waits for a message, a later teacher
+  forward or weight-gradient half that changes no result by going first runs meanwhile
+  (:mod:`tspipe_fx.schedule.lookahead`): a neighbour late against the plan costs less idling.
 - The loss is computed on the last stage and all-reduced to every rank (averaged over
   pipelines). Student gradients are averaged over the pipelines before the optimizer step, so
   replicas and their EMA teachers stay equal; gradient clipping all-reduces the per-parameter
@@ -47,6 +50,7 @@ from tspipe_fx.runtime.dist.messages import Messages
 from tspipe_fx.runtime.dist.watchdog import PeerLost, Watchdog
 from tspipe_fx.runtime.tasks import RuntimeFailure, StageTasks
 from tspipe_fx.runtime.optim import optimizer_params
+from tspipe_fx.schedule.lookahead import HORIZON, next_task
 from tspipe_fx.schedule.task import Task
 from tspipe_fx.stage import StagedModel
 
@@ -58,6 +62,8 @@ _FWD = ("tf", "sf")
 class DistRuntime(StageTasks):
     """The local runtime's task code with one device per rank; see the module docstring."""
 
+    horizon = HORIZON  # later tasks looked at while the next one waits (0: the list's order)
+
     def __init__(
         self,
         student: StagedModel,
@@ -68,6 +74,7 @@ class DistRuntime(StageTasks):
         **options: Any,
     ):
         self.layout = layout
+        self.early = 0  # tasks run ahead of their turn while the next one waited for a message
         n, devices = layout.n_stages, layout.n_devices
         super().__init__(student, teacher, [device] * n, loss_fn, held=layout.stages, **options)
         self.comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -114,10 +121,15 @@ class DistRuntime(StageTasks):
         batch = next(t.batch for t in tasks if t.kind == "opt")
         try:
             inbox = self._expect_losses()
-            last_loss = max((i for i, t in enumerate(tasks) if t.kind == "loss"), default=-1)
-            for i, task in enumerate(tasks):
+            losses = sum(t.kind == "loss" for t in tasks)
+            pending = list(tasks)
+            while pending:  # in order, but a task that may go first runs while the next one waits
+                k = next_task(pending, self._arrived, self.horizon)
+                task = pending.pop(k)
                 self.run_task(self.stage[task.stage], task, data, board)
-                if i == last_loss:
+                self.early += k > 0
+                losses -= task.kind == "loss"
+                if task.kind == "loss" and not losses:
                     self._tell_loss(batch)
             self.messages.check_used()
             values = []
@@ -150,6 +162,17 @@ class DistRuntime(StageTasks):
                 self.broken = RuntimeFailure(f"rank {self.layout.rank} ({self._where}) failed at {message}")
             raise self.broken from e
         self.losses[batch] = sum(values) / len(values)  # the mean over pipelines
+
+    def _arrived(self, task: Task) -> bool:
+        """Whether the message ``task`` starts from is in (a first stage's forward, a last
+        stage's backward and the local tasks start from none)."""
+        j = task.stage
+        key: tuple[Any, ...] | None = None
+        if task.kind in ("sf", "tf") and j > 0:
+            key = (task.kind, j - 1, task.batch, task.view, task.micro)
+        elif task.kind == "sb" and j < self.n_stages - 1:
+            key = ("sb", j + 1, task.batch, task.view, task.micro)
+        return key is None or self.messages.arrived(self.stage[j], key)
 
     @property
     def _where(self) -> str:

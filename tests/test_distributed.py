@@ -400,7 +400,7 @@ def test_an_unknown_runtime_is_named() -> None:
 
 @pytest.mark.slow
 def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
-    """The benchmark's eleven contenders on tiny sizes (its figures are benchmarks/README.md's),
+    """The benchmark's twelve contenders on tiny sizes (its figures are benchmarks/README.md's),
     on the uniform cost model's plan: one split every time. With freshly measured plans the
     tspipe contender failed 2 times in about 20 such runs, behind torchrun's ChildFailedError,
     not reproduced since (an open bug; TSPIPE_BENCH_LOGS=DIR keeps a failing contender's log)."""
@@ -416,8 +416,9 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
 
     written = json.loads((tmp_path / "figures.json").read_text())
     figures, beside = written["samples_per_s"], written["beside"]
-    assert set(figures) == {"plain-1t", "plain-2t", "plain-1t-micro", "free", "tspipe", "auto", "pippy-gpipe",
-                            "pippy-1f1b", "pippy-interleaved1f1b", "pippy-interleavedzb", "pippy-zbv"}  # fmt: skip
+    assert set(figures) == {"plain-1t", "plain-2t", "plain-1t-micro", "free", "tspipe", "auto", "auto-inorder",
+                            "pippy-gpipe", "pippy-1f1b", "pippy-interleaved1f1b", "pippy-interleavedzb",
+                            "pippy-zbv"}  # fmt: skip
     assert all(figures[name][0] > 0 for name in figures), done.stdout[-3000:]
     assert figures["tspipe"][0] > 0, done.stdout[-3000:]  # a contender that failed says why in the table
     # Every 2-rank contender's block has its plain 1-thread step beside it, and the micro-batched
@@ -435,3 +436,4 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
     assert len(written["rank_ms"]["free"]) == 2 and all(len(r) == 2 and min(r) > 0 for r in written["rank_ms"]["free"])
     assert re.search(r"its ranks' ms per step \(median of blocks\): rank 0 \d+, rank 1 \d+", done.stdout)
     assert re.search(r"  auto: \d+\.\d\d of the bound", done.stdout), done.stdout[-3000:]
+    assert re.search(r"  auto-inorder: \d+\.\d\d of the bound", done.stdout)  # the same, in order

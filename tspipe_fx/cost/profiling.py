@@ -6,7 +6,7 @@ import copy
 import platform
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -160,6 +160,17 @@ def _host_us(
     """The host's microseconds per operation of the whole graph's forward and of its backward
     (each timed on its own: fewer kernels than the launch queue holds, where they can be); see
     :func:`step_host_us`. ``device_ms``: the nodes' measured times, summed."""
+    parts = _step_parts(gm, inputs)
+    for part in parts:
+        part()
+    return step_host_us(parts, inputs[0].device, repeats=repeats, device_ms=device_ms)
+
+
+def _step_parts(
+    gm: fx.GraphModule, inputs: list[torch.Tensor]
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One training step of the whole graph as its forward (its outputs that need a gradient
+    kept) and its backward (ones as their gradients; the parameters' gradients dropped)."""
     held: list[torch.Tensor] = []
 
     def forward() -> None:
@@ -173,9 +184,7 @@ def _host_us(
         for p in gm.parameters():
             p.grad = None
 
-    forward()
-    backward()
-    return step_host_us((forward, backward), inputs[0].device, repeats=repeats, device_ms=device_ms)
+    return forward, backward
 
 
 def _whole_model_ms(
@@ -197,13 +206,11 @@ def _whole_model_ms(
         with torch.enable_grad():
             gm(*inputs)
 
+    step_forward, step_backward = _step_parts(gm, inputs)
+
     def forward_backward() -> None:
-        with torch.enable_grad():
-            outs = [t for t in gm(*inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
-            if outs:
-                torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
-        for p in gm.parameters():
-            p.grad = None
+        step_forward()
+        step_backward()
 
     # Warm up with full steps (the first backward allocates the gradients), then alternate the
     # two measurements so that drifts in machine load hit both alike.

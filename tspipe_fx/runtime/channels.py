@@ -19,7 +19,19 @@ from tspipe_fx.runtime.board import Board
 from tspipe_fx.runtime.device import DeviceState
 from tspipe_fx.schedule.task import Task
 
-__all__ = ["Channels"]
+__all__ = ["Channels", "inbound"]
+
+
+def inbound(task: Task, n_stages: int) -> tuple[Any, ...] | None:
+    """The key of the message ``task`` starts from: a forward's inputs from the stage before, a
+    backward's output gradients from the stage after; None for a first stage's forward, a last
+    stage's backward and the tasks that start from none."""
+    j = task.stage
+    if task.kind in ("sf", "tf") and j > 0:
+        return (task.kind, j - 1, task.batch, task.view, task.micro)
+    if task.kind == "sb" and j < n_stages - 1:
+        return ("sb", j + 1, task.batch, task.view, task.micro)
+    return None
 
 
 class Channels(ABC):

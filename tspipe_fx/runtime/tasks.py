@@ -27,7 +27,7 @@ from torch import nn
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.batches import Fed, batch_size, join_micro, to_device, tree_to_device
 from tspipe_fx.runtime.board import Board
-from tspipe_fx.runtime.channels import Channels
+from tspipe_fx.runtime.channels import Channels, inbound
 from tspipe_fx.runtime.compiled import CompileGate, check_toolchain, checked_compile, compile_stages, shapes
 from tspipe_fx.runtime.device import DeviceState, call_stage
 from tspipe_fx.runtime.loss_terms import gather_outputs, micro_term
@@ -177,7 +177,7 @@ class StageTasks(Channels):
                 if isinstance(values.get(name), torch.Tensor):  # of one tensor: autograd sees every write
                     values[name] = values[name].clone()
             return values
-        received = self.receive(d, board, (t.kind, d.index - 1, t.batch, t.view, t.micro))
+        received = self.receive(d, board, inbound(t, self.n_stages))
         return {name: received[name] for name in io.inputs}
 
     def _tf(self, d: DeviceState, t: Task, data: dict[int, Fed], board: Board) -> None:
@@ -312,7 +312,7 @@ class StageTasks(Channels):
         if d.index == self.n_stages - 1:
             grads = [board.take(("grad", t.batch, t.view, t.micro, i)) for i in range(len(out))]
         else:
-            received = self.receive(d, board, ("sb", d.index + 1, t.batch, t.view, t.micro))
+            received = self.receive(d, board, inbound(t, self.n_stages))
             grads = [received.get(name) for name in d.s_io.outputs]
         pairs = [
             (o, to_device(g, o.device).to(o.dtype))  # a gradient crosses in the compute dtype

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.runtime.batches import Fed
 from tspipe_fx.runtime.board import Board
+from tspipe_fx.runtime.channels import inbound
 from tspipe_fx.runtime.device import NOTES_ATTR, DeviceState, parameter_of
 from tspipe_fx.runtime.dist.collectives import by_dtype, flatten, unflatten
 from tspipe_fx.runtime.dist.layout import Layout
@@ -164,15 +165,9 @@ class DistRuntime(StageTasks):
         self.losses[batch] = sum(values) / len(values)  # the mean over pipelines
 
     def _arrived(self, task: Task) -> bool:
-        """Whether the message ``task`` starts from is in (a first stage's forward, a last
-        stage's backward and the local tasks start from none)."""
-        j = task.stage
-        key: tuple[Any, ...] | None = None
-        if task.kind in ("sf", "tf") and j > 0:
-            key = (task.kind, j - 1, task.batch, task.view, task.micro)
-        elif task.kind == "sb" and j < self.n_stages - 1:
-            key = ("sb", j + 1, task.batch, task.view, task.micro)
-        return key is None or self.messages.arrived(self.stage[j], key)
+        """Whether the message ``task`` starts from (if any) is in."""
+        key = inbound(task, self.n_stages)
+        return key is None or self.messages.arrived(self.stage[task.stage], key)
 
     @property
     def _where(self) -> str:

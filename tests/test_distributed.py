@@ -407,7 +407,7 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
     env = {**_env(), "TSPIPE_BENCH_IMAGE": "32"}
     done = subprocess.run(
         [sys.executable, str(HERE.parent / "benchmarks" / "cpu_pipeline" / "run.py"), "--rounds", "1", "--steps", "1",
-         "--blocks", "2", "--batch", "8", "--micro", "2", "--cost-model", "uniform", "--json", str(tmp_path / "figures.json")],
+         "--blocks", "2", "--batch", "8", "--micro", "2", "--cost-model", "uniform", "--json", str(tmp_path / "figures.json"), "--save-plan", str(tmp_path / "plan.json")],
         env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -443,3 +443,16 @@ def test_cpu_pipeline_benchmark_runs(tmp_path: Path) -> None:
     assert re.search(r"  auto: \d+\.\d\d of the two cores", done.stdout)
     assert re.search(r"issue 14's target, 1\.8x plain 1 thread: auto \d+\.\d\dx beside, (not )?met; it needs "
                      r"\d+\.\d\d of this machine's two cores", done.stdout)  # fmt: skip
+    # free and auto in the same two processes, block after block, on the plan saved above.
+    done = subprocess.run(
+        [sys.executable, str(HERE.parent / "benchmarks" / "cpu_pipeline" / "side_by_side.py"), "--plan",
+         str(tmp_path / "plan.json"), "--rounds", "2", "--steps", "1", "--batch", "8"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("free", "auto"):
+        for rank in (0, 1):
+            assert re.search(rf"\| {name} \| {rank} \| \d+ \| \d+ \| \d+ \|", done.stdout), done.stdout
+        assert re.search(rf"{name}: both ranks' CPU \d+\.\d+x one plain step's time", done.stdout)
+    assert re.search(r"auto: \d\.\d+ of free, same round", done.stdout)
+    assert re.search(r"issue 14's target, 1\.8x plain 1 thread: auto \d+\.\d\dx, (not )?met", done.stdout)

@@ -176,13 +176,19 @@ def tspipe(args: argparse.Namespace, schedule: str = "tspipe", lookahead: bool =
 
     if not lookahead:
         DistRuntime.horizon = 0
+    step, trainer = pipeline_step(args, schedule)
+    timing = timed(step, args)
+    trainer.finish()
+    return timing
+
+
+def pipeline_step(args: argparse.Namespace, schedule: str) -> tuple[Any, Any]:
+    """A step of our dist runtime's trainer (``auto``: one loss per micro-batch), and the trainer."""
     pipe = compiled(args)
     loss = "micro" if schedule == "auto" else "batch"
     trainer = pipe.trainer(kd_loss, optimizer=sgd, runtime="dist", schedule=schedule, loss=loss)
     x, y = data(args.batch)
-    timing = timed(lambda: trainer.step(x, target=y), args)
-    trainer.finish()
-    return timing
+    return (lambda: trainer.step(x, target=y)), trainer
 
 
 MULTI = {"pippy-interleaved1f1b": "ScheduleInterleaved1F1B", "pippy-interleavedzb": "ScheduleInterleavedZeroBubble",
@@ -345,6 +351,15 @@ def free(args: argparse.Namespace) -> Timing:
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
+    timing = timed(free_step(args), args)
+    dist.destroy_process_group()
+    return timing
+
+
+def free_step(args: argparse.Namespace) -> Any:
+    """``free``'s step on this rank (the process group up)."""
+    import torch.distributed as dist
+
     rank = dist.get_rank()
     pipe = compiled(args)
     x, y = data(args.batch)
@@ -372,9 +387,7 @@ def free(args: argparse.Namespace) -> Timing:
                 torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
         opt.step()
 
-    timing = timed(step, args)
-    dist.destroy_process_group()
-    return timing
+    return step
 
 
 Timing = dict[str, list[Any]]  # per block: seconds, plain seconds, each rank's seconds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 import pytest
@@ -16,6 +17,7 @@ from tspipe_fx.cost.stage_times import StageTimes, at_batch, time_stages
 from tspipe_fx.partition import Chain, Device, Problem, evaluate, solve, stage_costs
 from tspipe_fx.partition.polisher import polish, simulated_period
 from tspipe_fx.schedule import make_schedule
+from tspipe_fx.schedule.costs import at_least_whole
 from tspipe_fx.schedule.simulator import simulate
 
 
@@ -215,6 +217,29 @@ def test_refine_records_the_timed_split_backward_and_auto_prices_it(monkeypatch:
     again = tspipe_fx.compile(Net(), Net().eval(), 2, example_inputs=(torch.randn(8, 8),), plan=plans["dear"]).plan
     assert _flat(again.stage_costs().split_shares) == pytest.approx(_flat(split_at["dear"]))
     assert not again.build_schedule(3).split_backward
+
+
+def test_a_saved_plan_with_halves_below_the_whole_backward_is_priced_at_the_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Plans saved before the halves were raised hold shares that add up to less than 1 (the
+    thirteenth session's benchmark plan: 0.94 on its first stage). Read back, they are priced at
+    the whole backward at least, so no schedule's efficiency comes out above 1."""
+    monkeypatch.setattr(compiler, "time_stages", lambda *a, **k: StageTimes(
+        (9.0, 12.0), (12.0, 26.0), (20.0, 0.1), (0.0, 13.0), (12.0, 13.0)))  # fmt: skip
+    plan = _pipe(balance=([4, 5], [4, 5]), refine=1, loss="micro").plan
+    old = ((0.001, 0.936), (0.428, 0.573))  # as that plan saved them
+    stages = tuple(dataclasses.replace(s, split_shares=h) for s, h in zip(plan.student.stages, old, strict=True))
+    saved = dataclasses.replace(plan, student=dataclasses.replace(plan.student, stages=stages))
+    saved = tspipe_fx.Plan.from_json(saved.to_json())
+    priced = saved.stage_costs().split_shares
+    assert sum(priced[0]) == pytest.approx(1.0) and sum(priced[1]) == pytest.approx(1.001)
+    assert priced[0][0] / priced[0][1] == pytest.approx(0.001 / 0.936)  # raised in proportion
+    for name in ("auto", "tspipe"):
+        timeline = tspipe_fx.plan.simulate_plan(saved, name)
+        work = saved.stage_costs().work_ms(saved.micro_batches, saved.views)
+        assert work / (len(saved.devices) * timeline.period) <= 1.0 + 1e-9
+    assert at_least_whole(0.0, 0.0) == (0.0, 1.0) and at_least_whole(0.6, 0.6) == (0.6, 0.6)
 
 
 def test_refine_and_schedule_reject_bad_values() -> None:

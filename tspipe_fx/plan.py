@@ -17,7 +17,7 @@ from typing import Any
 
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.files import read_text, write_text_atomic
-from tspipe_fx.schedule.costs import StageCosts, transfer_ms
+from tspipe_fx.schedule.costs import StageCosts, at_least_whole, transfer_ms
 from tspipe_fx.schedule.generators import SCHEDULES, make_schedule
 from tspipe_fx.schedule.memory import RECOMPUTE, StageMemory, replay_share
 from tspipe_fx.schedule.simulator import Timeline, simulate_costs
@@ -69,10 +69,11 @@ class ModelPlan:
     tie_groups: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]  # (tensor names, stages holding it)
 
     def timed_split(self) -> tuple[tuple[float, float], ...]:
-        """Per stage, its split backward's (input, weight) halves as timed; empty unless every
-        stage's was."""
+        """Per stage, its split backward's (input, weight) halves as timed, never below the whole
+        backward (plans saved before that rule priced some below it); empty unless every stage's
+        was timed."""
         halves = [s.split_shares for s in self.stages]
-        return tuple((h[0], h[1]) for h in halves) if all(len(h) == 2 for h in halves) else ()
+        return tuple(at_least_whole(h[0], h[1]) for h in halves) if all(len(h) == 2 for h in halves) else ()
 
 
 @dataclass(frozen=True)

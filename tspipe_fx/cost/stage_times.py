@@ -25,6 +25,7 @@ import torch
 from tspipe_fx.errors import TspipeError
 from tspipe_fx.passes.timer import Timer
 from tspipe_fx.runtime.split_backward import WeightWork, input_gradients, weight_gradients
+from tspipe_fx.schedule.costs import at_least_whole
 from tspipe_fx.stage import Stage
 
 __all__ = ["StageTimes", "at_batch", "copied_to", "time_stages"]
@@ -47,16 +48,12 @@ class StageTimes:
         gradients in two calls cannot cost less than in one: halves timed below the whole are
         timing noise, and are raised in proportion to add up to it (a period priced on them came
         out shorter than the busiest device's compute)."""
-        shares = []
-        for i, w, b in zip(
-            self.student_input_grad_ms, self.student_weight_grad_ms, self.student_bwd_ms, strict=False
-        ):
-            if b <= 0 or i + w <= 0:
-                shares.append((0.0, 1.0))
-                continue
-            k = max(1.0, (i + w) / b) / (i + w)
-            shares.append((i * k, w * k))
-        return tuple(shares)
+        return tuple(
+            at_least_whole(i / b, w / b) if b > 0 else (0.0, 1.0)
+            for i, w, b in zip(
+                self.student_input_grad_ms, self.student_weight_grad_ms, self.student_bwd_ms, strict=False
+            )
+        )
 
     def loads_ms(self, micro_batches: int) -> list[float]:
         """Each device's compute per batch (no transfers)."""

@@ -23,7 +23,20 @@ from dataclasses import dataclass, field
 
 from tspipe_fx.schedule.task import ScheduleError, Task
 
-__all__ = ["StageCosts", "transfer_ms"]
+__all__ = ["StageCosts", "at_least_whole", "transfer_ms"]
+
+
+def at_least_whole(inputs: float, weights: float) -> tuple[float, float]:
+    """A split backward's timed (input, weight) halves, as shares of the whole backward, raised in
+    proportion to add up to at least 1: the same gradients in two calls cannot cost less than in
+    one, so halves timed below the whole are timing noise (a period priced on them comes out
+    shorter than the busiest device's compute). Halves above it are kept: what splitting costs.
+    No time at all: the whole backward is the weight half's."""
+    total = inputs + weights
+    if not total > 0:
+        return 0.0, 1.0
+    k = max(1.0, total) / total
+    return inputs * k, weights * k
 
 
 def transfer_ms(nbytes: float, gbs: float, latency_ms: float) -> float:

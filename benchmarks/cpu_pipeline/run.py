@@ -157,6 +157,12 @@ def plain(args: argparse.Namespace) -> Timing:
     return timed(plain_step(args, args.micro), args, plain_1t=seconds_of(plain_step(args)))
 
 
+def target_state(auto: float, how: str = "") -> str:
+    """Issue 14's target against ``auto``'s figure (times plain 1 thread, measured ``how``)."""
+    said = f"{auto:.2f}x" + (f" {how}" if how else "")
+    return f"issue 14's target, {TARGET}x plain 1 thread: auto {said}, {'met' if auto >= TARGET else 'not met'}"
+
+
 def two_plain(args: argparse.Namespace) -> Timing:
     """``two-plain-1t``: plain 1-thread training on each of the 2 ranks at once, nothing shared but
     the barriers around each block."""
@@ -693,8 +699,7 @@ def main() -> None:
         for name in schedules:
             print(f"  {name}: {statistics.median(beside[name]) / machine:.2f} of the two cores")
     if beside.get("auto") and "auto" not in FAILURES:
-        got = statistics.median(beside["auto"])
-        print(f"\nissue 14's target, {TARGET}x plain 1 thread: auto {got:.2f}x beside, {'met' if got >= TARGET else 'not met'}"
+        print("\n" + target_state(statistics.median(beside["auto"]), "beside")
               + (f"; it needs {TARGET / machine:.2f} of this machine's two cores" if machine else ""))  # fmt: skip
     if args.json:
         written = {"samples_per_s": figures, "beside": beside, "balanced": BALANCED, "rank_ms": RANK_MS}

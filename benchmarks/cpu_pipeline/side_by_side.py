@@ -58,7 +58,8 @@ def main() -> None:
     for step in step_of.values():
         for _ in range(2):
             step()
-    rows: dict[str, list[tuple[float, float, float]]] = {"plain-1t": [], "free": [], "auto": []}
+    rows: dict[str, list[tuple[float, ...]]] = {"free": [], "auto": []}  # per round: wall, own, CPU ms
+    plain_ms: list[float] = []  # per round (rank 0's)
     for r in range(args.rounds):
         for name in ("free", "auto") if r % 2 == 0 else ("auto", "free"):
             dist.barrier()
@@ -67,20 +68,18 @@ def main() -> None:
                 step_of[name]()
             own, cpu = time.perf_counter() - t0, time.thread_time() - c0
             dist.barrier()
-            ms = [1e3 * v / args.steps for v in (time.perf_counter() - t0, own, cpu)]
-            rows[name].append((ms[0], ms[1], ms[2]))
+            rows[name].append(tuple(1e3 * v / args.steps for v in (time.perf_counter() - t0, own, cpu)))
         dist.barrier()
-        plain_ms = 1e3 * statistics.mean(plain() for _ in range(args.steps)) if plain is not None else 0.0
-        rows["plain-1t"].append((plain_ms, plain_ms, plain_ms))
-    every: list[dict[str, list[tuple[float, float, float]]]] = [{}] * dist.get_world_size()
+        if plain is not None:
+            plain_ms.append(1e3 * statistics.mean(plain() for _ in range(args.steps)))
+    every: list[dict[str, list[tuple[float, ...]]]] = [{}] * dist.get_world_size()
     dist.all_gather_object(every, rows)
     if rank == 0:
-        report(args, every)
+        report(args, plain_ms, every)
     dist.destroy_process_group()
 
 
-def report(args: argparse.Namespace, every: list[dict[str, list[tuple[float, float, float]]]]) -> None:
-    plain = [p for p, _, _ in every[0]["plain-1t"]]
+def report(args: argparse.Namespace, plain: list[float], every: list[dict[str, list[tuple[float, ...]]]]) -> None:
     print(f"{args.rounds} rounds x {args.steps} steps, batch {args.batch} in {args.micro} micro-batches, "
           f"plan {args.plan.name}, torch {torch.__version__}, {os.cpu_count()} CPUs\n")  # fmt: skip
     print("| contender | rank | ms per step (median) | own steps | main-thread CPU | x plain 1 thread, same round (median, min–max) |")  # fmt: skip
@@ -89,10 +88,10 @@ def report(args: argparse.Namespace, every: list[dict[str, list[tuple[float, flo
     for name in ("free", "auto"):
         for rank, rows in enumerate(every):
             wall, own, cpu = (statistics.median(c) for c in zip(*rows[name], strict=True))
-            speed = [p / w for p, (w, _, _) in zip(plain, rows[name], strict=True)]
+            speed = [p / w for p, (w, *_) in zip(plain, rows[name], strict=True)]
             by = f"{statistics.median(speed):.2f}x ({min(speed):.2f}–{max(speed):.2f})" if rank == 0 else ""
             print(f"| {name} | {rank} | {wall:.0f} | {own:.0f} | {cpu:.0f} | {by} |")
-    free_ms, auto_ms = ([w for w, _, _ in every[0][n]] for n in ("free", "auto"))
+    free_ms, auto_ms = ([w for w, *_ in every[0][n]] for n in ("free", "auto"))
     share = [f / a for f, a in zip(free_ms, auto_ms, strict=True)]
     print(f"\nauto: {statistics.median(share):.3f} of free, same round (min {min(share):.3f}, max {max(share):.3f})")
     for name in ("free", "auto"):
@@ -100,7 +99,7 @@ def report(args: argparse.Namespace, every: list[dict[str, list[tuple[float, flo
         print(f"{name}: both ranks' CPU {statistics.median(work):.3f}x one plain step's time (the most "
               f"2 ranks can then give: {2 / statistics.median(work):.2f}x plain 1 thread)")  # fmt: skip
     auto = statistics.median(p / a for p, a in zip(plain, auto_ms, strict=True))
-    print(f"issue 14's target, {bench.TARGET}x plain 1 thread: auto {auto:.2f}x, {'met' if auto >= bench.TARGET else 'not met'}")
+    print(bench.target_state(auto))
 
 
 if __name__ == "__main__":
